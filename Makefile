@@ -1,0 +1,37 @@
+# squish — the two commands of the Quick start are `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# torch goes in first, from the CPU wheel, so that nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[server,engine,dev]'
+	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia-'; then echo "nvidia-* packages were pulled in; refusing" >&2; exit 1; fi
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'wrong torch ' + torch.__version__)"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/squish serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check app worker squish tests benchmarks migrations
+	$(BIN)/ruff format --check app worker squish tests benchmarks migrations
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .squish

@@ -1,0 +1,16 @@
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    info: dict[str, Any]

@@ -1,0 +1,65 @@
+"""Request dependencies: a session that commits before the response, and the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy.orm import Session
+
+from app.db import get_sessionmaker
+from app.errors import Unauthorized
+from app.keys import key_cache
+from app.settings import Settings, get_settings
+from app.storage import ObjectStore, get_store
+
+
+def get_session() -> Iterator[Session]:
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# scope="function": the commit happens before the response is sent, so a client that
+# reads what it just created never races the transaction.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def get_tenant(
+    session: SessionDep, authorization: Annotated[str | None, Header()] = None
+) -> str:
+    if not authorization:
+        raise Unauthorized(
+            "Send your API key as 'Authorization: Bearer <key>'.",
+            title="Missing API key",
+            headers=_CHALLENGE,
+        )
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized(
+            "Use the Bearer scheme: 'Authorization: Bearer <key>'.",
+            title="Malformed Authorization header",
+            headers=_CHALLENGE,
+        )
+    tenant_id = key_cache.tenant_for(session, key.strip())
+    if tenant_id is None:
+        raise Unauthorized(
+            "This API key is not valid (unknown or revoked); create one with 'squish keys create'.",
+            title="Invalid API key",
+            headers=_CHALLENGE,
+        )
+    return tenant_id
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,88 @@
+"""The job spec as clients send it (DESIGN §5) and the job resource as they read it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepIn(Strict):
+    method: str = Field(description="A method name from GET /v1/methods, e.g. 'prune.magnitude'.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
+
+
+class DatasetRefs(Strict):
+    calibration: str | None = Field(None, description="Dataset id used to calibrate.")
+    train: str | None = Field(None, description="Dataset id used to fine-tune or distill.")
+    eval: str | None = Field(None, description="Dataset id used to measure accuracy and fidelity.")
+
+
+class Target(Strict):
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Routes the job to the cpu or gpu queue.")
+    runtime: Literal["torch", "onnxruntime"] | None = Field(
+        None, description="Runtime the artifact is measured in; follows output_format when omitted."
+    )
+
+
+class Evaluate(Strict):
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1], min_length=1, max_length=8,
+        description="Batch sizes whose latency is measured.",
+    )
+    warmup: int = Field(3, ge=0, le=100, description="Untimed runs before timing.")
+    iterations: int = Field(20, ge=1, le=10_000, description="Timed runs per batch size.")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(size < 1 or size > 1024 for size in value):
+            raise ValueError("each batch size must be between 1 and 1024")
+        return sorted(set(value))
+
+
+class JobCreate(Strict):
+    model_id: str
+    pipeline: list[StepIn] = Field(min_length=1, max_length=20)
+    datasets: DatasetRefs = Field(default_factory=DatasetRefs)
+    target: Target = Field(default_factory=Target)
+    output_format: Literal["pt2", "onnx"] | None = None
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    webhook_url: AnyHttpUrl | None = None
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    filename: str
+    media_type: str
+    size_bytes: int
+    sha256: str
+    url: str
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    step: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    model_id: str | None
+    status: str
+    progress: float
+    stage: str | None
+    queue: str
+    attempts: int
+    spec: dict[str, Any]
+    error: JobError | None
+    metrics: dict[str, Any] | None
+    artifacts: list[ArtifactOut]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

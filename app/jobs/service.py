@@ -1,0 +1,217 @@
+"""Job creation (spec validation, idempotency), reads and cancellation. Never commits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import new_id, utcnow
+from app.errors import Conflict, NotFound, Unprocessable, describe, validation_errors
+from app.jobs import lifecycle
+from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
+from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
+from app.queue import RUN_JOB, send_after_commit
+from worker.methods import get_method
+from worker.methods.base import UnknownMethodError
+
+RUNTIME_OF_FORMAT = {"pt2": "torch", "onnx": "onnxruntime"}
+
+
+def _error(loc: list[Any], msg: str) -> Unprocessable:
+    errors = [{"loc": loc, "msg": msg, "type": "value_error"}]
+    return Unprocessable(describe(errors), title="Invalid job spec", errors=errors)
+
+
+def get_model(session: Session, tenant_id: str, model_id: str) -> MLModel:
+    model = session.get(MLModel, model_id)
+    if model is None or model.tenant_id != tenant_id:
+        raise NotFound(f"No model {model_id!r}.")
+    return model
+
+
+def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[str, Any]:
+    """Resolve references and validate every step against its method; 422 says what to change."""
+    model = get_model(session, tenant_id, body.model_id)
+    if model.inspection_status == "failed":
+        raise _error(["model_id"], f"the model could not be loaded: {model.inspection_error}")
+
+    datasets: dict[str, str] = {}
+    for role, dataset_id in body.datasets.model_dump().items():
+        if dataset_id is None:
+            continue
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.tenant_id != tenant_id:
+            raise NotFound(f"No dataset {dataset_id!r} (datasets.{role}).")
+        if dataset.format == "jsonl":
+            raise _error(["datasets", role], "text (.jsonl) datasets need a Hugging Face model; use .npz or .safetensors")
+        datasets[role] = dataset_id
+
+    output_format = body.output_format or model.format
+    if output_format != model.format:
+        raise _error(
+            ["output_format"],
+            f"converting a {model.format} model to {output_format} is not supported; "
+            f"omit output_format or set it to {model.format!r}",
+        )
+    runtime = RUNTIME_OF_FORMAT[output_format]
+    if body.target.runtime is not None and body.target.runtime != runtime:
+        raise _error(
+            ["target", "runtime"],
+            f"a {output_format} artifact runs in {runtime}; set target.runtime to {runtime!r} or omit it",
+        )
+
+    steps = []
+    for index, step in enumerate(body.pipeline):
+        try:
+            method = get_method(step.method)
+        except UnknownMethodError as exc:
+            raise _error(["pipeline", index, "method"], str(exc)) from None
+        try:
+            params = method.params.model_validate(step.params)
+        except ValidationError as exc:
+            errors = validation_errors(list(exc.errors()))
+            for err in errors:
+                err["loc"] = ["pipeline", index, "params", *err["loc"]]
+            raise Unprocessable(
+                f"{step.method}: " + describe(errors), title="Invalid job spec", errors=errors
+            ) from None
+        if model.format not in method.formats:
+            raise _error(
+                ["pipeline", index, "method"],
+                f"{step.method} does not accept {model.format} models (it accepts {', '.join(sorted(method.formats))})",
+            )
+        if body.target.device not in method.devices:
+            raise _error(
+                ["target", "device"],
+                f"{step.method} does not run on {body.target.device} (it runs on {', '.join(sorted(method.devices))})",
+            )
+        missing = sorted(method.datasets_required - datasets.keys())
+        if missing:
+            raise _error(
+                ["datasets", missing[0]],
+                f"{step.method} needs a {missing[0]} dataset; upload one and pass its id in datasets.{missing[0]}",
+            )
+        steps.append({"method": step.method, "params": params.model_dump(mode="json")})
+
+    return {
+        "model_id": model.id,
+        "pipeline": steps,
+        "datasets": datasets,
+        "target": {"device": body.target.device, "runtime": runtime},
+        "output_format": output_format,
+        "evaluate": body.evaluate.model_dump(),
+        "webhook_url": str(body.webhook_url) if body.webhook_url else None,
+    }
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def find_idempotent(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != digest:
+        raise Unprocessable(
+            "This Idempotency-Key was already used with a different request body; use a new key.",
+            title="Idempotency-Key reused",
+        )
+    return job
+
+
+def create_job(
+    session: Session, tenant_id: str, body: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """The job row, and whether it is new. The run message is sent after the commit."""
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = find_idempotent(session, tenant_id, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+    spec = normalize_spec(session, tenant_id, body)
+    queue = spec["target"]["device"]
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant_id,
+        model_id=spec["model_id"],
+        status=JobStatus.queued.value,
+        spec=spec,
+        queue=queue,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        enqueued_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race.
+        if idempotency_key:
+            existing = find_idempotent(session, tenant_id, idempotency_key, digest)
+            if existing is not None:
+                return existing, False
+        raise
+    lifecycle.add_event(session, job.id, "status", f"queued on {queue}", data={"status": "queued"})
+    send_after_commit(session, RUN_JOB, job.id, queue)
+    return job, True
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"No job {job_id!r}.")
+    return job
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = get_job(session, tenant_id, job_id)
+    if not lifecycle.cancel(session, job_id):
+        session.refresh(job)
+        raise Conflict(f"The job has already {job.status}; only queued or running jobs can be cancelled.")
+    session.refresh(job)
+    return job
+
+
+def artifacts_of(session: Session, job_ids: list[str]) -> dict[str, list[Artifact]]:
+    out: dict[str, list[Artifact]] = {job_id: [] for job_id in job_ids}
+    if job_ids:
+        rows = session.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.name))
+        for artifact in rows:
+            out[artifact.job_id].append(artifact)
+    return out
+
+
+def to_out(job: Job, artifacts: list[Artifact]) -> JobOut:
+    return JobOut(
+        id=job.id,
+        model_id=job.model_id,
+        status=job.status,
+        progress=job.progress,
+        stage=job.stage,
+        queue=job.queue,
+        attempts=job.attempts,
+        spec=job.spec,
+        error=job.error,  # type: ignore[arg-type]
+        metrics=job.metrics,
+        artifacts=[
+            ArtifactOut(
+                name=a.name,
+                filename=a.filename,
+                media_type=a.media_type,
+                size_bytes=a.size_bytes,
+                sha256=a.sha256,
+                url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
+            )
+            for a in artifacts
+        ],
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

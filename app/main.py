@@ -1,0 +1,60 @@
+"""The FastAPI application: HTTP only; compression runs in Celery workers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.exc import IntegrityError
+
+from app import health, methods
+from app.db import session_scope
+from app.datasets.endpoints import router as datasets_router
+from app.errors import install_handlers
+from app.jobs.endpoints import router as jobs_router
+from app.keys import DEFAULT_TENANT, register_key
+from app.models.endpoints import router as models_router
+from app.observability import MetricsMiddleware
+from app.reaper import Reaper
+from app.settings import get_settings
+
+
+def _register_operator_key(key: str) -> None:
+    """SQUISH_API_KEY works for the default tenant (several API processes may race here)."""
+    try:
+        with session_scope() as session:
+            register_key(session, key, DEFAULT_TENANT)
+    except IntegrityError:
+        pass
+
+
+def create_app(*, run_reaper: bool = True) -> FastAPI:
+    settings = get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.api_key is not None:
+            _register_operator_key(settings.api_key.get_secret_value())
+        reaper = Reaper(settings) if run_reaper else None
+        if reaper is not None:
+            reaper.start()
+        try:
+            yield
+        finally:
+            if reaper is not None:
+                reaper.stop()
+
+    app = FastAPI(
+        title="squish",
+        version="0.1.0",
+        summary="Model compression as a service: prune, distill and quantize over HTTP.",
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    for router in (models_router, datasets_router, jobs_router, methods.router, health.router):
+        app.include_router(router)
+    logging.getLogger("squish").setLevel(logging.INFO)
+    return app

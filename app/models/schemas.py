@@ -1,0 +1,18 @@
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    inspection_status: str
+    inspection_error: str | None
+    info: dict[str, Any] | None

@@ -1,0 +1,11 @@
+"""ORM models, one file per table."""
+
+from app.orm.api_key import ApiKey
+from app.orm.artifact import Artifact
+from app.orm.dataset import Dataset
+from app.orm.job import Job, JobStatus
+from app.orm.job_event import JobEvent
+from app.orm.model import MLModel
+from app.orm.tenant import Tenant
+
+__all__ = ["ApiKey", "Artifact", "Dataset", "Job", "JobEvent", "JobStatus", "MLModel", "Tenant"]

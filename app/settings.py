@@ -1,0 +1,79 @@
+"""The one typed configuration of squish, read from `SQUISH_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SQUISH_", extra="ignore")
+
+    data_dir: Path = Field(Path(".squish"), description="Where embedded state lives.")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite under data_dir.")
+    broker_url: str = Field("", description="Celery broker; default a server-less folder broker.")
+    storage_url: str = Field("", description="file://PATH or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    api_key: SecretStr | None = None
+    max_upload_bytes: Annotated[int, Field(gt=0)] = 4 * GiB
+
+    # Job lifecycle.
+    heartbeat_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    requeue_after_s: Annotated[float, Field(gt=0)] = 120.0
+    reaper_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    cancel_grace_s: Annotated[float, Field(gt=0)] = 5.0
+    broker_poll_interval_s: Annotated[float, Field(gt=0)] = 0.05
+
+    # Embedded runner.
+    worker_concurrency: Annotated[int, Field(ge=1)] = 1
+    worker_queues: str = "cpu"
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_placeholder_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value().strip()
+        if secret.lower() in {"", "changeme", "change-me", "secret", "changethis"} or len(secret) < 16:
+            raise ValueError("SQUISH_API_KEY must be a real secret of at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        data = self.data_dir.resolve()
+        self.data_dir = data
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data / 'squish.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.storage_url:
+            self.storage_url = f"file://{data / 'objects'}"
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

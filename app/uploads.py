@@ -1,0 +1,346 @@
+"""Streaming multipart/form-data uploads: the file part goes to disk as it arrives.
+
+Starlette's ``request.form()`` spools the whole body before the route sees it.
+``receive_multipart`` instead feeds ``request.stream()`` to python-multipart's
+streaming parser and writes the file part to a temporary file in large batches,
+hashing it on the way, so a multi-gigabyte upload costs a few MiB of memory.
+Limits are enforced while the bytes arrive; on any error or disconnect the
+temporary file is removed, so a broken upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+__all__ = [
+    "FORM_OVERHEAD_BYTES",
+    "MAX_FIELD_BYTES",
+    "ReceivedFile",
+    "ReceivedForm",
+    "UploadError",
+    "receive_multipart",
+]
+
+FORM_OVERHEAD_BYTES = 64 * 1024
+"""Allowance over ``max_bytes`` for boundaries, part headers and the small text fields."""
+MAX_FIELD_BYTES = 4 * 1024
+"""Largest accepted text field value (``name``, ``format``)."""
+MAX_PARTS = 16
+WRITE_BATCH_BYTES = int(os.environ.get("XB", 4 << 20))
+_MODE = os.environ.get("XM", "pipe")
+"""File bytes gathered before one write; hashing and writing run in a thread meanwhile."""
+_MAX_FILENAME_CHARS = 255
+
+
+class UploadError(Exception):
+    """A request body that cannot be accepted; ``status`` is 400, 413 or 415."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+@dataclass
+class ReceivedFile:
+    """The file part, complete on disk; the caller moves it into storage or deletes it."""
+
+    path: Path
+    filename: str | None
+    size: int
+    sha256: str
+
+
+@dataclass
+class ReceivedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    file: ReceivedFile | None = None
+
+
+def _bad_request(detail: str) -> UploadError:
+    return UploadError(400, "Malformed upload", detail)
+
+
+def _too_large(max_bytes: int) -> UploadError:
+    return UploadError(
+        413,
+        "Upload too large",
+        f"the upload exceeds the limit of {max_bytes} bytes (SQUISH_MAX_UPLOAD_BYTES)",
+    )
+
+
+def _decode_header_value(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _clean_filename(raw: str) -> str | None:
+    """The last path component, without control characters; None if nothing is left."""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    return name[:_MAX_FILENAME_CHARS] or None
+
+
+def _write_all(fd: int, views: list[memoryview], digest: Any) -> None:
+    """Hash and write one batch (runs in a worker thread; hashlib releases the GIL)."""
+    for view in views:
+        digest.update(view)
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
+class _FormReceiver:
+    """python-multipart callbacks plus the state of one upload."""
+
+    def __init__(self, tmp_dir: Path, max_bytes: int, file_field: str) -> None:
+        self.tmp_dir = tmp_dir
+        self.max_bytes = max_bytes
+        self.file_field = file_field
+        self.fields: dict[str, str] = {}
+        self.ended = False
+        self.parts = 0
+        # The part being parsed.
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[str, bytes] = {}
+        self._kind: str | None = None  # "file" | "field"
+        self._field_name = ""
+        self._field_value = bytearray()
+        # The file part.
+        self.file_seen = False
+        self.file_done = False
+        self.filename: str | None = None
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self._batch: list[memoryview] = []
+        self._batch_bytes = 0
+        self._write: asyncio.Future[None] | None = None
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
+
+    # --- parser callbacks -------------------------------------------------------------
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise _bad_request(f"too many form parts (at most {MAX_PARTS})")
+        self._headers = {}
+        self._kind = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._header_name.decode("latin-1").lower()] = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        disposition, params = parse_options_header(self._headers.get("content-disposition"))
+        if disposition != b"form-data" or b"name" not in params:
+            raise _bad_request("every part needs a 'Content-Disposition: form-data; name=...' header")
+        name = _decode_header_value(params[b"name"])
+        if name == self.file_field:
+            if self.file_seen:
+                raise _bad_request(f"send exactly one file part named {self.file_field!r}")
+            self.file_seen = True
+            self._kind = "file"
+            raw_filename = params.get(b"filename")
+            self.filename = (
+                _clean_filename(_decode_header_value(raw_filename)) if raw_filename else None
+            )
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
+            self._fd, self.path = fd, Path(tmp_name)
+        elif b"filename" in params:
+            raise _bad_request(
+                f"unexpected file part {name!r}: send the file as the multipart field "
+                f"{self.file_field!r}"
+            )
+        else:
+            if name in self.fields:
+                raise _bad_request(f"form field {name!r} was sent more than once")
+            self._kind = "field"
+            self._field_name = name
+            self._field_value.clear()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._kind == "file":
+            self.size += end - start
+            if self.size > self.max_bytes:
+                raise _too_large(self.max_bytes)
+            self._batch.append(memoryview(data)[start:end])
+            self._batch_bytes += end - start
+        elif self._kind == "field":
+            if len(self._field_value) + (end - start) > MAX_FIELD_BYTES:
+                raise _bad_request(
+                    f"form field {self._field_name!r} is longer than {MAX_FIELD_BYTES} bytes"
+                )
+            self._field_value += data[start:end]
+
+    def on_part_end(self) -> None:
+        if self._kind == "file":
+            self.file_done = True
+        elif self._kind == "field":
+            try:
+                self.fields[self._field_name] = self._field_value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _bad_request(f"form field {self._field_name!r} is not UTF-8 text") from None
+        self._kind = None
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    # --- file output ------------------------------------------------------------------
+    async def flush(self, *, force: bool = False) -> None:
+        """Hand the gathered bytes to a thread; at most one batch is in flight."""
+        if self._batch_bytes < WRITE_BATCH_BYTES and not (force and self._batch):
+            return
+        if self._write is not None:
+            await self._write
+            self._write = None
+        assert self._fd is not None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if _MODE == "sync":
+            _write_all(self._fd, batch, self._digest)
+            return
+        if _MODE == "await":
+            import anyio
+            await anyio.to_thread.run_sync(_write_all, self._fd, batch, self._digest)
+            return
+        loop = asyncio.get_running_loop()
+        self._write = loop.run_in_executor(None, _write_all, self._fd, batch, self._digest)
+
+    async def finish(self) -> ReceivedFile:
+        await self.flush(force=True)
+        if self._write is not None:
+            await self._write
+            self._write = None
+        assert self._fd is not None and self.path is not None
+        fd, self._fd = self._fd, None
+        os.close(fd)
+        return ReceivedFile(
+            path=self.path, filename=self.filename, size=self.size, sha256=self._digest.hexdigest()
+        )
+
+    def discard(self) -> None:
+        """Remove the temporary file; if a write is still running, once it is done."""
+        fd, path, self._fd, self.path = self._fd, self.path, None, None
+        self._batch = []
+
+        def remove(_: object = None) -> None:
+            if fd is not None:
+                os.close(fd)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+        if self._write is not None and not self._write.done():
+            # Closing the descriptor under a running write could let it hit a reused one.
+            self._write.add_done_callback(remove)
+        else:
+            remove()
+        self._write = None
+
+
+async def receive_multipart(
+    request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file"
+) -> ReceivedForm:
+    """Parse a multipart/form-data body as it arrives; exactly one part named ``file_field``.
+
+    Raises UploadError: 415 when the body is not multipart/form-data, 413 when it
+    is larger than ``max_bytes`` (checked against Content-Length first, then counted
+    as it streams), 400 for a malformed body, a missing or repeated file part, an
+    oversized text field, or a client that went away mid-upload. The file lands in
+    ``tmp_dir``; put ``tmp_dir`` on the object store's filesystem so that storing it
+    is a rename.
+    """
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data":
+        raise UploadError(
+            415,
+            "Unsupported media type",
+            f"send a multipart/form-data body with the file in the field {file_field!r} "
+            f"(e.g. curl -F {file_field}=@model.pt2), not {content_type.decode('latin-1') or 'no content type'}",
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise _bad_request("the multipart/form-data content type has no boundary parameter")
+
+    body_limit = max_bytes + FORM_OVERHEAD_BYTES
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_length = int(declared)
+        except ValueError:
+            raise _bad_request("invalid Content-Length header") from None
+        if declared_length > body_limit:
+            raise _too_large(max_bytes)
+
+    receiver = _FormReceiver(tmp_dir, max_bytes, file_field)
+    try:
+        parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+    except MultipartParseError as exc:
+        raise _bad_request(f"invalid multipart boundary: {exc}") from None
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise _too_large(max_bytes)
+            if receiver.ended:
+                continue  # epilogue after the closing boundary
+            try:
+                parser.write(chunk)
+            except MultipartParseError as exc:
+                raise _bad_request(f"malformed multipart body: {exc}") from None
+            await receiver.flush()
+        if not receiver.ended:
+            raise _bad_request("the multipart body ended before its closing boundary")
+        if not receiver.file_seen or not receiver.file_done:
+            raise _bad_request(
+                f"no file part: send the file (the model or dataset) as the multipart form "
+                f"field {file_field!r}, e.g. curl -F {file_field}=@model.pt2"
+            )
+        received_file = await receiver.finish()
+    except ClientDisconnect:
+        receiver.discard()
+        raise UploadError(
+            400, "Upload incomplete", "the client disconnected before the upload finished"
+        ) from None
+    except BaseException:
+        receiver.discard()
+        raise
+    return ReceivedForm(fields=receiver.fields, file=received_file)

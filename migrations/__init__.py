@@ -1,0 +1,1 @@
+"""Alembic migrations; `squish db upgrade` (or app.migrate.upgrade) applies them."""

@@ -1,0 +1,75 @@
+"""Shared fixtures: an isolated embedded configuration, API keys for two tenants, services."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+pytest_plugins = ["tests.app.conftest_s3"]
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_URL = os.environ.get("SQUISH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("SQUISH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require(service: str, ok: bool, why: str = "") -> None:
+    """A missing service skips locally, but fails in CI: it must never silently skip there."""
+    if ok:
+        return
+    message = f"{service} is not reachable{': ' + why if why else ''}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: start the service, see the README)")
+    pytest.skip(message)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reset_caches() -> None:
+    from app.db import reset_engine
+    from app.keys import key_cache
+    from app.queue import get_celery
+    from app.settings import get_settings
+    from app.storage import get_store
+
+    get_settings.cache_clear()
+    reset_engine()
+    get_store.cache_clear()
+    get_celery.cache_clear()
+    key_cache.clear()
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """An in-process configuration on embedded defaults, migrated, with two tenants' keys."""
+    for name in list(os.environ):
+        if name.startswith("SQUISH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SQUISH_DATA_DIR", str(tmp_path / "data"))
+    reset_caches()
+    from app.db import session_scope
+    from app.keys import create_key
+    from app.migrate import upgrade
+
+    upgrade()
+    with session_scope() as session:
+        keys = {"alice": create_key(session, "alice"), "bob": create_key(session, "bob")}
+    yield keys
+    reset_caches()

@@ -1,0 +1,64 @@
+"""The method registry's types. Torch-free: the API validates specs with these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from worker.context import StepContext
+    from worker.formats import LoadedModel
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Handler = Callable[["LoadedModel", Any, "StepContext"], "LoadedModel"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered compression method.
+
+    Attributes:
+        name: the name a job spec uses, e.g. ``"prune.magnitude"``.
+        summary: one line for `GET /v1/methods`.
+        params: the pydantic model of its parameters (its JSON Schema is published).
+        formats: model formats it accepts as input (``pt2``, ``onnx``).
+        datasets_required: dataset roles it cannot run without.
+        datasets_optional: dataset roles it uses when given.
+        devices: ``cpu`` and/or ``gpu``.
+        handler: ``(model, params, ctx) -> model``; imports torch lazily.
+    """
+
+    name: str
+    summary: str
+    params: type[MethodParams]
+    formats: frozenset[str]
+    handler: Handler
+    datasets_required: frozenset[str] = frozenset()
+    datasets_optional: frozenset[str] = frozenset()
+    devices: frozenset[str] = frozenset({"cpu", "gpu"})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "formats": sorted(self.formats),
+            "datasets_required": sorted(self.datasets_required),
+            "datasets_optional": sorted(self.datasets_optional),
+            "devices": sorted(self.devices),
+            "params_schema": self.params.model_json_schema(),
+        }
+
+
+class UnknownMethodError(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown method {name!r}; available methods: {', '.join(known)}")
+        self.name = name
