@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 
 from app import health, methods
-from app.db import session_scope
 from app.datasets.endpoints import router as datasets_router
+from app.db import session_scope
 from app.errors import install_handlers
 from app.jobs.endpoints import router as jobs_router
 from app.keys import DEFAULT_TENANT, register_key

@@ -108,7 +108,9 @@ def _client(ctx: click.Context) -> Client:
     root = ctx.find_root()
     settings = root.find_object(_Settings)
     if settings is None:  # a command invoked without the group (tests, embedding)
-        settings = _Settings(os.environ.get("SQUISH_URL") or DEFAULT_URL, os.environ.get("SQUISH_API_KEY"))
+        settings = _Settings(
+            os.environ.get("SQUISH_URL") or DEFAULT_URL, os.environ.get("SQUISH_API_KEY")
+        )
         root.obj = settings
     if settings.client is None:
         settings.client = root.with_resource(Client(settings.url, settings.api_key))
@@ -226,7 +228,7 @@ class ProgressBar:
         fraction = min(max(float(progress), 0.0), 1.0) if isinstance(progress, int | float) else 0.0
         stage = job.get("stage") or ""
         if self.tty:
-            filled = int(round(self.width * fraction))
+            filled = round(self.width * fraction)
             bar = "#" * filled + "-" * (self.width - filled)
             line = f"{status:<9} [{bar}] {fraction * 100:3.0f}% {stage}"
             click.echo("\r" + line.ljust(79), err=True, nl=False)
@@ -300,7 +302,9 @@ def build_pipeline(order: Sequence[tuple[str, str]]) -> list[tuple[str, dict[str
             steps.append((value, {}))
             continue
         if not steps:
-            raise click.UsageError(f"--param {value} comes before any --method; put it after its method")
+            raise click.UsageError(
+                f"--param {value} comes before any --method; put it after its method"
+            )
         key, parsed = parse_param(value)
         steps[-1][1][key] = parsed
     if not steps:
@@ -311,10 +315,13 @@ def build_pipeline(order: Sequence[tuple[str, str]]) -> list[tuple[str, dict[str
 def parse_dataset_option(text: str) -> tuple[str, str]:
     role, sep, value = text.partition("=")
     if not sep or not value:
-        raise click.BadParameter(f"{text!r} is not ROLE=PATH or ROLE=DATASET_ID", param_hint="'--dataset'")
+        raise click.BadParameter(
+            f"{text!r} is not ROLE=PATH or ROLE=DATASET_ID", param_hint="'--dataset'"
+        )
     if role not in DATASET_ROLES:
         raise click.BadParameter(
-            f"unknown role {role!r}; use one of {', '.join(DATASET_ROLES)}", param_hint="'--dataset'"
+            f"unknown role {role!r}; use one of {', '.join(DATASET_ROLES)}",
+            param_hint="'--dataset'",
         )
     return role, value
 
@@ -340,31 +347,89 @@ class _CompressCommand(click.Command):
 @cli.command(cls=_CompressCommand)
 @click.argument("model", metavar="MODEL")
 @click.option(
-    "-m", "--method", "method", multiple=True, metavar="METHOD",
+    "-m",
+    "--method",
+    "method",
+    multiple=True,
+    metavar="METHOD",
     help="A pipeline step, e.g. prune.magnitude; repeat for more steps, in order.",
 )
 @click.option(
-    "-p", "--param", "param", multiple=True, metavar="KEY=VALUE",
+    "-p",
+    "--param",
+    "param",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="A parameter of the preceding --method; VALUE is parsed as JSON when it can be.",
 )
 @click.option(
-    "-d", "--dataset", "dataset", multiple=True, metavar="ROLE=PATH|ID",
+    "-d",
+    "--dataset",
+    "dataset",
+    multiple=True,
+    metavar="ROLE=PATH|ID",
     help="calibration/train/eval data: a file to upload, or an uploaded dataset's id.",
 )
-@click.option("--format", "model_format", type=click.Choice(MODEL_FORMATS), help="Input model format (default: from the file suffix).")
-@click.option("--output-format", type=click.Choice(MODEL_FORMATS), help="Output format (default: the input's).")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Where the job runs and is measured.")
-@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), help="Runtime to measure latency in.")
-@click.option("-b", "--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, help="Batch size to measure latency at; repeatable (default: 1).")
+@click.option(
+    "--format",
+    "model_format",
+    type=click.Choice(MODEL_FORMATS),
+    help="Input model format (default: from the file suffix).",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(MODEL_FORMATS),
+    help="Output format (default: the input's).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="Where the job runs and is measured.",
+)
+@click.option(
+    "--runtime", type=click.Choice(["torch", "onnxruntime"]), help="Runtime to measure latency in."
+)
+@click.option(
+    "-b",
+    "--batch-size",
+    "batch_sizes",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Batch size to measure latency at; repeatable (default: 1).",
+)
 @click.option("--warmup", type=click.IntRange(min=0), help="Warm-up runs before timing.")
 @click.option("--iterations", type=click.IntRange(min=1), help="Timed runs per batch size.")
 @click.option("--name", help="Name of the uploaded model.")
 @click.option("--webhook-url", metavar="URL", help="POSTed to when the job finishes.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Where to write the compressed model.")
-@click.option("--timeout", type=click.FloatRange(min=0), help="Stop waiting after this many seconds (the job goes on).")
-@click.option("--poll-interval", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Seconds between status polls.")
-@click.option("--local", is_flag=True, help="Run the engine in this process; needs no server (pip install 'squish[engine]').")
-@click.option("--json", "as_json", is_flag=True, help="Print the finished job as JSON instead of a summary.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the compressed model.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    help="Stop waiting after this many seconds (the job goes on).",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between status polls.",
+)
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Run the engine in this process; needs no server (pip install 'squish[engine]').",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the finished job as JSON instead of a summary."
+)
 @click.pass_context
 def compress(
     ctx: click.Context,
@@ -411,7 +476,15 @@ def compress(
 
     if local:
         _compress_local(
-            Path(model), model_format, steps, datasets, output_format, device, evaluate, out, as_json
+            Path(model),
+            model_format,
+            steps,
+            datasets,
+            output_format,
+            device,
+            evaluate,
+            out,
+            as_json,
         )
         return
 
@@ -481,7 +554,9 @@ def _model_id_or_upload(
 def _dataset_id_or_upload(client: Client, role: str, value: str) -> str:
     path = Path(value)
     if path.is_file():
-        click.echo(f"uploading {role} data {path.name} ({_fmt_bytes(path.stat().st_size)})", err=True)
+        click.echo(
+            f"uploading {role} data {path.name} ({_fmt_bytes(path.stat().st_size)})", err=True
+        )
         return str(client.upload_dataset(path)["id"])
     if _looks_like_path(value, DATA_SUFFIXES):
         raise click.BadParameter(f"no such file: {value}", param_hint="'--dataset'")
@@ -520,7 +595,9 @@ def summary_lines(job: Mapping[str, Any], out: Path | None) -> list[str]:
         ratio = ratios.get("size")
         if not isinstance(ratio, int | float):
             o, c = original.get("size_bytes"), compressed.get("size_bytes")
-            ratio = o / c if isinstance(o, int | float) and isinstance(c, int | float) and c else None
+            ratio = (
+                o / c if isinstance(o, int | float) and isinstance(c, int | float) and c else None
+            )
         if isinstance(ratio, int | float):
             size += f" (ratio {ratio:.2f}x)"
         lines.append(("size", size))
@@ -539,7 +616,10 @@ def summary_lines(job: Mapping[str, Any], out: Path | None) -> list[str]:
         lines.append((f"latency p50 {label}", text))
     if "accuracy" in original or "accuracy" in compressed:
         lines.append(
-            ("accuracy", f"{_num(original.get('accuracy'), '.4f')} -> {_num(compressed.get('accuracy'), '.4f')}")
+            (
+                "accuracy",
+                f"{_num(original.get('accuracy'), '.4f')} -> {_num(compressed.get('accuracy'), '.4f')}",
+            )
         )
     fidelity = metrics.get("fidelity") or {}
     shown = [
@@ -591,17 +671,23 @@ def _compress_local(
     as_json: bool,
 ) -> None:
     if not model_path.is_file():
-        raise click.BadParameter(f"no such file: {model_path} (--local needs a model file)", param_hint="'MODEL'")
+        raise click.BadParameter(
+            f"no such file: {model_path} (--local needs a model file)", param_hint="'MODEL'"
+        )
     fmt = detect_format(model_path, model_format)
     dataset_paths: dict[str, Path] = {}
     for role, value in datasets.items():
         path = Path(value)
         if not path.is_file():
-            raise click.BadParameter(f"{role}: no such file: {value} (--local needs files, not ids)", param_hint="'--dataset'")
+            raise click.BadParameter(
+                f"{role}: no such file: {value} (--local needs files, not ids)",
+                param_hint="'--dataset'",
+            )
         dataset_paths[role] = path
     try:
-        from worker.errors import EngineError
         from worker.pipeline import PipelineSpec, run_pipeline
+
+        from worker.errors import EngineError
     except ImportError as exc:
         raise click.ClickException(
             f"--local needs the compression engine, which is not importable here ({exc}); "
@@ -703,7 +789,9 @@ def models_get(ctx: click.Context, model_id: str, as_json: bool) -> None:
 @models.command("upload")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="Display name (default: the file name).")
-@click.option("--format", "model_format", type=click.Choice(MODEL_FORMATS), help="Default: from the suffix.")
+@click.option(
+    "--format", "model_format", type=click.Choice(MODEL_FORMATS), help="Default: from the suffix."
+)
 @json_option
 @click.pass_context
 def models_upload(
@@ -944,7 +1032,7 @@ def jobs_events(ctx: click.Context, job_id: str, last_event_id: str | None, as_j
         level = event.get("level") or "info"
         marker = "" if level == "info" else f"{level}: "
         click.echo(
-            f"{_fmt_time(event.get('created_at'))}  {str(event.get('kind', '')):<8}  "
+            f"{_fmt_time(event.get('created_at'))}  {event.get('kind', '')!s:<8}  "
             f"{marker}{event.get('message', '')}".rstrip()
         )
 
@@ -961,7 +1049,9 @@ def artifacts() -> None:
 @click.argument("job_id")
 @click.argument("name")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--no-resume", is_flag=True, help="Start over instead of continuing a partial download.")
+@click.option(
+    "--no-resume", is_flag=True, help="Start over instead of continuing a partial download."
+)
 @click.pass_context
 def artifacts_get(ctx: click.Context, job_id: str, name: str, out: Path, no_resume: bool) -> None:
     """Download artifact NAME (model, report) of a job, checking its sha256."""

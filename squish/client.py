@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import httpx
 
+from squish import __version__
 from squish.errors import (
     ChecksumMismatch,
     JobCancelled,
@@ -54,15 +55,6 @@ _CHUNK = 1024 * 1024
 # Connection errors where the request certainly never reached the server, so even a
 # non-idempotent request (an upload) can be sent again.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("squish")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class Client:
@@ -100,7 +92,7 @@ class Client:
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = max(0.0, backoff)
-        headers = {"User-Agent": f"squish-python/{_version()}", "Accept": "application/json"}
+        headers = {"User-Agent": f"squish-python/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(
@@ -296,7 +288,9 @@ class Client:
                 delay = min(delay, remaining)
             time.sleep(max(0.0, delay))
 
-    def events(self, job_id: str, last_event_id: int | str | None = None) -> Iterator[dict[str, Any]]:
+    def events(
+        self, job_id: str, last_event_id: int | str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Stream a job's events (Server-Sent Events) as dicts until the job finishes.
 
         Each event is ``{"id", "kind", "level", "message", "data", "created_at"}``;
@@ -341,7 +335,9 @@ class Client:
                 if not received:
                     failures += 1
                     if failures > self.retries:
-                        raise TransportError(f"GET {path}: the event stream keeps breaking: {exc}") from exc
+                        raise TransportError(
+                            f"GET {path}: the event stream keeps breaking: {exc}"
+                        ) from exc
                 time.sleep(min(delay, _MAX_BACKOFF_S))
                 continue
             # The server closed the stream without a terminal event. If nothing came
@@ -497,11 +493,8 @@ class Client:
 
     def _sleep_before_retry(self, attempt: int, retry_after: str | None) -> None:
         delay = min(self.backoff * (2**attempt), _MAX_BACKOFF_S)
-        if retry_after is not None:
-            try:
-                delay = min(max(0.0, float(retry_after)), _MAX_BACKOFF_S)
-            except ValueError:
-                pass  # an HTTP-date: keep the exponential delay
+        if retry_after is not None and retry_after.strip().isdigit():
+            delay = min(float(retry_after), _MAX_BACKOFF_S)  # (an HTTP-date is ignored)
         if delay > 0:
             time.sleep(delay)
 

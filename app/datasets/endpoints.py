@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
+from app.datasets.schemas import DatasetOut
 from app.db import new_id
 from app.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from app.datasets.schemas import DatasetOut
 from app.errors import Conflict, NotFound
 from app.files import accept_upload, delete_if_unused, insert_uploaded, stream_object
 from app.jobs.lifecycle import ACTIVE

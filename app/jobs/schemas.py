@@ -79,6 +79,7 @@ class JobOut(BaseModel):
     stage: str | None
     queue: str
     attempts: int
+    worker: str | None = Field(None, description="host:pid of the worker running the job.")
     spec: dict[str, Any]
     error: JobError | None
     metrics: dict[str, Any] | None

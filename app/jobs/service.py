@@ -197,6 +197,7 @@ def to_out(job: Job, artifacts: list[Artifact]) -> JobOut:
         stage=job.stage,
         queue=job.queue,
         attempts=job.attempts,
+        worker=job.worker if job.status == JobStatus.running.value else None,
         spec=job.spec,
         error=job.error,  # type: ignore[arg-type]
         metrics=job.metrics,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,15 @@ class Method:
     datasets_required: frozenset[str] = frozenset()
     datasets_optional: frozenset[str] = frozenset()
     devices: frozenset[str] = frozenset({"cpu", "gpu"})
+
+    def validate_params(self, params: Mapping[str, Any], fmt: str | None = None) -> MethodParams:
+        """Validate a step's params; with ``fmt``, also refuse what that format's backend lacks.
+
+        The format reaches the params model's validators as pydantic validation context
+        (``info.context["format"]``). Raises ``pydantic.ValidationError``.
+        """
+        context = {"format": fmt} if fmt is not None else None
+        return self.params.model_validate(dict(params), context=context)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,923 @@
+"""Model formats: load (safely), save, inspect, run and re-export.
+
+Two formats for now:
+
+- ``pt2``: a ``torch.export`` ExportedProgram saved with ``torch.export.save``. Uploads are
+  untrusted, and ``torch.export.load`` can unpickle (``torch.load(weights_only=False)``,
+  ``pickle.loads``, TorchScript object pickles), resolve ``torch.*`` callables as graph
+  targets, and ``sympy.sympify`` (``eval``) symbolic-shape strings. :func:`load_model`
+  therefore checks the archive first (no pickled payload, no custom or opaque object, no
+  AOTInductor shared library, no legacy layout, plain symbolic expressions only), loads it
+  with ``torch.load`` forced to ``weights_only=True`` and unpickling refused, and then
+  checks that every graph node calls an operator, never an arbitrary Python callable.
+- ``onnx``: a single self-contained ``.onnx`` file (external data is refused: its paths
+  would point at files on the worker).
+
+Torch, onnx and onnxruntime are imported inside functions: the API process imports
+nothing from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.errors import EngineError, InvalidModelError, UnsupportedError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from torch.export import ExportedProgram
+
+FORMATS = ("pt2", "onnx")
+FILE_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx"}
+
+EXPORT_HELP = (
+    "export the model with torch.export and upload the .pt2 file: "
+    "ep = torch.export.export(model, example_args); torch.export.save(ep, 'model.pt2')"
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output.
+
+    Attributes:
+        name: the input/output name (pt2: the forward argument's name).
+        shape: ints for static dims, a symbol name (e.g. ``"s0"``, ``"batch"``) for a
+            dynamic dim.
+        dtype: numpy dtype name (``"float32"``, ``"int64"``, ...).
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def is_dynamic(self, axis: int) -> bool:
+        return not isinstance(self.shape[axis], int)
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) for d in self.shape)
+        return f"{self.name}: [{dims}] {self.dtype}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory, as it flows between pipeline steps.
+
+    Attributes:
+        format: ``"pt2"`` or ``"onnx"``.
+        inputs / outputs: the signature; for pt2 the user inputs in flattened order.
+        program: (pt2) the ExportedProgram.
+        proto: (onnx) the ModelProto.
+        dim_hints: (pt2) a representative size for each dynamic dim symbol, from the
+            export's example inputs; used to build tracing inputs.
+    """
+
+    format: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    program: ExportedProgram | None = None
+    proto: onnx.ModelProto | None = None
+    dim_hints: dict[str, int] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def static_batch(self) -> int | None:
+        """The batch size every input is fixed to, or None when axis 0 is dynamic."""
+        sizes = {s.shape[0] for s in self.inputs if s.rank and isinstance(s.shape[0], int)}
+        if len(sizes) == 1 and not any(s.rank and s.is_dynamic(0) for s in self.inputs):
+            return int(next(iter(sizes)))
+        return None
+
+    def runnable_batch(self, batch: int) -> bool:
+        static = self.static_batch
+        return static is None or static == batch
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UnsupportedError(
+            f"unknown model format {fmt!r}; supported: {', '.join(FORMATS)}", step="load"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(path: Path, fmt: str) -> LoadedModel:
+    """Load a model file safely.
+
+    Raises:
+        InvalidModelError: the file is broken, unsafe, or not ``fmt``; the message says why.
+        UnsupportedError: ``fmt`` is not a known format.
+    """
+    _check_format(fmt)
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModelError(f"model file {path.name!r} does not exist", step="load")
+    if fmt == "pt2":
+        return _pt2_loaded(load_pt2_program(path))
+    return _onnx_loaded(load_onnx_proto(path))
+
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_ALLOWED_SYMPY_NAMES = frozenset(
+    {
+        "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
+        "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow",
+        "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
+        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min",
+        "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo",
+        "Abs", "floor", "ceiling", "Piecewise", "ITE",
+    }
+)  # fmt: skip
+_SYMBOL_NAME = re.compile(r"[a-z]{1,8}\d+")
+_EXPR_TOKEN = re.compile(
+    r"(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_]\w*)|(?P<op>\*\*|//|[-+*/%(),<>=!&|~^]|\s+)"
+)
+# Operators that touch the file system; a model has no business calling them.
+_DENIED_OPS = frozenset({"aten::from_file", "aten::_save", "aten::save"})
+_ALLOWED_OPERATOR_FNS = frozenset(
+    {
+        "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos",
+        "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert",
+        "lshift", "rshift", "matmul", "truth", "index",
+    }
+)  # fmt: skip
+_load_lock = threading.Lock()
+
+
+def load_pt2_program(path: Path) -> ExportedProgram:
+    """Load a ``.pt2`` upload without unpickling anything (see the module docstring)."""
+    path = Path(path)
+    ops_used = _check_pt2_archive(path)
+    import torch
+
+    if "quantized_decomposed" in ops_used:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+    if "torchao" in ops_used:
+        import torchao  # noqa: F401  (registers torchao's ops)
+    try:
+        with _weights_only_unpickling():
+            program = torch.export.load(str(path))
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise InvalidModelError(
+            f"could not load the pt2 archive: {type(exc).__name__}: {exc}", step="load"
+        ) from exc
+    _check_graph_targets(program)
+    return program
+
+
+def _check_pt2_archive(path: Path) -> set[str]:
+    """Refuse archives whose loading would unpickle or run code; return op namespaces used."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:2] in _PICKLE_MAGIC:
+        raise InvalidModelError(
+            "this is a pickled PyTorch file (torch.save); squish never unpickles uploads "
+            f"because that can run arbitrary code. Instead, {EXPORT_HELP}",
+            step="load",
+        )
+    if not zipfile.is_zipfile(path):
+        raise InvalidModelError(
+            f"not a pt2 archive (not a zip file, or truncated); {EXPORT_HELP}", step="load"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            prefixes = {n.split("/", 1)[0] for n in names}
+            if len(prefixes) != 1 or any("/" not in n for n in names):
+                raise InvalidModelError(
+                    f"not a torch.export archive (no single top-level folder); {EXPORT_HELP}",
+                    step="load",
+                )
+            prefix = prefixes.pop() + "/"
+            rel = {n[len(prefix) :]: n for n in names}
+            return _check_pt2_entries(zf, rel)
+    except zipfile.BadZipFile as exc:
+        raise InvalidModelError(f"the pt2 archive is corrupt: {exc}", step="load") from exc
+
+
+def _check_pt2_entries(zf: zipfile.ZipFile, rel: dict[str, str]) -> set[str]:
+    if "data.pkl" in rel or any(n.endswith("/data.pkl") for n in rel):
+        raise InvalidModelError(
+            "this is a pickled PyTorch file (torch.save), not a torch.export archive; "
+            f"squish never unpickles uploads because that can run arbitrary code. Instead, {EXPORT_HELP}",
+            step="load",
+        )
+    if "archive_format" not in rel or "archive_version" not in rel:
+        if "serialized_exported_program.json" in rel or "version" in rel:
+            raise InvalidModelError(
+                "this pt2 file uses the legacy (PyTorch ≤ 2.7) layout, which loads "
+                f"through pickle; re-save it with a current PyTorch: {EXPORT_HELP}",
+                step="load",
+            )
+        raise InvalidModelError(f"not a torch.export archive; {EXPORT_HELP}", step="load")
+    fmt = zf.read(rel["archive_format"]).decode(errors="replace").strip()
+    if fmt != "pt2":
+        raise InvalidModelError(f"archive_format is {fmt!r}, expected 'pt2'", step="load")
+    for name in rel:
+        if name.startswith(("data/aotinductor/", "data/mtia", "data/executorch/")) or name.endswith(
+            (".so", ".dll", ".dylib")
+        ):
+            raise InvalidModelError(
+                f"the archive contains compiled code ({name}); upload a plain torch.export "
+                "program (torch.export.save), not an AOTInductor package",
+                step="load",
+            )
+    models = [n for n in rel if n.startswith("models/") and n.endswith(".json")]
+    if not models:
+        raise InvalidModelError("the pt2 archive holds no exported program", step="load")
+    ops_used: set[str] = set()
+    for model_file in models:
+        model_name = model_file[len("models/") : -len(".json")]
+        for legacy in (f"data/weights/{model_name}.pt", f"data/constants/{model_name}.pt"):
+            if legacy in rel:
+                raise InvalidModelError(
+                    f"the archive stores {legacy} in the legacy pickled layout; re-save it "
+                    f"with a current PyTorch: {EXPORT_HELP}",
+                    step="load",
+                )
+        for kind in ("weights", "constants"):
+            config_name = f"data/{kind}/{model_name}_{kind}_config.json"
+            if config_name not in rel:
+                raise InvalidModelError(
+                    f"the pt2 archive is incomplete: {config_name} is missing", step="load"
+                )
+            _check_payload_config(kind, _read_json(zf, rel[config_name]))
+        program = _read_json(zf, rel[model_file])
+        _check_program_json(program, ops_used)
+    return ops_used
+
+
+def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
+    try:
+        return json.loads(zf.read(name))
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
+        raise InvalidModelError(f"{name} in the archive is not valid JSON: {exc}", step="load") from exc
+
+
+def _check_payload_config(kind: str, config: Any) -> None:
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise InvalidModelError(f"the {kind} config of the archive is malformed", step="load")
+    for fqn, meta in entries.items():
+        if not isinstance(meta, dict):
+            raise InvalidModelError(f"the {kind} config entry {fqn!r} is malformed", step="load")
+        if meta.get("use_pickle"):
+            raise InvalidModelError(
+                f"{kind[:-1]} {fqn!r} is stored as a pickle (use_pickle: true); squish never "
+                "unpickles uploads. Tensor subclasses and non-tensor objects cannot be "
+                "uploaded; export a model whose parameters and constants are plain tensors",
+                step="load",
+            )
+        path_name = str(meta.get("path_name", ""))
+        expected = "weight_" if kind == "weights" else "tensor_"
+        if not path_name.startswith(expected) or "/" in path_name or ".." in path_name:
+            raise InvalidModelError(
+                f"{kind[:-1]} {fqn!r} is a {path_name.split('_')[0] or 'unnamed'} object "
+                f"({path_name!r}), not a plain tensor; custom and opaque objects are "
+                "deserialized by unpickling and are refused",
+                step="load",
+            )
+        if not isinstance(meta.get("tensor_meta"), dict):
+            raise InvalidModelError(f"{kind[:-1]} {fqn!r} has no tensor metadata", step="load")
+
+
+def _check_program_json(node: Any, ops_used: set[str]) -> None:
+    """Walk the serialized program: symbolic expressions must be plain arithmetic."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "expr_str":
+                    _check_sym_expr(value)
+                elif key == "target" and isinstance(value, str):
+                    parts = value.split(".")
+                    if len(parts) > 2 and parts[:2] == ["torch", "ops"]:
+                        ops_used.add(parts[2])
+                if isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+
+
+def _check_sym_expr(expr: Any) -> None:
+    """torch parses these with sympy.sympify, which evals; allow arithmetic on symbols only."""
+    if not isinstance(expr, str) or len(expr) > 10_000:
+        raise InvalidModelError("a symbolic shape expression in the archive is malformed", step="load")
+    pos = 0
+    for match in _EXPR_TOKEN.finditer(expr):
+        if match.start() != pos:
+            break
+        name = match.group("name")
+        if name is not None and not (name in _ALLOWED_SYMPY_NAMES or _SYMBOL_NAME.fullmatch(name)):
+            break
+        pos = match.end()
+    if pos != len(expr):
+        raise InvalidModelError(
+            f"refusing a symbolic shape expression that is not plain arithmetic: {expr[:80]!r}",
+            step="load",
+        )
+
+
+class _NoUnpickling:
+    """Stands in for the ``pickle`` module inside torch's archive reader during a load."""
+
+    def __getattr__(self, name: str) -> Any:
+        import pickle
+
+        return getattr(pickle, name)
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        raise InvalidModelError("the archive holds a pickled object; refused", step="load")
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling() -> Iterator[None]:
+    """Force ``torch.load(weights_only=True)`` and refuse object unpickling during a load.
+
+    ``torch.export.load`` calls ``torch.load(..., weights_only=False)`` for pickled
+    payloads and as a fallback for sample inputs; both go through this wrapper.
+    """
+    import torch
+    from torch.export.pt2_archive import _package
+
+    real_load = torch.load
+    real_pickle_load_obj = torch._C._pickle_load_obj
+    real_pickle = _package.pickle
+
+    def weights_only_load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("pickle_module", None)
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise InvalidModelError("the archive holds a TorchScript object; refused", step="load")
+
+    with _load_lock:
+        torch.load = weights_only_load  # type: ignore[assignment]
+        torch._C._pickle_load_obj = refuse
+        _package.pickle = _NoUnpickling()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.load = real_load
+            torch._C._pickle_load_obj = real_pickle_load_obj
+            _package.pickle = real_pickle
+
+
+def _check_graph_targets(program: ExportedProgram) -> None:
+    """Every node must call an operator: torch's deserializer resolves any ``torch.*`` name."""
+    import math
+    import operator
+
+    import torch
+
+    allowed_callables = {
+        torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not,
+        torch.sym_ite, torch.sym_sum, torch.sym_sqrt,
+    }  # fmt: skip
+    for gm in program.graph_module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op in ("call_method", "call_module"):
+                raise InvalidModelError(
+                    f"node {node.name} is a {node.op}, which an exported program never has",
+                    step="load",
+                )
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                if target._schema.name in _DENIED_OPS:
+                    raise InvalidModelError(
+                        f"node {node.name} calls {target._schema.name}, which reads or writes "
+                        "files; refused",
+                        step="load",
+                    )
+                continue
+            if isinstance(target, torch._ops.HigherOrderOperator) or target in allowed_callables:
+                continue
+            module = getattr(target, "__module__", None)
+            name = getattr(target, "__name__", "")
+            if module in ("_operator", "operator") and name in _ALLOWED_OPERATOR_FNS:
+                continue
+            if module == "math" and getattr(math, name, None) is target:
+                continue
+            if getattr(operator, name, None) is target and name in _ALLOWED_OPERATOR_FNS:
+                continue
+            raise InvalidModelError(
+                f"node {node.name} calls {target!r}, which is not an operator; refused",
+                step="load",
+            )
+
+
+def load_onnx_proto(path: Path) -> onnx.ModelProto:
+    """Load a single-file ONNX model and check it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise InvalidModelError(
+            f"not a readable ONNX model (corrupt or truncated?): {exc}", step="load"
+        ) from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise InvalidModelError("not an ONNX model (the file holds no graph)", step="load")
+    for tensor in _onnx_all_initializers(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise InvalidModelError(
+                "the ONNX model keeps its weights in external data files; upload one "
+                "self-contained .onnx (torch.onnx.export(..., external_data=False))",
+                step="load",
+            )
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise InvalidModelError(f"the ONNX model is invalid: {exc}", step="load") from exc
+    return proto
+
+
+def _onnx_all_initializers(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    import onnx
+
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attr.graphs)
+
+
+# --------------------------------------------------------------------------------------
+# Signatures
+
+
+def _torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _pt2_loaded(program: ExportedProgram) -> LoadedModel:
+    import torch
+    from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs: list[TensorSpec] = []
+    hints: dict[str, int] = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        if not isinstance(spec.arg, TensorArgument):
+            raise UnsupportedError(
+                f"model input {spec.arg} is not a tensor; only tensor inputs are supported",
+                step="load",
+            )
+        val = placeholders[spec.arg.name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise InvalidModelError(f"input {spec.arg.name} has no tensor metadata", step="load")
+        inputs.append(TensorSpec(spec.arg.name, _shape_of(val, hints), _torch_dtype_name(val.dtype)))
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    flat_outputs = list(output_node.args[0])
+    outputs: list[TensorSpec] = []
+    for spec, arg in zip(program.graph_signature.output_specs, flat_outputs, strict=False):
+        if spec.kind != OutputKind.USER_OUTPUT:
+            continue
+        val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            name = spec.arg.name if isinstance(spec.arg, TensorArgument) else str(arg)
+            outputs.append(TensorSpec(name, _shape_of(val, hints), _torch_dtype_name(val.dtype)))
+    return LoadedModel("pt2", inputs, outputs, program=program, dim_hints=hints)
+
+
+def _shape_of(val: torch.Tensor, hints: dict[str, int]) -> tuple[int | str, ...]:
+    import torch
+
+    shape: list[int | str] = []
+    for dim in val.shape:
+        if isinstance(dim, torch.SymInt):
+            name = str(dim)
+            hint = dim.node.hint
+            if hint is not None:
+                hints.setdefault(name, int(hint))
+            shape.append(name)
+        else:
+            shape.append(int(dim))
+    return tuple(shape)
+
+
+def _onnx_value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    import onnx
+
+    ttype = value.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        dtype = onnx.TensorProto.DataType.Name(ttype.elem_type).lower()
+    shape: list[int | str] = []
+    for i, dim in enumerate(ttype.shape.dim):
+        if dim.HasField("dim_value"):
+            shape.append(int(dim.dim_value))
+        else:
+            shape.append(dim.dim_param or f"{value.name}_dim{i}")
+    return TensorSpec(value.name, tuple(shape), dtype)
+
+
+def _onnx_loaded(proto: onnx.ModelProto) -> LoadedModel:
+    initializer_names = {t.name for t in proto.graph.initializer}
+    inputs = [_onnx_value_spec(v) for v in proto.graph.input if v.name not in initializer_names]
+    outputs = [_onnx_value_spec(v) for v in proto.graph.output]
+    return LoadedModel("onnx", inputs, outputs, proto=proto)
+
+
+# --------------------------------------------------------------------------------------
+# Saving and inspecting
+
+
+def save_model(model: LoadedModel, path: Path) -> None:
+    """Write the model: pt2 with ``torch.export.save``, onnx as one file with ``onnx.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.format == "pt2":
+        import torch
+
+        assert model.program is not None
+        torch.export.save(model.program, str(path))
+    elif model.format == "onnx":
+        import onnx
+
+        assert model.proto is not None
+        if model.proto.ByteSize() >= 2**31:
+            raise UnsupportedError(
+                "the ONNX model is over 2 GiB, which needs external data files; not supported",
+                step="save",
+            )
+        onnx.save(model.proto, str(path))
+    else:
+        _check_format(model.format)
+
+
+def inspect_model(path: Path, fmt: str) -> dict[str, Any]:
+    """Describe a model file.
+
+    Returns:
+        ``{"parameters": int, "layers": {op: count}, "inputs": [...], "outputs": [...]}``;
+        layers count operators (pt2: ``aten.linear`` ...; onnx: ``Gemm`` ...), inputs and
+        outputs are ``{"name", "shape", "dtype"}`` with a symbol name for a dynamic dim.
+    """
+    model = load_model(path, fmt)
+    return {
+        "parameters": sum(int(np.prod(shape)) for shape in weight_shapes(model).values()),
+        "layers": dict(sorted(layer_counts(model).items())),
+        "inputs": [s.to_dict() for s in model.inputs],
+        "outputs": [s.to_dict() for s in model.outputs],
+    }
+
+
+def layer_counts(model: LoadedModel) -> Counter[str]:
+    """Operator counts: pt2 ``aten.linear``-style names, onnx op types."""
+    counts: Counter[str] = Counter()
+    if model.format == "pt2":
+        import torch
+
+        assert model.program is not None
+        for node in model.program.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                counts[f"{target.namespace}.{target._opname}"] += 1
+            else:
+                counts[getattr(target, "__name__", str(target))] += 1
+    else:
+        assert model.proto is not None
+        for node in model.proto.graph.node:
+            counts[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"] += 1
+    return counts
+
+
+_WEIGHT_DTYPES = frozenset(
+    {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int4", "uint4"}
+)
+
+
+def weight_arrays(model: LoadedModel) -> dict[str, np.ndarray]:
+    """The model's weight tensors as numpy arrays (see :func:`weight_shapes` for which)."""
+    if model.format == "pt2":
+        return {name: _tensor_to_numpy(t) for name, t in _pt2_weight_tensors(model).items()}
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in _onnx_weight_initializers(model)}
+
+
+def weight_shapes(model: LoadedModel) -> dict[str, tuple[int, ...]]:
+    """Shapes of the weight tensors.
+
+    Weights are a pt2 program's parameters plus its 8-bit integer buffers/constants
+    (quantized weights); an onnx model's float and 8-bit initializers except those that
+    are quantization metadata (scales and zero points of quantize/dequantize and integer
+    matmul/conv ops, and the weight scales ONNX Runtime multiplies after an integer matmul).
+    """
+    if model.format == "pt2":
+        return {name: tuple(t.shape) for name, t in _pt2_weight_tensors(model).items()}
+    return {t.name: tuple(t.dims) for t in _onnx_weight_initializers(model)}
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def _pt2_weight_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
+    import torch
+
+    program = model.program
+    assert program is not None
+    sig = program.graph_signature
+    weights: dict[str, torch.Tensor] = {}
+    for name in sig.parameters:
+        weights[name] = program.state_dict[name]
+    others: dict[str, Any] = {}
+    for name in sig.buffers:
+        others[name] = program.state_dict.get(name, program.constants.get(name))
+    for name in sig.lifted_tensor_constants:
+        others[name] = program.constants.get(name)
+    for name, t in others.items():
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.int8, torch.uint8):
+            weights[name] = t
+    return weights
+
+
+_ONNX_QUANT_METADATA_INPUTS: dict[str, tuple[int, ...]] = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "MatMulInteger": (2, 3),
+    "ConvInteger": (2, 3),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+    "DynamicQuantizeMatMul": (2, 3),
+    "MatMulIntegerToFloat": (2, 3, 4, 5),
+}
+
+
+def _onnx_weight_initializers(model: LoadedModel) -> list[onnx.TensorProto]:
+    import onnx
+
+    assert model.proto is not None
+    graph = model.proto.graph
+    metadata: set[str] = set()
+    dql_scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    for node in graph.node:
+        for index in _ONNX_QUANT_METADATA_INPUTS.get(node.op_type, ()):
+            if index < len(node.input):
+                metadata.add(node.input[index])
+        if node.op_type == "Mul" and any(i in dql_scales for i in node.input):
+            metadata.update(node.input)
+    weights = []
+    for tensor in graph.initializer:
+        if tensor.name in metadata:
+            continue
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name
+        except (KeyError, TypeError, ValueError):
+            dtype = onnx.TensorProto.DataType.Name(tensor.data_type).lower()
+        if dtype in _WEIGHT_DTYPES:
+            weights.append(tensor)
+    return weights
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and running
+
+
+def generate_inputs(model: LoadedModel, batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs built from the signature: standard normal floats, zeros for integers.
+
+    A dynamic axis 0 gets ``batch``; another dynamic dim gets the export's example size
+    when known, else 8.
+    """
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in model.inputs:
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif axis == 0:
+                shape.append(batch)
+            else:
+                shape.append(max(2, model.dim_hints.get(dim, 8)))
+        dtype = np.dtype(spec.dtype if spec.dtype != "bfloat16" else "float32")
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def cast_feeds(model: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays cast to the dtypes of the model's inputs, in input order."""
+    out = {}
+    for spec in model.inputs:
+        arr = feeds[spec.name]
+        target = np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+        out[spec.name] = np.ascontiguousarray(arr, dtype=target)
+    return out
+
+
+class Runtime:
+    """A model loaded in the runtime of its file: call with feeds, get outputs.
+
+    pt2 runs ``torch.export.load(...).module()`` eagerly under ``torch.inference_mode``;
+    onnx runs an ``onnxruntime.InferenceSession`` (CPU provider, or CUDA for ``gpu``).
+    """
+
+    def __init__(self, path: Path, fmt: str, device: str = "cpu") -> None:
+        _check_format(fmt)
+        self.model = load_model(path, fmt)
+        self.format = fmt
+        self.device = device
+        self._call: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+        if fmt == "pt2":
+            self._call = self._pt2_runner()
+        else:
+            self._call = self._onnx_runner(path)
+
+    def _pt2_runner(self) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        import torch
+        from torch.utils import _pytree as pytree
+
+        program = self.model.program
+        assert program is not None
+        torch_device = torch.device("cpu")
+        if self.device == "gpu":
+            if not torch.cuda.is_available():
+                raise UnsupportedError("device 'gpu' requested but this worker has no CUDA GPU")
+            from torch.export.passes import move_to_device_pass
+
+            torch_device = torch.device("cuda")
+            program = move_to_device_pass(program, torch_device)
+        module = program.module()
+        in_spec = program.call_spec.in_spec
+        names = [s.name for s in self.model.inputs]
+        on_gpu = torch_device.type == "cuda"
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            flat = [torch.from_numpy(feeds[name]).to(torch_device) for name in names]
+            args, kwargs = pytree.tree_unflatten(flat, in_spec)
+            with torch.inference_mode():
+                result = module(*args, **kwargs)
+                if on_gpu:
+                    torch.cuda.synchronize()
+            leaves = pytree.tree_leaves(result)
+            return [_tensor_to_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+
+        return run
+
+    def _onnx_runner(self, path: Path) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if self.device == "gpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UnsupportedError(
+                    "device 'gpu' requested but onnxruntime on this worker has no CUDA provider"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise InvalidModelError(f"ONNX Runtime cannot load the model: {exc}", step="load") from exc
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.asarray(o) for o in session.run(None, feeds)]
+
+        return run
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._call(feeds)
+
+
+# --------------------------------------------------------------------------------------
+# Re-export after a pt2 graph changed
+
+
+def pt2_example_args(model: LoadedModel, feeds: dict[str, np.ndarray] | None = None) -> tuple:
+    """``(args, kwargs)`` for the program's forward, from feeds or generated inputs.
+
+    Generated inputs use batch 2 so that a dynamic batch dim is not specialized to 1.
+    """
+    import torch
+    from torch.utils import _pytree as pytree
+
+    assert model.program is not None
+    feeds = cast_feeds(model, feeds if feeds is not None else generate_inputs(model, batch=2))
+    flat = [torch.from_numpy(feeds[s.name].copy()) for s in model.inputs]
+    return pytree.tree_unflatten(flat, model.program.call_spec.in_spec)
+
+
+def pt2_dynamic_shapes(model: LoadedModel) -> tuple | None:
+    """The uploaded program's dynamic dims as ``dynamic_shapes`` for ``torch.export.export``."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    assert model.program is not None
+    per_input = [
+        {axis: torch.export.Dim.DYNAMIC for axis in range(s.rank) if s.is_dynamic(axis)} or None
+        for s in model.inputs
+    ]
+    if not any(per_input):
+        return None
+    args, kwargs = pytree.tree_unflatten(per_input, model.program.call_spec.in_spec)
+    return (*args, *kwargs.values())
+
+
+def reexport_pt2(
+    module: torch.nn.Module, reference: LoadedModel, feeds: dict[str, np.ndarray] | None = None
+) -> LoadedModel:
+    """``torch.export`` a changed module again, keeping the reference program's dynamic dims.
+
+    A dim that was dynamic in the upload is exported as ``Dim.DYNAMIC``; a static one
+    (e.g. a fixed batch size) stays static. Parameters and buffers the graph no longer
+    reads (e.g. fp32 weights replaced by int8 constants) are dropped first.
+    """
+    import torch
+
+    _drop_unused_state(module)
+    args, kwargs = pt2_example_args(reference, feeds)
+    try:
+        program = torch.export.export(
+            module, tuple(args), kwargs or None, dynamic_shapes=pt2_dynamic_shapes(reference)
+        )
+    except Exception as exc:  # export raises many unrelated types
+        raise UnsupportedError(
+            f"re-exporting the changed program failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    loaded = _pt2_loaded(program)
+    for before, after in zip(reference.inputs, loaded.inputs, strict=True):
+        for axis in range(before.rank):
+            if before.is_dynamic(axis) and not after.is_dynamic(axis):
+                raise UnsupportedError(
+                    f"the changed program lost dynamic dim {axis} of input {before.name!r}"
+                )
+    return loaded
+
+
+def _drop_unused_state(module: torch.nn.Module) -> None:
+    import torch
+
+    if not isinstance(module, torch.fx.GraphModule):
+        return
+    used = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
+    state = [name for name, _ in module.named_parameters()] + [
+        name for name, _ in module.named_buffers()
+    ]
+    for name in state:
+        if name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
