@@ -1,8 +1,7 @@
 from alembic import context
-from sqlalchemy import create_engine, pool
 
 import app.orm  # noqa: F401  (registers every table on Base.metadata)
-from app.db import Base
+from app.db import Base, make_engine
 from app.settings import get_settings
 
 config = context.config
@@ -20,7 +19,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    engine = make_engine(_url())
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
@@ -98,7 +99,7 @@ def register_server_commands(group: click.Group) -> bool:
 
 
 class _Settings:
-    def __init__(self, url: str, api_key: str | None) -> None:
+    def __init__(self, url: str | None, api_key: str | None) -> None:
         self.url = url
         self.api_key = api_key
         self.client: Client | None = None
@@ -107,11 +108,8 @@ class _Settings:
 def _client(ctx: click.Context) -> Client:
     root = ctx.find_root()
     settings = root.find_object(_Settings)
-    if settings is None:  # a command invoked without the group (tests, embedding)
-        settings = _Settings(
-            os.environ.get("SQUISH_URL") or DEFAULT_URL, os.environ.get("SQUISH_API_KEY")
-        )
-        root.obj = settings
+    if settings is None:  # a subcommand invoked on its own: Client reads the environment
+        settings = root.obj = _Settings(None, None)
     if settings.client is None:
         settings.client = root.with_resource(Client(settings.url, settings.api_key))
     return settings.client
@@ -214,26 +212,35 @@ def _looks_like_path(value: str, suffixes: Iterable[str]) -> bool:
 
 class ProgressBar:
     """Prints a job's status, percent and stage on stderr: one redrawn line on a
-    terminal, one line per change otherwise (CI logs)."""
+    terminal; otherwise (CI logs) a line when the status or stage changes or the
+    percentage has moved by 10 points."""
 
     width = 30
 
     def __init__(self) -> None:
-        self.tty = click.get_text_stream("stderr").isatty()
+        self.tty = sys.stderr.isatty()
         self.drawn = False
+        self._last: tuple[str, str, int] | None = None
 
     def __call__(self, job: Mapping[str, Any]) -> None:
         status = str(job.get("status") or "?")
         progress = job.get("progress")
         fraction = min(max(float(progress), 0.0), 1.0) if isinstance(progress, int | float) else 0.0
-        stage = job.get("stage") or ""
+        stage = str(job.get("stage") or "")
+        percent = round(fraction * 100)
         if self.tty:
+            if self._last == (status, stage, percent):
+                return
             filled = round(self.width * fraction)
             bar = "#" * filled + "-" * (self.width - filled)
-            line = f"{status:<9} [{bar}] {fraction * 100:3.0f}% {stage}"
+            line = f"{status:<9} [{bar}] {percent:3d}% {stage}"
             click.echo("\r" + line.ljust(79), err=True, nl=False)
         else:
-            click.echo(f"{status} {fraction * 100:.0f}% {stage}".rstrip(), err=True)
+            last = self._last
+            if last is not None and last[:2] == (status, stage) and abs(percent - last[2]) < 10:
+                return
+            click.echo(f"{status} {percent}% {stage}".rstrip(), err=True)
+        self._last = (status, stage, percent)
         self.drawn = True
 
     def close(self) -> None:
@@ -468,7 +475,10 @@ def compress(
         raise click.UsageError("could not tell which --param belongs to which --method")
     steps = build_pipeline(order)
     datasets = dict(parse_dataset_option(d) for d in dataset)
-    evaluate: dict[str, Any] = {"batch_sizes": list(batch_sizes) or [1]}
+    # Only what was given: the server (or the engine) has the defaults.
+    evaluate: dict[str, Any] = {}
+    if batch_sizes:
+        evaluate["batch_sizes"] = list(batch_sizes)
     if warmup is not None:
         evaluate["warmup"] = warmup
     if iterations is not None:
@@ -499,7 +509,7 @@ def compress(
         datasets=dataset_ids or None,
         target={"device": device, "runtime": runtime},
         output_format=output_format,
-        evaluate=evaluate,
+        evaluate=evaluate or None,
         webhook_url=webhook_url,
     )
     job_id = job["id"]
@@ -563,17 +573,20 @@ def _dataset_id_or_upload(client: Client, role: str, value: str) -> str:
     return value
 
 
-def _batch_keys(*latencies: Any) -> list[str]:
+def _batch_keys(*latencies: Mapping[str, Any]) -> list[str]:
     keys: set[str] = set()
     for latency in latencies:
-        if isinstance(latency, Mapping):
-            keys.update(latency)
+        keys.update(latency)
 
     def order(key: str) -> tuple[int, str]:
         digits = key.rpartition("_")[2]
         return (int(digits) if digits.isdigit() else 1 << 30, key)
 
     return sorted(keys, key=order)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _num(value: Any, spec: str) -> str:
@@ -603,11 +616,12 @@ def summary_lines(job: Mapping[str, Any], out: Path | None) -> list[str]:
         lines.append(("size", size))
     if "sparsity" in compressed:
         lines.append(("sparsity", f"{_num(compressed.get('sparsity'), '.1%')}"))
-    o_lat, c_lat = original.get("latency_ms"), compressed.get("latency_ms")
-    speedups = ratios.get("speedup") if isinstance(ratios.get("speedup"), Mapping) else {}
+    o_lat = _mapping(original.get("latency_ms"))
+    c_lat = _mapping(compressed.get("latency_ms"))
+    speedups = _mapping(ratios.get("speedup"))
     for key in _batch_keys(o_lat, c_lat):
-        o_p50 = (o_lat or {}).get(key, {}).get("p50") if isinstance(o_lat, Mapping) else None
-        c_p50 = (c_lat or {}).get(key, {}).get("p50") if isinstance(c_lat, Mapping) else None
+        o_p50 = _mapping(o_lat.get(key)).get("p50")
+        c_p50 = _mapping(c_lat.get(key)).get("p50")
         text = f"{_num(o_p50, '.2f')} ms -> {_num(c_p50, '.2f')} ms"
         speedup = speedups.get(key)
         if isinstance(speedup, int | float):
@@ -655,9 +669,6 @@ class LocalReporter:
             self.bar.close()
             click.echo(f"{level}: {message}", err=True)
 
-    def cancelled(self) -> bool:
-        return False
-
 
 def _compress_local(
     model_path: Path,
@@ -685,24 +696,15 @@ def _compress_local(
             )
         dataset_paths[role] = path
     try:
-        from worker.pipeline import PipelineSpec, run_pipeline
-
         from worker.errors import EngineError
+        from worker.pipeline import PipelineSpec, run_pipeline
     except ImportError as exc:
         raise click.ClickException(
             f"--local needs the compression engine, which is not importable here ({exc}); "
             "install it with: pip install 'squish[engine]'"
         ) from exc
-    spec_kwargs: dict[str, Any] = {
-        "steps": steps,
-        "output_format": output_format,
-        "device": device,
-        "batch_sizes": list(evaluate["batch_sizes"]),
-    }
-    for key in ("warmup", "iterations"):
-        if key in evaluate:
-            spec_kwargs[key] = evaluate[key]
-    spec = PipelineSpec(**spec_kwargs)
+    # What the user left out keeps the engine's defaults.
+    spec = PipelineSpec(steps=steps, output_format=output_format or fmt, device=device, **evaluate)
     reporter = LocalReporter()
     with tempfile.TemporaryDirectory(prefix="squish-local-") as tmp:
         try:

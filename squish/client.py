@@ -24,6 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -305,17 +306,17 @@ class Client:
         path = f"/v1/jobs/{_seg(job_id)}/events"
         last = None if last_event_id is None else str(last_event_id)
         failures = 0
-        delay = self.backoff
+        server_retry: float | None = None  # the stream's `retry:` field, in seconds
         while True:
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
             if last is not None:
                 headers["Last-Event-ID"] = last
             received = False
             try:
-                with self._stream("GET", path, headers=headers) as response:
+                with closing(self._stream("GET", path, headers=headers)) as response:
                     for sse in _parse_sse(response.iter_lines()):
                         if sse.retry is not None:
-                            delay = sse.retry / 1000.0
+                            server_retry = sse.retry / 1000.0
                         if sse.data is None:
                             continue
                         event = _event_from_sse(sse)
@@ -338,13 +339,17 @@ class Client:
                         raise TransportError(
                             f"GET {path}: the event stream keeps breaking: {exc}"
                         ) from exc
-                time.sleep(min(delay, _MAX_BACKOFF_S))
+                if server_retry is not None:
+                    time.sleep(min(server_retry, _MAX_BACKOFF_S))
+                else:
+                    self._sleep_before_retry(max(failures - 1, 0), None)
                 continue
             # The server closed the stream without a terminal event. If nothing came
             # and the job is over, its terminal event was before `last_event_id`.
             if not received and self.get_job(job_id).get("status") in TERMINAL_STATUSES:
                 return
-            time.sleep(min(max(delay, 1.0), _MAX_BACKOFF_S))
+            # Otherwise reconnect, politely: by default no more than once a second.
+            time.sleep(min(server_retry if server_retry is not None else 1.0, _MAX_BACKOFF_S))
 
     # -- artifacts ---------------------------------------------------------------
 
@@ -443,13 +448,11 @@ class Client:
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request (retrying what is safe to retry) and return the read response."""
-        with self._send(method, path, idempotent=idempotent, rewind=rewind, **kwargs) as response:
-            response.read()
-            return response
+        return self._send(method, path, idempotent=idempotent, rewind=rewind, read=True, **kwargs)
 
-    def _stream(self, method: str, path: str, **kwargs: Any) -> _ResponseContext:
-        """Like `_request` for a GET, but the body is left unread for streaming."""
-        return self._send(method, path, idempotent=True, **kwargs)
+    def _stream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Like `_request` for a GET, but the body is left unread for streaming (close it)."""
+        return self._send(method, path, idempotent=True, read=False, **kwargs)
 
     def _send(
         self,
@@ -457,10 +460,10 @@ class Client:
         path: str,
         *,
         idempotent: bool,
+        read: bool,
         rewind: IO[bytes] | None = None,
         **kwargs: Any,
-    ) -> _ResponseContext:
-        """Send with retries; the response comes back unread, wrapped to close on exit."""
+    ) -> httpx.Response:
         attempt = 0
         while True:
             if rewind is not None:
@@ -468,6 +471,11 @@ class Client:
             request = self._http.build_request(method, path, **kwargs)
             try:
                 response = self._http.send(request, stream=True)
+                if read or response.is_error:
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
             except httpx.UnsupportedProtocol as exc:
                 raise TransportError(f"{method} {request.url}: {exc}") from exc
             except httpx.TransportError as exc:
@@ -482,14 +490,8 @@ class Client:
                 attempt += 1
                 continue
             if response.is_error:
-                try:
-                    response.read()
-                except httpx.HTTPError:
-                    pass
-                finally:
-                    response.close()
                 raise error_from_response(response)
-            return _ResponseContext(response)
+            return response
 
     def _sleep_before_retry(self, attempt: int, retry_after: str | None) -> None:
         delay = min(self.backoff * (2**attempt), _MAX_BACKOFF_S)
@@ -537,11 +539,12 @@ class Client:
         return dest
 
     def _fetch_into(self, path: str, part: Path, offset: int) -> None:
-        headers = {"Accept": "*/*"}
+        # Identity encoding: a Range counts bytes of the file itself, not of a gzip of it.
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
-            ctx = self._stream("GET", path, headers=headers)
+            stream = self._stream("GET", path, headers=headers)
         except SquishError as exc:
             # 416: what we hold is not a prefix the server recognises; start over.
             if offset and getattr(exc, "status", None) == 416:
@@ -549,24 +552,12 @@ class Client:
                 self._fetch_into(path, part, 0)
                 return
             raise
-        with ctx as response:
+        with closing(stream) as response:
             append = offset > 0 and response.status_code == 206
             with part.open("ab" if append else "wb") as out:
-                for chunk in response.iter_bytes(_CHUNK):
+                # Unbuffered: whatever arrived before a break is kept for the resume.
+                for chunk in response.iter_bytes():
                     out.write(chunk)
-
-
-class _ResponseContext:
-    """Hands out a response that is closed on exit (``with client._send(...) as r``)."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-
-    def __enter__(self) -> httpx.Response:
-        return self.response
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.response.close()
 
 
 class _SSE:

@@ -91,15 +91,17 @@ class ApiError(SquishError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        head = f"{self.status} {self.title}"
-        if self.detail and self.detail != self.title:
-            head += f": {self.detail}"
-        lines = [head]
+        items = []
         for error in self.errors:
             where = format_loc(error.get("loc"))
-            msg = error.get("msg", "")
-            lines.append(f"  - {where}: {msg}" if where else f"  - {msg}")
-        return "\n".join(lines)
+            msg = str(error.get("msg", ""))
+            items.append(f"{where}: {msg}" if where else msg)
+        head = f"{self.status} {self.title}"
+        # A detail that only lists the field errors again is left to the list below.
+        repeats_items = bool(items) and all(item in self.detail for item in items)
+        if self.detail and self.detail != self.title and not repeats_items:
+            head += f": {self.detail}"
+        return "\n".join([head, *(f"  - {item}" for item in items)])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, title={self.title!r}, detail={self.detail!r})"

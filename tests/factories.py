@@ -61,26 +61,32 @@ def _trained_state(epochs: int) -> dict[str, torch.Tensor]:
 
     x_train, y_train, _, _ = _digits()
     model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = 64
+    steps = epochs * -(-len(x_train) // batch)
+    # Weight decay keeps weights small and spread out: the model survives 50% pruning.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), 64):
-            idx = order[i : i + 64]
+        for i in range(0, len(xt), batch):
+            idx = order[i : i + batch]
             opt.zero_grad()
             loss_fn(model(xt[idx]), yt[idx]).backward()
             opt.step()
+            schedule.step()
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_digits_mlp(epochs: int = 30) -> nn.Module:
-    """A 64→128→64→10 MLP trained on the digits train split (≥ 0.93 test accuracy).
+def train_digits_mlp(epochs: int = 20) -> nn.Module:
+    """A 64→128→64→10 MLP trained on the digits train split (≈0.97 test accuracy).
 
-    Training is cached per ``epochs``; each call returns a fresh module in eval mode.
+    Training (AdamW, weight decay, one-cycle schedule) takes about a second and is cached
+    per ``epochs``; each call returns a fresh module in eval mode.
     """
     model = mlp()
     model.load_state_dict(_trained_state(epochs))

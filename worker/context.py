@@ -69,7 +69,7 @@ class ScaledReporter:
 
     def progress(self, fraction: float, stage: str | None = None) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
-        self.inner.progress(self.start + (self.end - self.start) * fraction, stage or self.stage)
+        self.inner.progress(self.start + (self.end - self.start) * fraction, self.stage or stage)
 
     def log(self, message: str, level: str = "info", data: dict | None = None) -> None:
         self.inner.log(message, level, data)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from worker.errors import DatasetMismatchError, UnsupportedError
+
+if TYPE_CHECKING:
+    from worker.formats import LoadedModel, TensorSpec
 
 LABELS_KEY = "labels"
 SINGLE_INPUT_KEY = "inputs"
@@ -110,14 +114,14 @@ def _to_dataset(arrays: dict[str, np.ndarray], name: str) -> Dataset:
             f"{name}: has both 'inputs' and named arrays {others}; use one or the other",
             step="load_datasets",
         )
-    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    shapes = {k: v.shape for k, v in arrays.items()}
     if labels is not None:
-        sizes[LABELS_KEY] = labels.shape[0] if labels.ndim else None
-    distinct = set(sizes.values())
+        shapes[LABELS_KEY] = labels.shape
+    distinct = {shape[0] if shape else None for shape in shapes.values()}
     if None in distinct or len(distinct) != 1:
+        listed = ", ".join(f"{k}: {list(shape)}" for k, shape in shapes.items())
         raise DatasetMismatchError(
-            f"{name}: every array needs the same leading (sample) axis; got "
-            + ", ".join(f"{k}: {list(arrays[k].shape) if k in arrays else list(labels.shape)}" for k in sizes),  # type: ignore[union-attr]
+            f"{name}: every array needs the same leading (sample) axis; got {listed}",
             step="load_datasets",
         )
     num_samples = distinct.pop()
@@ -130,3 +134,65 @@ def _to_dataset(arrays: dict[str, np.ndarray], name: str) -> Dataset:
                 step="load_datasets",
             )
     return Dataset(inputs=arrays, labels=labels, num_samples=int(num_samples))
+
+
+def fit_dataset(model: LoadedModel, role: str, dataset: Dataset) -> dict[str, np.ndarray]:
+    """Match a dataset to the model's inputs and cast it to their dtypes.
+
+    Axis 0 of every array is the sample axis (it becomes the batch axis); the rank and
+    every static non-batch dim must match, and the dtype must cast within its kind
+    (ints and floats feed a float input; floats cannot feed an integer input).
+
+    Returns:
+        Arrays by model input name, in input order.
+
+    Raises:
+        DatasetMismatchError: naming the expected and the given shapes.
+    """
+    expected = ", ".join(s.describe() for s in model.inputs)
+    if dataset.is_single_input:
+        if len(model.inputs) != 1:
+            raise DatasetMismatchError(
+                f"{role} dataset has one 'inputs' array but the model takes "
+                f"{len(model.inputs)} inputs ({expected}); store one array per input name",
+                step="check_datasets",
+            )
+        given = {model.inputs[0].name: dataset.inputs[SINGLE_INPUT_KEY]}
+    else:
+        names = {s.name for s in model.inputs}
+        missing = sorted(names - set(dataset.inputs))
+        extra = sorted(set(dataset.inputs) - names)
+        if missing or extra:
+            raise DatasetMismatchError(
+                f"{role} dataset arrays {sorted(dataset.inputs)} do not match the model inputs "
+                f"({expected}); missing {missing}, unexpected {extra}",
+                step="check_datasets",
+            )
+        given = dataset.inputs
+    feeds: dict[str, np.ndarray] = {}
+    for spec in model.inputs:
+        array = given[spec.name]
+        _check_array(role, spec, array)
+        target = np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+        feeds[spec.name] = np.ascontiguousarray(array, dtype=target)
+    return feeds
+
+
+def _check_array(role: str, spec: TensorSpec, array: np.ndarray) -> None:
+    fits = array.ndim == spec.rank and all(
+        not isinstance(dim, int) or axis == 0 or dim == array.shape[axis]
+        for axis, dim in enumerate(spec.shape)
+    )
+    target = np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+    castable = np.can_cast(array.dtype, target, casting="same_kind") and not (
+        target.kind in "iub" and array.dtype.kind == "f"
+    )
+    if fits and castable:
+        return
+    expected = "[" + ", ".join(str(d) for d in spec.shape) + f"] {spec.dtype}"
+    given = f"{list(array.shape)} {array.dtype}"
+    raise DatasetMismatchError(
+        f"{role} dataset does not fit model input {spec.name!r}: expected shape {expected} "
+        f"(axis 0 is the sample axis), given {given}",
+        step="check_datasets",
+    )

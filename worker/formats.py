@@ -145,19 +145,37 @@ def load_model(path: Path, fmt: str) -> LoadedModel:
 
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+# torch writes symbolic shapes with sympy's srepr, e.g. "Mul(Integer(2), Symbol('s0',
+# positive=True, integer=True))", and reads them back with sympy.sympify, which evals.
 _ALLOWED_SYMPY_NAMES = frozenset(
     {
+        # torch.utils._sympy.functions (the deserializer's sympify locals)
         "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
         "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow",
         "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
-        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min",
-        "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo",
-        "Abs", "floor", "ceiling", "Piecewise", "ITE",
+        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
+        # sympy atoms, arithmetic, relations and logic as srepr prints them
+        "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs",
+        "floor", "ceiling", "Piecewise", "ExprCondPair", "Equality", "Unequality",
+        "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Eq", "Ne", "Lt",
+        "Le", "Gt", "Ge", "And", "Or", "Not", "true", "false", "True", "False", "oo", "zoo",
+        "nan", "Infinity", "NegativeInfinity", "BooleanTrue", "BooleanFalse", "Half", "One",
+        "Zero", "NegativeOne", "precision",
+        # sympy assumption keywords
+        "algebraic", "antihermitian", "commutative", "complex", "composite", "even",
+        "extended_negative", "extended_nonnegative", "extended_nonpositive", "extended_nonzero",
+        "extended_positive", "extended_real", "finite", "hermitian", "imaginary", "infinite",
+        "integer", "irrational", "negative", "noninteger", "nonnegative", "nonpositive",
+        "nonzero", "odd", "polar", "positive", "prime", "rational", "real", "transcendental",
+        "zero",
     }
 )  # fmt: skip
 _SYMBOL_NAME = re.compile(r"[a-z]{1,8}\d+")
 _EXPR_TOKEN = re.compile(
-    r"(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_]\w*)|(?P<op>\*\*|//|[-+*/%(),<>=!&|~^]|\s+)"
+    r"(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+    r"|(?P<name>[A-Za-z_]\w*)"
+    r"|(?P<str>'[A-Za-z0-9_.+-]{0,64}')"
+    r"|(?P<op>\*\*|//|[-+*/%(),<>=!&|~^]|\s+)"
 )
 # Operators that touch the file system; a model has no business calling them.
 _DENIED_OPS = frozenset({"aten::from_file", "aten::_save", "aten::save"})

@@ -166,7 +166,9 @@ def store_from_url(
         from app.storage.s3 import S3ObjectStore
 
         return S3ObjectStore(bucket, prefix, endpoint_url=endpoint_url, region=region)
-    raise ValueError(f"unsupported storage URL {url!r}: use file:///absolute/path or s3://bucket/prefix")
+    raise ValueError(
+        f"unsupported storage URL {url!r}: use file:///absolute/path or s3://bucket/prefix"
+    )
 
 
 @lru_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -85,10 +86,8 @@ class LocalObjectStore(ObjectStore):
         return self.path_for(key).is_file()
 
     def delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
             self.path_for(key).unlink()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            pass
 
     def check(self) -> None:
         try:

@@ -131,9 +131,13 @@ class S3ObjectStore(ObjectStore):
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
                 raise ObjectNotFound(key) from None
-            raise StorageError(f"download of {key!r} from s3://{self.bucket} failed: {exc}") from exc
+            raise StorageError(
+                f"download of {key!r} from s3://{self.bucket} failed: {exc}"
+            ) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"download of {key!r} from s3://{self.bucket} failed: {exc}") from exc
+            raise StorageError(
+                f"download of {key!r} from s3://{self.bucket} failed: {exc}"
+            ) from exc
         finally:
             Path(tmp_name).unlink(missing_ok=True)
 

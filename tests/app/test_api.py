@@ -82,7 +82,9 @@ def test_health_and_readiness(client: TestClient) -> None:
 
 def test_auth_required(client: TestClient) -> None:
     assert_problem(client.get("/v1/models", headers={"Authorization": ""}), 401, "bearer")
-    assert_problem(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, "not valid")
+    assert_problem(
+        client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, "not valid"
+    )
     assert_problem(client.get("/v1/models", headers={"Authorization": "Basic abc"}), 401, "bearer")
 
 
@@ -158,10 +160,14 @@ def test_bad_uploads_are_refused_and_leave_nothing(client: TestClient, tmp_path:
     bad_npz.write_bytes(buf.getvalue())
     assert_problem(upload(client, bad_npz, "datasets"), 422)
 
-    mismatched = write_npz(tmp_path / "mismatch.npz", np.zeros((5, 64), "float32"), np.zeros(4, "int64"))
+    mismatched = write_npz(
+        tmp_path / "mismatch.npz", np.zeros((5, 64), "float32"), np.zeros(4, "int64")
+    )
     assert_problem(upload(client, mismatched, "datasets"), 422)
 
-    assert_problem(client.post("/v1/models", content=b"x", headers={"Content-Type": "text/plain"}), 415)
+    assert_problem(
+        client.post("/v1/models", content=b"x", headers={"Content-Type": "text/plain"}), 415
+    )
     assert_problem(client.post("/v1/models", files={"other": ("a", b"x")}), 400, "file")
 
     assert client.get("/v1/models").json()["items"] == []
@@ -187,7 +193,9 @@ def test_upload_over_limit_is_413(
         assert_problem(upload(c, files["pt2"]), 413)
 
 
-def test_tenants_are_isolated(client: TestClient, embedded: dict[str, str], files: dict[str, Path]) -> None:
+def test_tenants_are_isolated(
+    client: TestClient, embedded: dict[str, str], files: dict[str, Path]
+) -> None:
     model = upload(client, files["pt2"]).json()
     dataset = upload(client, files["npz"], "datasets").json()
     job = client.post("/v1/jobs", json=job_spec(model["id"])).json()
@@ -208,9 +216,13 @@ def test_tenants_are_isolated(client: TestClient, embedded: dict[str, str], file
     assert client.get("/v1/jobs", headers=bob).json()["items"] == []
 
 
-def test_create_job_normalizes_and_is_idempotent(client: TestClient, files: dict[str, Path]) -> None:
+def test_create_job_normalizes_and_is_idempotent(
+    client: TestClient, files: dict[str, Path]
+) -> None:
     model = upload(client, files["onnx"]).json()
-    response = client.post("/v1/jobs", json=job_spec(model["id"]), headers={"Idempotency-Key": "k1"})
+    response = client.post(
+        "/v1/jobs", json=job_spec(model["id"]), headers={"Idempotency-Key": "k1"}
+    )
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -222,7 +234,9 @@ def test_create_job_normalizes_and_is_idempotent(client: TestClient, files: dict
     assert again.status_code == 200 and again.json()["id"] == job["id"]
     assert len(client.get("/v1/jobs").json()["items"]) == 1
     other = job_spec(model["id"], evaluate={"batch_sizes": [4]})
-    assert_problem(client.post("/v1/jobs", json=other, headers={"Idempotency-Key": "k1"}), 422, "idempotency")
+    assert_problem(
+        client.post("/v1/jobs", json=other, headers={"Idempotency-Key": "k1"}), 422, "idempotency"
+    )
 
 
 def test_gpu_jobs_route_to_the_gpu_queue(client: TestClient, files: dict[str, Path]) -> None:
@@ -241,7 +255,10 @@ def test_gpu_jobs_route_to_the_gpu_queue(client: TestClient, files: dict[str, Pa
     [
         ({"pipeline": [{"method": "prune.nonsense"}]}, ["unknown method", "prune.magnitude"]),
         ({"pipeline": [{"method": "prune.magnitude", "params": {"amount": 1.5}}]}, ["amount"]),
-        ({"pipeline": [{"method": "prune.magnitude", "params": {"amount": 0.5, "bogus": 1}}]}, ["bogus"]),
+        (
+            {"pipeline": [{"method": "prune.magnitude", "params": {"amount": 0.5, "bogus": 1}}]},
+            ["bogus"],
+        ),
         ({"pipeline": []}, ["pipeline"]),
         ({"output_format": "onnx"}, ["output_format"]),
         ({"target": {"runtime": "onnxruntime"}}, ["runtime"]),
@@ -255,7 +272,9 @@ def test_impossible_specs_are_422(
     client: TestClient, files: dict[str, Path], change: dict[str, Any], words: list[str]
 ) -> None:
     model = upload(client, files["pt2"]).json()
-    body = assert_problem(client.post("/v1/jobs", json=job_spec(model["id"], **change)), 422, *words)
+    body = assert_problem(
+        client.post("/v1/jobs", json=job_spec(model["id"], **change)), 422, *words
+    )
     assert body.get("errors")
     assert client.get("/v1/jobs").json()["items"] == []
 

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,8 +30,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 API_KEY = "test-key"
 TERMINAL = {"succeeded", "failed", "cancelled"}
-METHODS = {
-    "prune.magnitude": {"amount": {"type": "number", "minimum": 0, "maximum": 1}},
+METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "prune.magnitude": {
+        "amount": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "fraction to prune",
+        },
+        "scope": {"type": "string", "enum": ["layer", "global"], "default": "layer"},
+    },
     "quantize.dynamic": {"dtype": {"type": "string", "enum": ["int8"]}},
     "distill": {"temperature": {"type": "number", "exclusiveMinimum": 0}},
     "test.fail": {},
@@ -65,8 +72,10 @@ class FakeState:
     requests: list[Recorded] = field(default_factory=list)
     # Fault knobs.
     faults: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path regex, status)
+    cuts: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path regex, bytes)
     lose_next_create_response: bool = False
-    drop_events_after: int | None = None  # break the next event stream after N events
+    drop_events_after: int | None = None  # cut the next event stream after N events
+    drop_events_cleanly: bool = False  # ... by ending it properly instead of breaking it
     corrupt_sha: bool = False
     max_upload_bytes: int = 8 * 1024 * 1024
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -79,10 +88,12 @@ class FakeState:
         """Answer the next requests matching ``method`` and ``path_regex`` with ``statuses``."""
         self.faults.extend((method, path_regex, s) for s in statuses)
 
+    def cut(self, method: str, path_regex: str, after_bytes: int) -> None:
+        """Break the connection of the next matching response after ``after_bytes`` of body."""
+        self.cuts.append((method, path_regex, after_bytes))
+
     def requests_to(self, method: str, path_regex: str) -> list[Recorded]:
-        return [
-            r for r in self.requests if r.method == method and re.fullmatch(path_regex, r.path)
-        ]
+        return [r for r in self.requests if r.method == method and re.fullmatch(path_regex, r.path)]
 
     # -- jobs move one step per read -------------------------------------------------
 
@@ -117,8 +128,11 @@ class FakeState:
                 error = {"code": "method_failed", "message": "test.fail always fails", "step": step}
                 job.update(status="failed", error=error, finished_at=now())
                 self.add_event(
-                    job, "status", "failed: test.fail always fails",
-                    {"status": "failed", "error": error}, level="error",
+                    job,
+                    "status",
+                    "failed: test.fail always fails",
+                    {"status": "failed", "error": error},
+                    level="error",
                 )
                 return
             job.update(progress=round(step / len(pipeline), 4), stage=method)
@@ -188,7 +202,12 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
 def problem(
     status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None
 ) -> JSONResponse:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
     if errors is not None:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
@@ -201,8 +220,12 @@ def not_found(kind: str, ident: str) -> JSONResponse:
 def page(items: list[dict[str, Any]], limit: int | None, cursor: str | None) -> Any:
     limit = limit or 50
     if not 1 <= limit <= 100:
-        return problem(422, "Invalid request", "limit must be 1..100",
-                       [{"loc": ["query", "limit"], "msg": "must be between 1 and 100"}])
+        return problem(
+            422,
+            "Invalid request",
+            "limit must be 1..100",
+            [{"loc": ["query", "limit"], "msg": "must be between 1 and 100"}],
+        )
     try:
         start = int(cursor) if cursor else 0
     except ValueError:
@@ -239,7 +262,23 @@ def create_app(state: FakeState) -> FastAPI:
                     return problem(status, "Injected", f"injected {status}")
         if path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {API_KEY}":
             return problem(401, "Unauthorized", "missing or unknown API key")
-        return await call_next(request)
+        with state.lock:
+            cut = next(
+                (c for c in state.cuts if c[0] == request.method and re.fullmatch(c[1], path)), None
+            )
+            if cut is not None:
+                state.cuts.remove(cut)
+        response = await call_next(request)
+        if cut is None:
+            return response
+        body = b"".join([chunk async for chunk in response.body_iterator])
+        headers = dict(response.headers)
+        headers["content-length"] = str(len(body))  # promised, never delivered
+
+        async def partial() -> Any:
+            yield body[: cut[2]]
+
+        return StreamingResponse(partial(), status_code=response.status_code, headers=headers)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -252,7 +291,9 @@ def create_app(state: FakeState) -> FastAPI:
     def store_upload(file: UploadFile) -> tuple[bytes, str] | JSONResponse:
         data = file.file.read()
         if len(data) > state.max_upload_bytes:
-            return problem(413, "Payload too large", f"the upload is over {state.max_upload_bytes} bytes")
+            return problem(
+                413, "Payload too large", f"the upload is over {state.max_upload_bytes} bytes"
+            )
         return data, hashlib.sha256(data).hexdigest()
 
     @app.post("/v1/models", status_code=201)
@@ -267,14 +308,21 @@ def create_app(state: FakeState) -> FastAPI:
         fmt = format or {"pt2": "pt2", "onnx": "onnx"}.get(filename.rpartition(".")[2])
         if fmt not in ("pt2", "onnx"):
             return problem(
-                422, "Invalid request", "unknown model format",
+                422,
+                "Invalid request",
+                "unknown model format",
                 [{"loc": ["format"], "msg": "name the file .pt2 or .onnx, or send format"}],
             )
         with state.lock:
             model_id = state.new_id("mdl")
             model = {
-                "id": model_id, "name": name or filename, "format": fmt, "size_bytes": len(data),
-                "sha256": sha, "created_at": now(), "inspection_status": "done",
+                "id": model_id,
+                "name": name or filename,
+                "format": fmt,
+                "size_bytes": len(data),
+                "sha256": sha,
+                "created_at": now(),
+                "inspection_status": "done",
                 "info": {"parameters": 1000},
             }
             state.models[model_id] = model
@@ -311,9 +359,13 @@ def create_app(state: FakeState) -> FastAPI:
         with state.lock:
             dataset_id = state.new_id("ds")
             dataset = {
-                "id": dataset_id, "name": name or filename,
-                "format": filename.rpartition(".")[2], "size_bytes": len(data), "sha256": sha,
-                "created_at": now(), "info": {"inputs": [4, 3]},
+                "id": dataset_id,
+                "name": name or filename,
+                "format": filename.rpartition(".")[2],
+                "size_bytes": len(data),
+                "sha256": sha,
+                "created_at": now(),
+                "info": {"inputs": [4, 3]},
             }
             state.datasets[dataset_id] = dataset
         return dataset
@@ -333,7 +385,7 @@ def create_app(state: FakeState) -> FastAPI:
         return Response(status_code=204)
 
     def validate_spec(body: dict[str, Any]) -> list[dict[str, Any]]:
-        errors = []
+        errors: list[dict[str, Any]] = []
         if body.get("model_id") not in state.models:
             errors.append({"loc": ["model_id"], "msg": f"no model {body.get('model_id')!r}"})
         pipeline = body.get("pipeline")
@@ -343,17 +395,23 @@ def create_app(state: FakeState) -> FastAPI:
         for i, step in enumerate(pipeline):
             method = step.get("method")
             if method not in METHODS:
-                errors.append({"loc": ["pipeline", i, "method"], "msg": f"unknown method {method!r}"})
+                errors.append(
+                    {"loc": ["pipeline", i, "method"], "msg": f"unknown method {method!r}"}
+                )
                 continue
             for key, value in (step.get("params") or {}).items():
                 schema = METHODS[method].get(key)
                 if schema is None:
-                    errors.append({"loc": ["pipeline", i, "params", key], "msg": "unknown parameter"})
+                    errors.append(
+                        {"loc": ["pipeline", i, "params", key], "msg": "unknown parameter"}
+                    )
                 elif "maximum" in schema and not (schema["minimum"] <= value <= schema["maximum"]):
-                    errors.append({
-                        "loc": ["pipeline", i, "params", key],
-                        "msg": f"must be between {schema['minimum']} and {schema['maximum']}",
-                    })
+                    errors.append(
+                        {
+                            "loc": ["pipeline", i, "params", key],
+                            "msg": f"must be between {schema['minimum']} and {schema['maximum']}",
+                        }
+                    )
         for role, ds_id in (body.get("datasets") or {}).items():
             if role not in ("calibration", "train", "eval"):
                 errors.append({"loc": ["datasets", role], "msg": "unknown role"})
@@ -392,9 +450,19 @@ def create_app(state: FakeState) -> FastAPI:
                 "webhook_url": body.get("webhook_url"),
             }
             job = {
-                "id": job_id, "model_id": body["model_id"], "status": "queued", "progress": 0.0,
-                "stage": None, "spec": spec, "error": None, "metrics": None, "artifacts": [],
-                "attempts": 0, "created_at": now(), "started_at": None, "finished_at": None,
+                "id": job_id,
+                "model_id": body["model_id"],
+                "status": "queued",
+                "progress": 0.0,
+                "stage": None,
+                "spec": spec,
+                "error": None,
+                "metrics": None,
+                "artifacts": [],
+                "attempts": 0,
+                "created_at": now(),
+                "started_at": None,
+                "finished_at": None,
             }
             state.jobs[job_id] = job
             state.add_event(job, "status", "queued", {"status": "queued"})
@@ -404,10 +472,14 @@ def create_app(state: FakeState) -> FastAPI:
                 # The job exists, but the client never hears about it.
                 state.lose_next_create_response = False
                 return problem(502, "Bad gateway", "the response was lost on the way")
-        return JSONResponse(public(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+        return JSONResponse(
+            public(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"}
+        )
 
     @app.get("/v1/jobs")
-    def list_jobs(status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Any:
+    def list_jobs(
+        status: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> Any:
         items = [public(j) for j in reversed(state.jobs.values()) if status in (None, j["status"])]
         return page(items, limit, cursor)
 
@@ -439,6 +511,11 @@ def create_app(state: FakeState) -> FastAPI:
             return not_found("job", job_id)
         last = int(request.headers.get("last-event-id") or 0)
         drop_after, state.drop_events_after = state.drop_events_after, None
+        headers = {}
+        if drop_after is not None and not state.drop_events_cleanly:
+            # A Content-Length the body never reaches: the connection is cut mid-message,
+            # which the client sees as a broken stream.
+            headers["Content-Length"] = str(1 << 20)
 
         async def stream() -> Any:
             nonlocal last
@@ -451,7 +528,7 @@ def create_app(state: FakeState) -> FastAPI:
                     finished = job["status"] in TERMINAL
                 for event in pending:
                     if drop_after is not None and sent >= drop_after:
-                        raise ConnectionAbortedError("the fake server drops the stream")
+                        return
                     body = json.dumps(event)
                     yield f"id: {event['id']}\nevent: {event['kind']}\ndata: {body}\n\n".encode()
                     last, sent = event["id"], sent + 1
@@ -461,7 +538,7 @@ def create_app(state: FakeState) -> FastAPI:
                     state.advance(job)
                 await asyncio.sleep(0.001)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name}")
     def get_artifact(job_id: str, name: str, request: Request) -> Any:
@@ -470,21 +547,27 @@ def create_app(state: FakeState) -> FastAPI:
             return not_found("artifact", f"{job_id}/{name}")
         header = request.headers.get("range")
         if header is None:
-            return Response(content, media_type="application/octet-stream",
-                            headers={"Accept-Ranges": "bytes"})
+            return Response(
+                content, media_type="application/octet-stream", headers={"Accept-Ranges": "bytes"}
+            )
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", header)
         if match is None:
             return problem(416, "Range not satisfiable", f"cannot parse {header!r}")
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) else len(content) - 1
         if start >= len(content) or end < start:
-            return problem(416, "Range not satisfiable", f"{header} is outside 0-{len(content) - 1}")
+            return problem(
+                416, "Range not satisfiable", f"{header} is outside 0-{len(content) - 1}"
+            )
         end = min(end, len(content) - 1)
         return Response(
             content[start : end + 1],
             status_code=206,
             media_type="application/octet-stream",
-            headers={"Content-Range": f"bytes {start}-{end}/{len(content)}", "Accept-Ranges": "bytes"},
+            headers={
+                "Content-Range": f"bytes {start}-{end}/{len(content)}",
+                "Accept-Ranges": "bytes",
+            },
         )
 
     @app.get("/v1/methods")
@@ -524,12 +607,10 @@ class FakeServer:
 def running_server() -> Iterator[FakeServer]:
     """Serve a fresh fake API with uvicorn on a free 127.0.0.1 port in a thread."""
     state = FakeState()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     config = uvicorn.Config(
         create_app(state),
+        host="127.0.0.1",
+        port=0,  # a free port, read back once the server is listening
         log_config=None,
         log_level="critical",
         access_log=False,
@@ -539,16 +620,16 @@ def running_server() -> Iterator[FakeServer]:
         loop="asyncio",
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the fake squish server did not start")
         time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield FakeServer(f"http://127.0.0.1:{port}", state)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        sock.close()

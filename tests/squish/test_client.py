@@ -55,7 +55,7 @@ def client(fake: FakeServer) -> Iterator[Client]:
 
 def write_model(tmp_path: Path, size: int = 300_000, name: str = "net.pt2") -> Path:
     path = tmp_path / name
-    path.write_bytes(bytes((i * 7 + i // 251) % 256 for i in range(size)))
+    path.write_bytes((bytes(range(251)) * (size // 251 + 1))[:size])
     return path
 
 
@@ -154,7 +154,9 @@ def test_model_get_download_and_delete(client: Client, tmp_path: Path) -> None:
         client.get_model(model["id"])
 
 
-def test_list_models_follows_cursors_across_pages(fake: FakeServer, client: Client, tmp_path: Path) -> None:
+def test_list_models_follows_cursors_across_pages(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
     ids = [client.upload_model(write_model(tmp_path, size=100 + i))["id"] for i in range(5)]
     assert [m["id"] for m in client.list_models(limit=2)] == ids
     pages = fake.state.requests_to("GET", "/v1/models")
@@ -184,7 +186,10 @@ def test_each_status_raises_its_own_class_with_a_readable_message(
         list(client.list_models())
     assert bad.value.status == 400
 
-    with Client(fake.url, "wrong-key", backoff=0.0) as stranger, pytest.raises(Unauthorized) as unauth:
+    with (
+        Client(fake.url, "wrong-key", backoff=0.0) as stranger,
+        pytest.raises(Unauthorized) as unauth,
+    ):
         stranger.get_model("mdl_x")
     assert "401 Unauthorized: missing or unknown API key" in str(unauth.value)
 
@@ -201,9 +206,11 @@ def test_each_status_raises_its_own_class_with_a_readable_message(
     with pytest.raises(ValidationFailed) as invalid:
         client.create_job(model["id"], [("prune.magnitude", {"amount": 1.5}), ("nope", {})])
     text = str(invalid.value)
-    assert text.startswith("422 Invalid job spec: ")
-    assert "\n  - pipeline.0.params.amount: must be between 0 and 1" in text
-    assert "\n  - pipeline.1.method: unknown method 'nope'" in text
+    assert text == (
+        "422 Invalid job spec\n"
+        "  - pipeline.0.params.amount: must be between 0 and 1\n"
+        "  - pipeline.1.method: unknown method 'nope'"
+    )
     assert invalid.value.errors[0]["loc"] == ["pipeline", 0, "params", "amount"]
     assert invalid.value.problem["status"] == 422
 
@@ -220,6 +227,23 @@ def test_each_status_raises_its_own_class_with_a_readable_message(
     assert all(isinstance(e, SquishError) for e in (bad.value, conflict.value, server_error.value))
 
 
+def test_a_detail_that_says_more_than_the_field_errors_is_kept() -> None:
+    error = ValidationFailed(
+        422,
+        "Invalid job spec",
+        "distill needs a train dataset",
+        [{"loc": ["body", "datasets", "train"], "msg": "required by distill"}],
+    )
+    assert str(error) == (
+        "422 Invalid job spec: distill needs a train dataset\n"
+        "  - datasets.train: required by distill"
+    )
+    assert repr(error) == (
+        "ValidationFailed(status=422, title='Invalid job spec', "
+        "detail='distill needs a train dataset')"
+    )
+
+
 def test_a_non_json_error_body_still_gives_a_readable_error() -> None:
     response = httpx.Response(418, text="I'm a teapot, not squish")
     error = error_from_response(response)
@@ -227,11 +251,31 @@ def test_a_non_json_error_body_still_gives_a_readable_error() -> None:
     assert str(error) == "418 I'm a teapot: I'm a teapot, not squish"
 
 
-def test_get_is_retried_on_503_then_succeeds(fake: FakeServer, client: Client, tmp_path: Path) -> None:
+def test_get_is_retried_on_503_then_succeeds(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
     model = client.upload_model(write_model(tmp_path, size=100))
     fake.state.inject("GET", f"/v1/models/{model['id']}", 503, 502)
     assert client.get_model(model["id"])["id"] == model["id"]
     assert len(fake.state.requests_to("GET", f"/v1/models/{model['id']}")) == 3
+
+
+def test_a_get_whose_body_is_cut_off_is_retried(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
+    model = client.upload_model(write_model(tmp_path, size=100))
+    fake.state.cut("GET", f"/v1/models/{model['id']}", 10)
+    assert client.get_model(model["id"]) == model
+    assert len(fake.state.requests_to("GET", f"/v1/models/{model['id']}")) == 2
+
+
+def test_an_upload_whose_response_is_cut_off_is_not_sent_twice(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
+    fake.state.cut("POST", "/v1/models", 10)
+    with pytest.raises(TransportError, match=r"POST .*/v1/models"):
+        client.upload_model(write_model(tmp_path, size=100))
+    assert len(fake.state.requests_to("POST", "/v1/models")) == 1
 
 
 def test_retries_run_out_into_server_error(fake: FakeServer, tmp_path: Path) -> None:
@@ -243,7 +287,9 @@ def test_retries_run_out_into_server_error(fake: FakeServer, tmp_path: Path) -> 
     assert len(fake.state.requests_to("GET", "/v1/methods")) == 3
 
 
-def test_deletes_and_uploads_are_not_retried_on_5xx(fake: FakeServer, client: Client, tmp_path: Path) -> None:
+def test_deletes_and_uploads_are_not_retried_on_5xx(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
     fake.state.inject("POST", "/v1/models", 503)
     with pytest.raises(ServerError):
         client.upload_model(write_model(tmp_path, size=100))
@@ -254,9 +300,11 @@ def test_connection_refused_becomes_transport_error_after_retries() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens
-    with Client(f"http://127.0.0.1:{port}", API_KEY, retries=2, backoff=0.0) as c:
-        with pytest.raises(TransportError) as err:
-            c.health()
+    with (
+        Client(f"http://127.0.0.1:{port}", API_KEY, retries=2, backoff=0.0) as c,
+        pytest.raises(TransportError) as err,
+    ):
+        c.health()
     assert isinstance(err.value.__cause__, httpx.ConnectError)
 
 
@@ -300,10 +348,12 @@ def test_a_malformed_pipeline_step_is_refused_before_sending(client: Client) -> 
     with pytest.raises(ValueError, match="method"):
         client.create_job("mdl_1", [{"params": {}}])
     with pytest.raises(ValueError):
-        client.create_job("mdl_1", ["prune.magnitude"])
+        client.create_job("mdl_1", ["prune.magnitude"])  # type: ignore[list-item]
 
 
-def test_wait_reports_each_change_and_returns_the_finished_job(client: Client, tmp_path: Path) -> None:
+def test_wait_reports_each_change_and_returns_the_finished_job(
+    client: Client, tmp_path: Path
+) -> None:
     job = run_job(client, tmp_path, ("prune.magnitude", {"amount": 0.5}), ("quantize.dynamic", {}))
     seen: list[tuple] = []
     done = client.wait(
@@ -387,6 +437,18 @@ def test_events_reconnect_with_last_event_id_after_a_drop(
     assert streams[1].headers["last-event-id"] == "3"
 
 
+def test_events_reconnect_when_the_server_ends_the_stream_early(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
+    job = run_job(client, tmp_path)
+    fake.state.drop_events_after = 2
+    fake.state.drop_events_cleanly = True
+    ids = [e["id"] for e in client.events(job["id"])]
+    assert ids == list(range(1, len(ids) + 1))
+    streams = fake.state.requests_to("GET", f"/v1/jobs/{job['id']}/events")
+    assert [s.headers.get("last-event-id") for s in streams] == [None, "2"]
+
+
 def test_events_resume_from_a_given_id_and_end_for_a_finished_job(
     client: Client, tmp_path: Path
 ) -> None:
@@ -405,7 +467,9 @@ def finished_job(client: Client, tmp_path: Path) -> dict:
     return client.wait(job["id"], poll_interval=0)
 
 
-def test_download_artifact_verifies_and_renames(fake: FakeServer, client: Client, tmp_path: Path) -> None:
+def test_download_artifact_verifies_and_renames(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
     job = finished_job(client, tmp_path)
     out = client.download_artifact(job["id"], "model", tmp_path / "out" / "small.pt2")
     assert out == tmp_path / "out" / "small.pt2"
@@ -426,6 +490,18 @@ def test_download_artifact_resumes_a_partial_file_with_range(
     assert out.read_bytes() == content
     gets = fake.state.requests_to("GET", f"/v1/jobs/{job['id']}/artifacts/model")
     assert [r.headers.get("range") for r in gets] == ["bytes=1000-"]
+
+
+def test_a_download_cut_off_midway_resumes_where_it_broke(
+    fake: FakeServer, client: Client, tmp_path: Path
+) -> None:
+    job = finished_job(client, tmp_path)
+    fake.state.cut("GET", f"/v1/jobs/{job['id']}/artifacts/model", 20_000)
+    out = client.download_artifact(job["id"], "model", tmp_path / "small.pt2")
+    assert out.read_bytes() == fake.state.artifacts[(job["id"], "model")]
+    gets = fake.state.requests_to("GET", f"/v1/jobs/{job['id']}/artifacts/model")
+    assert [r.headers.get("range") for r in gets] == [None, "bytes=20000-"]
+    assert gets[0].headers["accept-encoding"] == "identity"
 
 
 def test_download_artifact_without_resume_starts_over(

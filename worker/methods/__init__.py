@@ -1,0 +1,34 @@
+"""The method registry: an explicit list, one module per method.
+
+Torch-free: the API imports this to validate job specs and publish parameter schemas.
+Adding a method means adding its module and one line below.
+"""
+
+from __future__ import annotations
+
+from worker.methods import prune_magnitude, quantize_dynamic
+from worker.methods.base import Method, MethodParams, UnknownMethodError
+
+REGISTRY: dict[str, Method] = {
+    method.name: method
+    for method in (
+        prune_magnitude.METHOD,
+        quantize_dynamic.METHOD,
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; raises UnknownMethodError listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(name, sorted(REGISTRY)) from None
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, by name."""
+    return [REGISTRY[name] for name in sorted(REGISTRY)]
+
+
+__all__ = ["REGISTRY", "Method", "MethodParams", "UnknownMethodError", "all_methods", "get_method"]

@@ -1,0 +1,231 @@
+"""``quantize.dynamic``: int8 weights, activations quantized to 8 bits at run time.
+
+- onnx: ``onnxruntime.quantization.quantize_dynamic``. It quantizes MatMul (Gemm is
+  rewritten to MatMul first), Conv, Attention, LSTM and Gather weights; the model then
+  runs ``DynamicQuantizeLinear`` + ``MatMulInteger``/``ConvInteger``.
+- pt2: torchao's PT2E flow on the exported graph (``prepare_pt2e``/``convert_pt2e`` with
+  ``X86InductorQuantizer`` in dynamic mode), which annotates Linear layers. Weights are
+  folded to int8 constants, the graph is re-exported with the upload's dynamic dims and
+  loads with ``torch.export.load`` (the ``quantized_decomposed`` ops come with torch).
+  Run eagerly, these are reference ops (dequantize, fp32 matmul): the file is ~4x
+  smaller, but eager latency is not better; lowering with ``torch.compile`` is what makes
+  it fast, and squish measures the eager runtime the file loads into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+from pydantic import Field, ValidationInfo, model_validator
+
+from worker.errors import UnsupportedError
+from worker.methods.base import Method, MethodParams
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from worker.context import StepContext
+    from worker.formats import LoadedModel
+
+
+class DynamicQuantizeParams(MethodParams):
+    """Dynamic post-training quantization: int8 weights, int8 activations at run time.
+
+    Needs no data: weight ranges come from the weights, activation ranges are computed
+    per batch while the model runs. A ``calibration`` dataset, when given, is only used
+    to trace the pt2 graph with realistic inputs.
+
+    Args:
+        dtype: weight type; only ``"int8"`` for now.
+        per_channel: one scale per output channel (more accurate) instead of one per tensor.
+        symmetric: weights quantized around zero (zero point 0). ``false`` (asymmetric,
+            with a zero point per scale) is supported for onnx only: torchao's x86
+            quantizer takes symmetric weights only, so a pt2 model refuses it.
+        reduce_range: quantize to 7 bits of range, which x86 CPUs without VNNI need to
+            avoid overflow in their u8×s8 int8 kernels (ONNX Runtime's and torchao's
+            advice); onnx: weights, pt2: activations. Turn off only for VNNI/ARM targets.
+
+    Example:
+        ``{"method": "quantize.dynamic", "params": {"dtype": "int8", "per_channel": true}}``
+    """
+
+    dtype: Literal["int8"] = Field(
+        default="int8", description="Weight type of the quantized layers; only int8 for now."
+    )
+    per_channel: bool = Field(
+        default=True,
+        description="One scale per output channel (true) or one per weight tensor (false).",
+    )
+    symmetric: bool = Field(
+        default=True,
+        description=(
+            "Symmetric weights (zero point 0). false (asymmetric) is supported for onnx "
+            "models only; pt2 (torchao x86 quantizer) refuses it."
+        ),
+    )
+    reduce_range: bool = Field(
+        default=True,
+        description=(
+            "Use 7 bits of range to avoid int8 overflow on x86 CPUs without VNNI "
+            "(onnx: weights, pt2: activations)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _supported_by_backend(self, info: ValidationInfo) -> Self:
+        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        if fmt == "pt2" and not self.symmetric:
+            raise ValueError(
+                "symmetric=false is not supported for pt2 models: torchao's x86 quantizer "
+                "only quantizes weights symmetrically; use symmetric=true, or an onnx model"
+            )
+        return self
+
+
+def quantize_dynamic(
+    model: LoadedModel, params: DynamicQuantizeParams, ctx: StepContext
+) -> LoadedModel:
+    """Quantize the model's weights to int8 with dynamic int8 activations."""
+    if model.format == "onnx":
+        return _quantize_onnx(model, params, ctx)
+    if not params.symmetric:
+        raise UnsupportedError(
+            "symmetric=false is not supported for pt2 models (torchao's x86 quantizer "
+            "takes symmetric weights only)",
+            step=ctx.method,
+        )
+    return _quantize_pt2(model, params, ctx)
+
+
+def _quantize_onnx(
+    model: LoadedModel, params: DynamicQuantizeParams, ctx: StepContext
+) -> LoadedModel:
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    from worker.formats import _onnx_loaded, load_onnx_proto
+
+    assert model.proto is not None
+    source = ctx.work_dir / f"step{ctx.step}_float.onnx"
+    target = ctx.work_dir / f"step{ctx.step}_int8.onnx"
+    onnx.save(model.proto, str(source))
+    ctx.progress(0.2)
+    ort_quantize_dynamic(
+        source,
+        target,
+        per_channel=params.per_channel,
+        reduce_range=params.reduce_range,
+        weight_type=QuantType.QInt8,
+        extra_options={"WeightSymmetric": params.symmetric},
+    )
+    ctx.progress(0.8)
+    proto = load_onnx_proto(target)
+    source.unlink(missing_ok=True)
+    target.unlink(missing_ok=True)
+    quantized = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    integer_ops = sorted(
+        {n.op_type for n in proto.graph.node if n.op_type.endswith("Integer")}
+    )
+    if not integer_ops:
+        raise UnsupportedError(
+            "ONNX Runtime found no layer to quantize dynamically (it handles MatMul, Gemm, "
+            "Conv, Attention, LSTM with constant weights)",
+            step=ctx.method,
+        )
+    ctx.log(
+        f"quantized {len(integer_ops)} op types to int8 with ONNX Runtime: {', '.join(integer_ops)}",
+        data={"int8_initializers": len(quantized)},
+    )
+    ctx.progress(1.0)
+    return _onnx_loaded(proto)
+
+
+def _quantize_pt2(
+    model: LoadedModel, params: DynamicQuantizeParams, ctx: StepContext
+) -> LoadedModel:
+    import torch
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    from worker.formats import pt2_example_args, reexport_pt2
+
+    assert model.program is not None
+    config = get_default_x86_inductor_quantization_config(
+        is_dynamic=True, reduce_range=params.reduce_range
+    )
+    if not params.per_channel:
+        per_tensor = QuantizationSpec(
+            dtype=torch.int8,
+            quant_min=-128,
+            quant_max=127,
+            qscheme=torch.per_tensor_symmetric,
+            is_dynamic=False,
+            observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+        )
+        config = dataclasses.replace(config, weight=per_tensor)
+    quantizer = X86InductorQuantizer().set_global(config)
+    feeds = _trace_feeds(model, ctx)
+    ctx.progress(0.1)
+    prepared = prepare_pt2e(model.program.module(), quantizer)
+    args, kwargs = pt2_example_args(model, feeds)
+    with torch.no_grad():
+        prepared(*args, **kwargs)  # records the weight ranges
+    ctx.progress(0.4)
+    converted = convert_pt2e(prepared)
+    int8 = [
+        n.target
+        for n in converted.graph.nodes
+        if n.op == "get_attr" and _attr(converted, str(n.target)).dtype == torch.int8
+    ]
+    if not int8:
+        raise UnsupportedError(
+            "torchao's x86 dynamic quantizer found no Linear layer to quantize", step=ctx.method
+        )
+    ctx.progress(0.6)
+    quantized = reexport_pt2(converted, model, feeds)
+    ctx.log(
+        f"quantized {len(int8)} weight tensors to int8 with torchao (PT2E, x86 dynamic)",
+        data={"per_channel": params.per_channel, "reduce_range": params.reduce_range},
+    )
+    ctx.progress(1.0)
+    return quantized
+
+
+def _attr(module: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _trace_feeds(model: LoadedModel, ctx: StepContext) -> dict[str, np.ndarray] | None:
+    """A few calibration samples to trace with, sized to a static batch if there is one."""
+    import numpy as np
+
+    from worker.data import fit_dataset
+
+    dataset = ctx.datasets.get("calibration")
+    if dataset is None:
+        return None
+    batch = model.static_batch or min(8, dataset.num_samples)
+    feeds = fit_dataset(model, "calibration", dataset.head(batch))
+    if model.static_batch is None and batch < 2:
+        return None  # one sample would specialize a dynamic batch dim
+    return {k: np.resize(v, (batch, *v.shape[1:])) for k, v in feeds.items()}
+
+
+METHOD = Method(
+    name="quantize.dynamic",
+    summary="Dynamic post-training quantization: int8 weights, int8 activations at run time.",
+    params=DynamicQuantizeParams,
+    formats=frozenset({"pt2", "onnx"}),
+    handler=quantize_dynamic,
+    datasets_optional=frozenset({"calibration"}),
+    devices=frozenset({"cpu"}),
+)
