@@ -112,6 +112,10 @@ def expected_sha256(size_bytes: int, block: bytes) -> str:
     return digest.hexdigest()
 
 
+def _cpu_seconds(times: Any) -> float:
+    return float(times.user + times.system)
+
+
 class _RssSampler(threading.Thread):
     def __init__(self, pid: int, interval_s: float = 0.01) -> None:
         super().__init__(daemon=True)
@@ -184,11 +188,17 @@ def bench_upload(size_bytes: int, *, chunked: bool = False) -> dict[str, Any]:
             _upload(client, f"{base}/upload", 8 * BLOCK, block, chunked)
             sampler = _RssSampler(server.pid)
             baseline = sampler.process.memory_info().rss
+            server_cpu_before = sampler.process.cpu_times()
+            client_cpu_before = psutil.Process().cpu_times()
             sampler.start()
             started = time.perf_counter()
             result = _upload(client, f"{base}/upload", size_bytes, block, chunked)
             seconds = time.perf_counter() - started
             peak = sampler.stop()
+            server_cpu = _cpu_seconds(sampler.process.cpu_times()) - _cpu_seconds(server_cpu_before)
+            client_cpu = _cpu_seconds(psutil.Process().cpu_times()) - _cpu_seconds(
+                client_cpu_before
+            )
     finally:
         server.terminate()
         try:
@@ -207,6 +217,9 @@ def bench_upload(size_bytes: int, *, chunked: bool = False) -> dict[str, Any]:
         "server_rss_peak_bytes": peak,
         "server_rss_growth_bytes": peak - baseline,
         "server_rss_growth_mib": round((peak - baseline) / (1 << 20), 1),
+        "server_cpu_s": round(server_cpu, 2),
+        "client_cpu_s": round(client_cpu, 2),
+        "cpus": os.cpu_count(),
         "sha256_ok": result["sha256"] == want_sha and result["size"] == size_bytes,
     }
 

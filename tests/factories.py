@@ -57,6 +57,13 @@ def mlp(hidden: tuple[int, ...] = (128, 64), in_features: int = 64, classes: int
 @cache
 def _trained_state(epochs: int) -> dict[str, torch.Tensor]:
     import torch
+
+    with torch.inference_mode(False), torch.enable_grad():  # callable from inference code
+        return _train(epochs)
+
+
+def _train(epochs: int) -> dict[str, torch.Tensor]:
+    import torch
     from torch import nn
 
     x_train, y_train, _, _ = _digits()

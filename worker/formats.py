@@ -196,7 +196,7 @@ def load_pt2_program(path: Path) -> ExportedProgram:
     import torch
 
     if "quantized_decomposed" in ops_used:
-        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+        import torch.ao.quantization.fx._decomposed
     if "torchao" in ops_used:
         import torchao  # noqa: F401  (registers torchao's ops)
     try:
@@ -298,7 +298,9 @@ def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
     try:
         return json.loads(zf.read(name))
     except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
-        raise InvalidModelError(f"{name} in the archive is not valid JSON: {exc}", step="load") from exc
+        raise InvalidModelError(
+            f"{name} in the archive is not valid JSON: {exc}", step="load"
+        ) from exc
 
 
 def _check_payload_config(kind: str, config: Any) -> None:
@@ -350,7 +352,9 @@ def _check_program_json(node: Any, ops_used: set[str]) -> None:
 def _check_sym_expr(expr: Any) -> None:
     """torch parses these with sympy.sympify, which evals; allow arithmetic on symbols only."""
     if not isinstance(expr, str) or len(expr) > 10_000:
-        raise InvalidModelError("a symbolic shape expression in the archive is malformed", step="load")
+        raise InvalidModelError(
+            "a symbolic shape expression in the archive is malformed", step="load"
+        )
     pos = 0
     for match in _EXPR_TOKEN.finditer(expr):
         if match.start() != pos:
@@ -530,7 +534,9 @@ def _pt2_loaded(program: ExportedProgram) -> LoadedModel:
         val = placeholders[spec.arg.name].meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise InvalidModelError(f"input {spec.arg.name} has no tensor metadata", step="load")
-        inputs.append(TensorSpec(spec.arg.name, _shape_of(val, hints), _torch_dtype_name(val.dtype)))
+        inputs.append(
+            TensorSpec(spec.arg.name, _shape_of(val, hints), _torch_dtype_name(val.dtype))
+        )
     output_node = next(n for n in program.graph.nodes if n.op == "output")
     flat_outputs = list(output_node.args[0])
     outputs: list[TensorSpec] = []
@@ -845,7 +851,9 @@ class Runtime:
         try:
             session = ort.InferenceSession(str(path), providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            raise InvalidModelError(f"ONNX Runtime cannot load the model: {exc}", step="load") from exc
+            raise InvalidModelError(
+                f"ONNX Runtime cannot load the model: {exc}", step="load"
+            ) from exc
 
         def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             return [np.asarray(o) for o in session.run(None, feeds)]

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 _STATUS = Path("/proc/self/status")
 
 
@@ -77,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch.ao.quantization.fx._decomposed
         import torch.export.pt2_archive._package  # noqa: F401
     else:
-        import onnx
         import onnxruntime  # noqa: F401
     from worker.formats import Runtime
 

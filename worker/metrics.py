@@ -111,7 +111,9 @@ def weight_counts(model: LoadedModel) -> dict[str, Any]:
     return result
 
 
-def runnable_batch_sizes(model: LoadedModel, batch_sizes: list[int], reporter: Reporter) -> list[int]:
+def runnable_batch_sizes(
+    model: LoadedModel, batch_sizes: list[int], reporter: Reporter
+) -> list[int]:
     """The batch sizes the model can run; logs the ones skipped."""
     static = model.static_batch
     sizes = sorted(set(batch_sizes))
@@ -174,14 +176,12 @@ def _count_macs(runtime: Runtime, inputs: dict[str, np.ndarray], reporter: Repor
     batch = model.static_batch or 1
     feeds = make_batch(inputs, batch)
     try:
-        if model.format == "pt2":
-            total = _pt2_macs(runtime, feeds)
-        else:
-            total = _onnx_macs(model, feeds)
+        pt2 = model.format == "pt2"
+        total = _pt2_macs(runtime, feeds) if pt2 else _onnx_macs(model, feeds)
     except UnsupportedError as exc:
         reporter.log(f"macs not measured: {exc.message}", "warning")
         return None
-    return int(round(total / batch))
+    return round(total / batch)
 
 
 def _pt2_macs(runtime: Runtime, feeds: dict[str, np.ndarray]) -> float:
@@ -242,7 +242,9 @@ def _onnx_macs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> float:
         w_shape = shapes.get(node.input[w_index])
         out_shape = shapes.get(node.output[0])
         if a_shape is None or w_shape is None or out_shape is None:
-            raise UnsupportedError(f"the shapes around {node.op_type} node {node.name!r} are unknown")
+            raise UnsupportedError(
+                f"the shapes around {node.op_type} node {node.name!r} are unknown"
+            )
         out_numel = int(np.prod(out_shape))
         if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul"):
             total += out_numel * a_shape[-1]
@@ -269,7 +271,7 @@ def peak_memory(
     """
     with tempfile.TemporaryDirectory(prefix="squish-measure-") as tmp:
         inputs_path = Path(tmp) / "inputs.npz"
-        np.savez(inputs_path, **feeds)
+        np.savez(inputs_path, **feeds)  # type: ignore[arg-type]
         command = [
             sys.executable, "-m", "worker.measure", "--model", str(path), "--format", fmt,
             "--inputs", str(inputs_path), "--device", device,
@@ -280,7 +282,9 @@ def peak_memory(
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         except subprocess.TimeoutExpired:
-            reporter.log("peak_memory_bytes not measured: the measuring process timed out", "warning")
+            reporter.log(
+                "peak_memory_bytes not measured: the measuring process timed out", "warning"
+            )
             return None
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -394,4 +398,3 @@ def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
     if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
         raise UnsupportedError("labels must be class indices (integers)")
     return float((scores.argmax(1) == labels.astype(np.int64)).mean())
-

@@ -236,7 +236,8 @@ def _resolve_steps(model_format: str, spec: PipelineSpec, datasets: dict[str, Pa
             params = method.validate_params(raw_params or {}, model_format)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
+                for e in exc.errors()
             )
             raise InvalidParamsError(f"{where}: {problems}", step="validate") from exc
         resolved.append((method, params))

@@ -35,7 +35,11 @@ from app.storage import StorageError, get_store
 log = logging.getLogger("squish.worker")
 celery_app = get_celery()
 
-MEDIA_TYPES = {"pt2": "application/zip", "onnx": "application/octet-stream", "json": "application/json"}
+MEDIA_TYPES = {
+    "pt2": "application/zip",
+    "onnx": "application/octet-stream",
+    "json": "application/json",
+}
 
 
 @worker_process_init.connect
@@ -79,11 +83,21 @@ class DbReporter:
         with session_scope() as session:
             ok = lifecycle.set_progress(session, self.job_id, self.token, fraction, stage)
             if ok and stage_changed:
-                lifecycle.add_event(session, self.job_id, "progress", f"stage: {stage}",
-                                    data={"progress": round(fraction, 4), "stage": stage})
+                lifecycle.add_event(
+                    session,
+                    self.job_id,
+                    "progress",
+                    f"stage: {stage}",
+                    data={"progress": round(fraction, 4), "stage": stage},
+                )
             elif ok:
-                lifecycle.add_event(session, self.job_id, "progress", f"{fraction:.0%}",
-                                    data={"progress": round(fraction, 4), "stage": self._stage})
+                lifecycle.add_event(
+                    session,
+                    self.job_id,
+                    "progress",
+                    f"{fraction:.0%}",
+                    data={"progress": round(fraction, 4), "stage": self._stage},
+                )
         if stage_changed:
             self._stage = stage
         if not ok:
@@ -117,8 +131,11 @@ class Heartbeat(threading.Thread):
                 break
         if self.cancelled.is_set() and not self.done.wait(self.settings.cancel_grace_s):
             # The pipeline did not reach a cancellation point in time: end this pool process.
-            log.warning("job %s did not stop within %.0fs of cancellation; exiting", self.job_id,
-                        self.settings.cancel_grace_s)
+            log.warning(
+                "job %s did not stop within %.0fs of cancellation; exiting",
+                self.job_id,
+                self.settings.cancel_grace_s,
+            )
             os._exit(3)
 
 
@@ -155,11 +172,22 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
             spec, tenant_id = job.spec, job.tenant_id
             model = session.get(MLModel, job.model_id) if job.model_id else None
             if model is None:
-                lifecycle.finish(session, job_id, token, JobStatus.failed,
-                                 error={"code": "model_deleted", "message": "the job's model was deleted", "step": None})
+                lifecycle.finish(
+                    session,
+                    job_id,
+                    token,
+                    JobStatus.failed,
+                    error={
+                        "code": "model_deleted",
+                        "message": "the job's model was deleted",
+                        "step": None,
+                    },
+                )
                 return "failed"
             model_key, model_format = model.storage_key, model.format
-            dataset_rows = {role: session.get(Dataset, ds_id) for role, ds_id in spec["datasets"].items()}
+            dataset_rows = {
+                role: session.get(Dataset, ds_id) for role, ds_id in spec["datasets"].items()
+            }
         reporter.progress(0.0, "fetching")
         model_path = work_dir / f"input.{model_format}"
         store.get_to_file(model_key, model_path)
@@ -178,7 +206,9 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
             warmup=spec["evaluate"]["warmup"],
             iterations=spec["evaluate"]["iterations"],
         )
-        result = run_pipeline(model_path, model_format, pipeline_spec, dataset_paths, work_dir / "run", reporter)
+        result = run_pipeline(
+            model_path, model_format, pipeline_spec, dataset_paths, work_dir / "run", reporter
+        )
         reporter.progress(0.99, "storing")
         artifacts = []
         for name, path, fmt in (
@@ -188,12 +218,22 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
             sha, size = _sha256(path), path.stat().st_size
             key = object_key(tenant_id, sha)
             store.put_file(path, key)
-            artifacts.append(Artifact(
-                id=new_id("art"), job_id=job_id, name=name, filename=f"{job_id}-{name}.{fmt}",
-                media_type=MEDIA_TYPES[fmt], size_bytes=size, sha256=sha, storage_key=key,
-            ))
+            artifacts.append(
+                Artifact(
+                    id=new_id("art"),
+                    job_id=job_id,
+                    name=name,
+                    filename=f"{job_id}-{name}.{fmt}",
+                    media_type=MEDIA_TYPES[fmt],
+                    size_bytes=size,
+                    sha256=sha,
+                    storage_key=key,
+                )
+            )
         with session_scope() as session:
-            if lifecycle.finish(session, job_id, token, JobStatus.succeeded, metrics=result.metrics):
+            if lifecycle.finish(
+                session, job_id, token, JobStatus.succeeded, metrics=result.metrics
+            ):
                 session.add_all(artifacts)
                 return "succeeded"
         return "cancelled"
@@ -208,7 +248,11 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
         return _transient(job_id, token, f"{type(exc).__name__}: {exc}", settings.max_attempts)
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
-        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:2000], "step": reporter._stage}
+        error = {
+            "code": "internal_error",
+            "message": f"{type(exc).__name__}: {exc}"[:2000],
+            "step": reporter._stage,
+        }
         with session_scope() as session:
             lifecycle.finish(session, job_id, token, JobStatus.failed, error=error)
         return "failed"
@@ -232,10 +276,17 @@ def _transient(job_id: str, token: str, reason: str, max_attempts: int) -> str:
             else:
                 return "lost"
         else:
-            lifecycle.finish(session, job_id, token, JobStatus.failed,
-                             error={"code": "infrastructure", "message": reason, "step": None})
+            lifecycle.finish(
+                session,
+                job_id,
+                token,
+                JobStatus.failed,
+                error={"code": "infrastructure", "message": reason, "step": None},
+            )
             return "failed"
-    get_celery().send_task(RUN_JOB, args=[job_id], queue=queue, countdown=2 ** (job.attempts if job else 1))
+    get_celery().send_task(
+        RUN_JOB, args=[job_id], queue=queue, countdown=2 ** (job.attempts if job else 1)
+    )
     return "requeued"
 
 
@@ -254,7 +305,11 @@ def inspect_model(model_id: str) -> str:
         get_store().get_to_file(key, path)
         try:
             info: dict[str, Any] | None = inspect(path, fmt)
-            values: dict[str, Any] = {"inspection_status": "ready", "info": info, "inspection_error": None}
+            values: dict[str, Any] = {
+                "inspection_status": "ready",
+                "info": info,
+                "inspection_error": None,
+            }
         except EngineError as exc:
             values = {"inspection_status": "failed", "inspection_error": exc.message}
     with session_scope() as session:

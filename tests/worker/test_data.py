@@ -16,7 +16,10 @@ from worker.formats import LoadedModel, TensorSpec
 def two_input_model() -> LoadedModel:
     return LoadedModel(
         "onnx",
-        inputs=[TensorSpec("ids", ("batch", "seq"), "int64"), TensorSpec("mask", ("batch", "seq"), "float32")],
+        inputs=[
+            TensorSpec("ids", ("batch", "seq"), "int64"),
+            TensorSpec("mask", ("batch", "seq"), "float32"),
+        ],
         outputs=[],
     )
 
@@ -40,7 +43,8 @@ def test_safetensors_with_named_inputs(tmp_path: Path) -> None:
 
 def test_floats_cannot_feed_an_integer_input(tmp_path: Path) -> None:
     path = factories.write_npz(
-        tmp_path / "d.npz", {"ids": np.ones((3, 5), np.float32), "mask": np.ones((3, 5), np.float32)}
+        tmp_path / "d.npz",
+        {"ids": np.ones((3, 5), np.float32), "mask": np.ones((3, 5), np.float32)},
     )
     with pytest.raises(DatasetMismatchError, match="ids"):
         fit_dataset(two_input_model(), "eval", load_dataset(path))
@@ -48,12 +52,18 @@ def test_floats_cannot_feed_an_integer_input(tmp_path: Path) -> None:
 
 def test_ints_feed_a_float_input_cast(tmp_path: Path) -> None:
     model = LoadedModel("onnx", inputs=[TensorSpec("x", ("n", 4), "float32")], outputs=[])
-    feeds = fit_dataset(model, "eval", load_dataset(factories.write_npz(tmp_path / "d.npz", np.ones((2, 4), np.int64))))
+    feeds = fit_dataset(
+        model,
+        "eval",
+        load_dataset(factories.write_npz(tmp_path / "d.npz", np.ones((2, 4), np.int64))),
+    )
     assert feeds["x"].dtype == np.float32
 
 
 def test_arrays_must_agree_on_samples(tmp_path: Path) -> None:
-    path = factories.write_npz(tmp_path / "d.npz", np.zeros((5, 64), np.float32), labels=np.zeros(4))
+    path = factories.write_npz(
+        tmp_path / "d.npz", np.zeros((5, 64), np.float32), labels=np.zeros(4)
+    )
     with pytest.raises(DatasetMismatchError, match="same leading"):
         load_dataset(path)
 

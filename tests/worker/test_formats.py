@@ -108,7 +108,9 @@ def test_code_in_a_symbolic_shape_is_refused(files, tmp_path: Path) -> None:
         if name.endswith("models/model.json"):
             text = data.decode()
             assert '"expr_str": "' in text
-            return text.replace('"expr_str": "', '"expr_str": "' + payload.replace("'", "\\u0027") + " + ", 1).encode()
+            return text.replace(
+                '"expr_str": "', '"expr_str": "' + payload.replace("'", "\\u0027") + " + ", 1
+            ).encode()
         return data
 
     bad = rewrite_archive(files["pt2"], tmp_path / "bad.pt2", edit)
@@ -124,7 +126,7 @@ def test_graph_calling_a_python_function_is_refused(files, tmp_path: Path) -> No
         return data
 
     bad = rewrite_archive(files["pt2"], tmp_path / "bad.pt2", edit)
-    with pytest.raises(InvalidModelError, match="not an (allowed )?operator"):
+    with pytest.raises(InvalidModelError, match=r"not an (allowed )?operator"):
         load_model(bad, "pt2")
 
 

@@ -14,7 +14,10 @@ from worker.errors import InvalidParamsError
 from worker.formats import load_model, save_model
 from worker.methods import get_method
 
-LAYER_WEIGHTS = {"pt2": ["0.weight", "2.weight", "4.weight"], "onnx": ["0.weight", "2.weight", "4.weight"]}
+LAYER_WEIGHTS = {
+    "pt2": ["0.weight", "2.weight", "4.weight"],
+    "onnx": ["0.weight", "2.weight", "4.weight"],
+}
 
 
 def apply(model, name: str, params: dict, tmp_path: Path, datasets=None):
@@ -59,7 +62,9 @@ def sparsity(a: np.ndarray) -> float:
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_prune_reaches_the_requested_sparsity(files, tmp_path: Path, fmt: str, scope: str) -> None:
-    model = apply(load_model(files[fmt], fmt), "prune.magnitude", {"amount": 0.6, "scope": scope}, tmp_path)
+    model = apply(
+        load_model(files[fmt], fmt), "prune.magnitude", {"amount": 0.6, "scope": scope}, tmp_path
+    )
     out = tmp_path / f"pruned.{fmt}"
     save_model(model, out)
     weights = stock_weights(out, fmt)
@@ -98,7 +103,12 @@ def test_prune_layers_filter_and_bias(files, tmp_path: Path, fmt: str) -> None:
 
 def test_prune_with_no_matching_layer_says_so(files, tmp_path: Path) -> None:
     with pytest.raises(InvalidParamsError, match="no prunable"):
-        apply(load_model(files["onnx"], "onnx"), "prune.magnitude", {"amount": 0.5, "layers": ["nope"]}, tmp_path)
+        apply(
+            load_model(files["onnx"], "onnx"),
+            "prune.magnitude",
+            {"amount": 0.5, "layers": ["nope"]},
+            tmp_path,
+        )
 
 
 def test_quantize_onnx_makes_weights_int8(files, tmp_path: Path) -> None:

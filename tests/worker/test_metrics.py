@@ -22,7 +22,12 @@ def test_gzip_size_matches_gzip(files) -> None:
 def test_compare_outputs() -> None:
     ref = [np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])]
     same = compare_outputs(ref, [ref[0].copy()])
-    assert same == {"cosine_similarity": 1.0, "mse": 0.0, "max_abs_error": 0.0, "top1_agreement": 1.0}
+    assert same == {
+        "cosine_similarity": 1.0,
+        "mse": 0.0,
+        "max_abs_error": 0.0,
+        "top1_agreement": 1.0,
+    }
     other = compare_outputs(ref, [np.array([[1.0, 2.0, 3.5], [1.0, 2.0, 3.0]])])
     assert other["top1_agreement"] == 0.5
     assert other["max_abs_error"] == 2.0

@@ -76,7 +76,12 @@ def test_prune_then_quantize_end_to_end(files, tmp_path: Path, fmt: str) -> None
     fractions = [e["fraction"] for e in reporter.events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     stages = {e["stage"] for e in reporter.events}
-    assert {"prune.magnitude", "quantize.dynamic", "measure_original", "measure_compressed"} <= stages
+    assert {
+        "prune.magnitude",
+        "quantize.dynamic",
+        "measure_original",
+        "measure_compressed",
+    } <= stages
 
 
 def test_without_data_fidelity_uses_generated_inputs(files, tmp_path: Path) -> None:
@@ -84,7 +89,12 @@ def test_without_data_fidelity_uses_generated_inputs(files, tmp_path: Path) -> N
     steps = [("prune.magnitude", {"amount": 0.3, "scope": "global"})]
     result = run_pipeline(files["onnx"], "onnx", spec("onnx", steps), {}, tmp_path, reporter)
     assert "accuracy" not in result.metrics["original"]
-    assert set(result.metrics["fidelity"]) == {"cosine_similarity", "mse", "max_abs_error", "top1_agreement"}
+    assert set(result.metrics["fidelity"]) == {
+        "cosine_similarity",
+        "mse",
+        "max_abs_error",
+        "top1_agreement",
+    }
     messages = " ".join(line["message"] for line in reporter.logs)
     assert "generated from the model's signature" in messages
     assert "accuracy not measured" in messages
@@ -99,7 +109,10 @@ def test_static_batch_skips_other_batch_sizes_and_says_why(files, tmp_path: Path
     )  # fmt: skip
     assert set(result.metrics["compressed"]["latency_ms"]) == {"batch_4"}
     assert "speedup" in result.metrics["ratios"]
-    assert any("batch sizes [1]" in line["message"] and "static" in line["message"] for line in reporter.logs)
+    assert any(
+        "batch sizes [1]" in line["message"] and "static" in line["message"]
+        for line in reporter.logs
+    )
     # Every eval sample was scored despite 450 not being a multiple of 4.
     assert result.metrics["compressed"]["accuracy"] >= 0.93
 

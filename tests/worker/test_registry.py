@@ -76,10 +76,10 @@ def test_bad_quantize_params_are_refused() -> None:
         method.validate_params({"bits": 8})
     # Asymmetric weights: ONNX Runtime does them, torchao's x86 quantizer does not.
     assert method.validate_params({"symmetric": False}, "onnx").symmetric is False
-    with pytest.raises(ValidationError, match="symmetric=false is not supported for pt2"):
+    with pytest.raises(ValidationError, match=r"symmetric=false is not supported for pt2"):
         method.validate_params({"symmetric": False}, "pt2")
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
-    with pytest.raises(UnknownMethodError, match="prune.magnitude"):
+    with pytest.raises(UnknownMethodError, match=r"prune\.magnitude"):
         get_method("prune.telepathic")

@@ -102,12 +102,14 @@ def prune_magnitude(
     """Zero the smallest-magnitude weights; returns the same model, edited."""
     import torch
 
-    if model.format == "pt2":
-        tensors = _pt2_targets(model, params)
-    else:
-        tensors = _onnx_targets(model, params)
+    select = _pt2_targets if model.format == "pt2" else _onnx_targets
+    tensors = select(model, params)
     if not tensors:
-        what = f"matching {list(params.layers)}" if params.layers else "in Linear/Conv/MatMul/Gemm layers"
+        what = (
+            f"matching {list(params.layers)}"
+            if params.layers
+            else "in Linear/Conv/MatMul/Gemm layers"
+        )
         raise InvalidParamsError(f"no prunable float weights {what}", step=ctx.method)
     ctx.progress(0.1)
     pruned = l1_prune(tensors, params.amount, params.scope)
@@ -158,13 +160,11 @@ def l1_prune(
     result = {}
     for name, holder in holders.items():
         prune.remove(holder, "weight")
-        result[name] = holder.weight.detach()
+        result[name] = holder.get_parameter("weight").detach()
     return result
 
 
-def _select(
-    name: str, ndim: int, default_role: str | None, params: MagnitudePruneParams
-) -> bool:
+def _select(name: str, ndim: int, default_role: str | None, params: MagnitudePruneParams) -> bool:
     """Whether a float tensor is pruned. ``default_role``: "weight"/"bias" if a layer uses it."""
     if params.layers is not None:
         if not any(s in name for s in params.layers):

@@ -43,7 +43,7 @@ class DynamicQuantizeParams(MethodParams):
             with a zero point per scale) is supported for onnx only: torchao's x86
             quantizer takes symmetric weights only, so a pt2 model refuses it.
         reduce_range: quantize to 7 bits of range, which x86 CPUs without VNNI need to
-            avoid overflow in their u8×s8 int8 kernels (ONNX Runtime's and torchao's
+            avoid overflow in their u8 x s8 int8 kernels (ONNX Runtime's and torchao's
             advice); onnx: weights, pt2: activations. Turn off only for VNNI/ARM targets.
 
     Example:
@@ -125,9 +125,7 @@ def _quantize_onnx(
     source.unlink(missing_ok=True)
     target.unlink(missing_ok=True)
     quantized = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    integer_ops = sorted(
-        {n.op_type for n in proto.graph.node if n.op_type.endswith("Integer")}
-    )
+    integer_ops = sorted({n.op_type for n in proto.graph.node if n.op_type.endswith("Integer")})
     if not integer_ops:
         raise UnsupportedError(
             "ONNX Runtime found no layer to quantize dynamically (it handles MatMul, Gemm, "
