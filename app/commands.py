@@ -30,22 +30,39 @@ def _bootstrap(print_key: bool) -> None:
             return
         if has_any_key(session):
             if print_key:
-                click.echo("API key: the one printed on first start (saved in "
-                           f"{settings.data_dir / 'api-key'}), or `squish keys create --tenant NAME`.")
+                click.echo(
+                    "API key: the one printed on first start (saved in "
+                    f"{settings.data_dir / 'api-key'}), or `squish keys create --tenant NAME`."
+                )
             return
         key = create_key(session, DEFAULT_TENANT)
     key_file = settings.data_dir / "api-key"
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
-    click.echo(f"Created an API key for tenant '{DEFAULT_TENANT}' (shown once, also saved in {key_file}):")
+    click.echo(
+        f"Created an API key for tenant '{DEFAULT_TENANT}' (shown once, also saved in {key_file}):"
+    )
     click.echo(f"  {key}")
 
 
 def worker_argv(queues: str, concurrency: int, name: str | None = None) -> list[str]:
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
-        "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
-        "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.tasks",
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
     ]
     if name:
         argv += ["--hostname", name]
@@ -56,8 +73,13 @@ def _uvicorn(host: str, port: int, workers: int = 1, log_level: str = "info") ->
     import uvicorn
 
     uvicorn.run(
-        "app.main:create_app", factory=True, host=host, port=port, workers=workers,
-        log_level=log_level, proxy_headers=True,
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        proxy_headers=True,
     )
 
 
@@ -76,9 +98,13 @@ def serve(host: str | None, port: int | None) -> None:
         env=env,
     )
     host, port = host or settings.host, port or settings.port
-    click.echo(f"squish is up: http://{host}:{port}  (API docs at /docs; Ctrl-C stops API and worker)")
-    click.echo(f"data: {settings.data_dir}  database: {settings.database_url.split('://')[0]}  "
-               f"broker: {settings.broker_url.split('://')[0]}  storage: {settings.storage_url.split('://')[0]}")
+    click.echo(
+        f"squish is up: http://{host}:{port}  (API docs at /docs; Ctrl-C stops API and worker)"
+    )
+    click.echo(
+        f"data: {settings.data_dir}  database: {settings.database_url.split('://')[0]}  "
+        f"broker: {settings.broker_url.split('://')[0]}  storage: {settings.storage_url.split('://')[0]}"
+    )
     try:
         _uvicorn(host, port)
     finally:
@@ -114,7 +140,9 @@ def worker(queues: str, concurrency: int, name: str | None) -> None:
     """Run a Celery worker that executes compression jobs from the given queues."""
     bad = set(queues.split(",")) - {"cpu", "gpu"}
     if bad:
-        raise click.BadParameter(f"unknown queue(s) {sorted(bad)}; use cpu and/or gpu", param_hint="--queues")
+        raise click.BadParameter(
+            f"unknown queue(s) {sorted(bad)}; use cpu and/or gpu", param_hint="--queues"
+        )
     os.execv(sys.executable, worker_argv(queues, concurrency, name))
 
 

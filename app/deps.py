@@ -36,9 +36,7 @@ StoreDep = Annotated[ObjectStore, Depends(get_store)]
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def get_tenant(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
-) -> str:
+def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
     if not authorization:
         raise Unauthorized(
             "Send your API key as 'Authorization: Bearer <key>'.",

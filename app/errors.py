@@ -90,7 +90,12 @@ def problem(
     headers: dict[str, str] | None = None,
     instance: str | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
     if instance:
         body["instance"] = instance
     if errors:
@@ -130,7 +135,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = validation_errors(list(exc.errors()))
-        return problem(422, "Invalid request", describe(errors), errors=errors, instance=request.url.path)
+        return problem(
+            422, "Invalid request", describe(errors), errors=errors, instance=request.url.path
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -52,7 +52,9 @@ async def accept_upload(
     tmp_dir = settings.data_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        form = await receive_multipart(request, tmp_dir=tmp_dir, max_bytes=settings.max_upload_bytes)
+        form = await receive_multipart(
+            request, tmp_dir=tmp_dir, max_bytes=settings.max_upload_bytes
+        )
     except UploadError as exc:
         raise ApiError(exc.detail, title=exc.title, status=exc.status) from None
     if form.file is None:
@@ -72,7 +74,9 @@ async def accept_upload(
 
 def object_in_use(session: Session, key: str) -> bool:
     for table in (MLModel, Dataset, Artifact):
-        count = session.scalar(select(func.count()).select_from(table).where(table.storage_key == key))
+        count = session.scalar(
+            select(func.count()).select_from(table).where(table.storage_key == key)
+        )
         if count:
             return True
     return False
@@ -119,7 +123,9 @@ def stream_object(
     }
     if span is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(store.iter_range(key, 0, None), media_type=media_type, headers=headers)
+        return StreamingResponse(
+            store.iter_range(key, 0, None), media_type=media_type, headers=headers
+        )
     start, end = span
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)

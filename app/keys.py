@@ -39,7 +39,9 @@ def create_key(session: Session, tenant_name: str) -> str:
     """A new key for `tenant_name` (created if needed); the plaintext is returned once."""
     tenant = get_or_create_tenant(session, tenant_name)
     key = generate_key()
-    session.add(ApiKey(id=new_id("key"), tenant_id=tenant.id, prefix=key[:10], key_hash=hash_key(key)))
+    session.add(
+        ApiKey(id=new_id("key"), tenant_id=tenant.id, prefix=key[:10], key_hash=hash_key(key))
+    )
     session.flush()
     return key
 

@@ -31,7 +31,9 @@ def sweep(settings: Settings) -> dict[str, int]:
     to_send: list[tuple[str, str, str]] = []
     failed = 0
     with session_scope() as session:
-        stale = lifecycle.stale_running(session, now - timedelta(seconds=settings.heartbeat_timeout_s))
+        stale = lifecycle.stale_running(
+            session, now - timedelta(seconds=settings.heartbeat_timeout_s)
+        )
         for job in stale:
             queue = lifecycle.recover_lost(session, job, settings.max_attempts)
             if queue is None:

@@ -45,7 +45,10 @@ class Settings(BaseSettings):
         if value is None:
             return None
         secret = value.get_secret_value().strip()
-        if secret.lower() in {"", "changeme", "change-me", "secret", "changethis"} or len(secret) < 16:
+        if (
+            secret.lower() in {"", "changeme", "change-me", "secret", "changethis"}
+            or len(secret) < 16
+        ):
             raise ValueError("SQUISH_API_KEY must be a real secret of at least 16 characters")
         return value
 

@@ -46,6 +46,8 @@ MAX_PICKLE_BYTES = 64 * MiB
 MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 MAX_JSONL_LINE_BYTES = 16 * MiB
 MAX_PROTO_DEPTH = 64
+MAX_PROTO_FIELDS = 20_000_000
+MAX_ARRAYS = 1024
 
 EXPORT_HINT = (
     "Export the model instead and upload the result: "
@@ -53,6 +55,9 @@ EXPORT_HINT = (
     'or `torch.onnx.export(model, (example_input,), "model.onnx", dynamo=True, '
     "external_data=False)`."
 )
+
+
+PICKLE_TITLE = "Pickled PyTorch object refused"
 
 
 class Rejected(Exception):
@@ -106,7 +111,7 @@ def _pickle_refused(kind: str) -> Rejected:
     return Rejected(
         f"The file is {kind}. It was NOT unpickled: unpickling an upload can run arbitrary "
         f"code, so squish never does. {EXPORT_HINT}",
-        title="Pickled PyTorch object refused",
+        title=PICKLE_TITLE,
     )
 
 
@@ -135,13 +140,21 @@ def check_model_file(path: Path, declared_format: str | None, filename: str | No
     if _is_pickle(head):
         raise _pickle_refused("a pickle (torch.save of a module or state_dict, legacy format)")
     if _is_zip(path, head):
+        try:
+            _check_pt2(path, size)
+        except Rejected as exc:
+            if declared == "onnx" and exc.title != PICKLE_TITLE:
+                raise Rejected(
+                    "declared format onnx but the file is a zip archive, not an ONNX model",
+                    title="Model format mismatch",
+                ) from None
+            raise
         if declared == "onnx":
             raise Rejected(
-                "declared format onnx but the file is a zip archive, not an ONNX model "
-                "(a torch.export archive is format pt2)",
+                "declared format onnx but the file is a pt2 archive (torch.export.save); "
+                "send format=pt2 or omit it",
                 title="Model format mismatch",
             )
-        _check_pt2(path, size)
         return "pt2"
     try:
         _check_onnx(path, size)
@@ -240,17 +253,17 @@ def _check_pt2(path: Path, size: int) -> None:
                 raise Rejected(f"entry {info.filename!r} is encrypted", title="Invalid pt2 archive")
         _check_crcs(archive, infos)
 
-        if archive.read(by_rel["archive_format"]).strip() != b"pt2":
+        if _read_small(archive, by_rel["archive_format"]) != b"pt2":
             raise Rejected(
                 "the archive_format entry does not say pt2; " + EXPORT_HINT,
                 title="Not a pt2 archive",
             )
-        version = by_rel.get("archive_version")
-        if version is not None and archive.read(version).strip() != b"0":
+        version_entry = by_rel.get("archive_version")
+        version = b"0" if version_entry is None else _read_small(archive, version_entry)
+        if version != b"0":
             raise Rejected(
-                "unsupported pt2 archive_version "
-                f"{archive.read(version).strip()[:16].decode('latin-1')!r}; squish loads "
-                "version 0 archives (torch 2.x torch.export.save)",
+                f"unsupported pt2 archive_version {version[:16].decode('latin-1')!r}; squish "
+                "loads version 0 archives (torch 2.x torch.export.save)",
                 title="Unsupported pt2 archive",
             )
         native = [r for r in by_rel if r.startswith(_NATIVE_CODE_DIRS)]
@@ -284,6 +297,12 @@ def _check_pt2(path: Path, size: int) -> None:
         for rel, info in by_rel.items():
             if rel.startswith("data/sample_inputs/"):
                 _check_sample_inputs(archive, info)
+
+
+def _read_small(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The first bytes of a marker entry (``archive_format``…), stripped; never the whole entry."""
+    with archive.open(info) as member:
+        return member.read(64).strip()
 
 
 def _check_crcs(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
@@ -577,6 +596,7 @@ class _WireScanner:
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
+        self.fields = 0
 
     def varint(self, pos: int, end: int) -> tuple[int, int]:
         self.f.seek(pos)
@@ -594,6 +614,12 @@ class _WireScanner:
         seen: set[int] = set()
         pos = start
         while pos < end:
+            self.fields += 1
+            if self.fields > MAX_PROTO_FIELDS:
+                raise Rejected(
+                    f"the ONNX model has more than {MAX_PROTO_FIELDS} protobuf fields to check",
+                    title="Invalid ONNX model",
+                )
             tag, pos = self.varint(pos, end)
             field, wire = tag >> 3, tag & 7
             if field == 0:
@@ -720,6 +746,8 @@ def _npz_arrays(path: Path) -> _Arrays:
         raise _invalid(f"the .npz file is corrupt or truncated ({exc})") from None
     arrays: _Arrays = {}
     with archive:
+        if len(archive.infolist()) > MAX_ARRAYS:
+            raise _invalid(f"the .npz holds more than {MAX_ARRAYS} arrays")
         for info in archive.infolist():
             if info.is_dir():
                 continue
@@ -801,6 +829,8 @@ def _check_safetensors(path: Path, size: int) -> _Arrays:
         raise _bad_safetensors(f"not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise _bad_safetensors("not a JSON object")
+    if len(header) > MAX_ARRAYS + 1:
+        raise _bad_safetensors(f"more than {MAX_ARRAYS} tensors")
     data_size = size - 8 - header_len
     arrays: _Arrays = {}
     spans: list[tuple[int, int, str]] = []

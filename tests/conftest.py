@@ -14,7 +14,9 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 pytest_plugins = ["tests.app.conftest_s3"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-POSTGRES_URL = os.environ.get("SQUISH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "SQUISH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("SQUISH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 

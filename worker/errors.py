@@ -55,6 +55,18 @@ class InvalidParamsError(EngineError):
     code = "invalid_params"
 
 
+class MethodFailedError(EngineError):
+    """A method's library (torchao, ONNX Runtime, ...) failed on this model."""
+
+    code = "method_failed"
+
+
+class ModelRunError(EngineError):
+    """The model raised an error while running on the given inputs."""
+
+    code = "model_run_failed"
+
+
 class JobCancelled(EngineError):
     """The job was cancelled; raised from a progress report so work stops promptly."""
 

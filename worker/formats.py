@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.errors import EngineError, InvalidModelError, UnsupportedError
+from worker.errors import EngineError, InvalidModelError, ModelRunError, UnsupportedError
 
 if TYPE_CHECKING:
     import onnx
@@ -98,12 +98,6 @@ class LoadedModel:
     proto: onnx.ModelProto | None = None
     dim_hints: dict[str, int] = field(default_factory=dict)
 
-    def input(self, name: str) -> TensorSpec:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
-
     @property
     def static_batch(self) -> int | None:
         """The batch size every input is fixed to, or None when axis 0 is dynamic."""
@@ -111,10 +105,6 @@ class LoadedModel:
         if len(sizes) == 1 and not any(s.rank and s.is_dynamic(0) for s in self.inputs):
             return int(next(iter(sizes)))
         return None
-
-    def runnable_batch(self, batch: int) -> bool:
-        static = self.static_batch
-        return static is None or static == batch
 
 
 def _check_format(fmt: str) -> None:
@@ -140,8 +130,8 @@ def load_model(path: Path, fmt: str) -> LoadedModel:
     if not path.is_file():
         raise InvalidModelError(f"model file {path.name!r} does not exist", step="load")
     if fmt == "pt2":
-        return _pt2_loaded(load_pt2_program(path))
-    return _onnx_loaded(load_onnx_proto(path))
+        return pt2_model_from_program(load_pt2_program(path))
+    return onnx_model_from_proto(load_onnx_proto(path))
 
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -186,6 +176,7 @@ _ALLOWED_OPERATOR_FNS = frozenset(
         "lshift", "rshift", "matmul", "truth", "index",
     }
 )  # fmt: skip
+_MAX_JSON_BYTES = 1 << 30
 _load_lock = threading.Lock()
 
 
@@ -295,6 +286,8 @@ def _check_pt2_entries(zf: zipfile.ZipFile, rel: dict[str, str]) -> set[str]:
 
 
 def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
+    if zf.getinfo(name).file_size > _MAX_JSON_BYTES:
+        raise InvalidModelError(f"{name} in the archive is implausibly large", step="load")
     try:
         return json.loads(zf.read(name))
     except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
@@ -516,7 +509,8 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _pt2_loaded(program: ExportedProgram) -> LoadedModel:
+def pt2_model_from_program(program: ExportedProgram) -> LoadedModel:
+    """Wrap an ExportedProgram, reading its user inputs and outputs from the graph."""
     import torch
     from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 
@@ -583,7 +577,8 @@ def _onnx_value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, tuple(shape), dtype)
 
 
-def _onnx_loaded(proto: onnx.ModelProto) -> LoadedModel:
+def onnx_model_from_proto(proto: onnx.ModelProto) -> LoadedModel:
+    """Wrap a ModelProto; graph inputs that are initializers are not model inputs."""
     initializer_names = {t.name for t in proto.graph.initializer}
     inputs = [_onnx_value_spec(v) for v in proto.graph.input if v.name not in initializer_names]
     outputs = [_onnx_value_spec(v) for v in proto.graph.output]
@@ -861,7 +856,21 @@ class Runtime:
         return run
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._call(feeds)
+        """Run once. Feeds are keyed by input name, or given in input order."""
+        names = [s.name for s in self.model.inputs]
+        if set(feeds) != set(names) and len(feeds) == len(names):
+            feeds = dict(zip(names, feeds.values(), strict=True))
+        try:
+            return self._call(feeds)
+        except EngineError:
+            raise
+        except Exception as exc:  # whatever the model's own code raises
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            raise ModelRunError(
+                f"the {self.format} model failed to run on inputs {shapes}: "
+                f"{type(exc).__name__}: {exc}",
+                step="run",
+            ) from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -919,7 +928,7 @@ def reexport_pt2(
         raise UnsupportedError(
             f"re-exporting the changed program failed: {type(exc).__name__}: {exc}"
         ) from exc
-    loaded = _pt2_loaded(program)
+    loaded = pt2_model_from_program(program)
     for before, after in zip(reference.inputs, loaded.inputs, strict=True):
         for axis in range(before.rank):
             if before.is_dynamic(axis) and not after.is_dynamic(axis):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from worker.context import RecordingReporter, Reporter, ScaledReporter, StepContext
 from worker.data import Dataset, fit_dataset, load_dataset
-from worker.errors import EngineError, InvalidParamsError, UnsupportedError
+from worker.errors import EngineError, InvalidParamsError, MethodFailedError, UnsupportedError
 from worker.formats import (
     FILE_SUFFIX,
     FORMATS,
@@ -35,6 +35,12 @@ DATASET_ROLES = ("calibration", "train", "eval")
 DEVICES = ("cpu", "gpu")
 FIDELITY_BATCH = 32
 GENERATED_SAMPLES = 8
+
+# What the libraries a method wraps raise when a model is beyond them.
+_LIBRARY_ERRORS = (
+    RuntimeError, ValueError, TypeError, AssertionError, NotImplementedError, KeyError,
+    IndexError, AttributeError,
+)  # fmt: skip
 
 # Overall progress owned by each stage.
 _P_LOADED = 0.03
@@ -136,6 +142,11 @@ def run_pipeline(
         except EngineError as exc:
             exc.step = exc.step or method.name
             raise
+        except _LIBRARY_ERRORS as exc:
+            raise MethodFailedError(
+                f"{method.name} failed on this model: {type(exc).__name__}: {exc}",
+                step=method.name,
+            ) from exc
         seconds = time.monotonic() - t0
         step_records.append(
             {"method": method.name, "params": params.model_dump(mode="json"), "seconds": seconds}

@@ -25,7 +25,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from app.db import new_id, reset_engine, session_scope
-from app.files import object_key
+from app.files import delete_if_unused, object_key
 from app.jobs import lifecycle, webhooks
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
 from app.queue import INSPECT_MODEL, RUN_JOB, get_celery
@@ -58,7 +58,12 @@ def _sha256(path: Path) -> str:
 
 
 class DbReporter:
-    """Progress and log lines into the job's row and events, throttled; raises on cancel."""
+    """Progress and log lines into the job's row and events, throttled; raises on cancel.
+
+    The pipeline's 0..1 maps to 0..0.98: storing the artifacts is the last step.
+    """
+
+    SCALE = 0.98
 
     def __init__(self, job_id: str, token: str, cancelled: threading.Event) -> None:
         self.job_id = job_id
@@ -80,6 +85,7 @@ class DbReporter:
         if not stage_changed and now - self._last_write < 0.5:
             return
         self._last_write = now
+        fraction *= self.SCALE
         with session_scope() as session:
             ok = lifecycle.set_progress(session, self.job_id, self.token, fraction, stage)
             if ok and stage_changed:
@@ -209,7 +215,7 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
         result = run_pipeline(
             model_path, model_format, pipeline_spec, dataset_paths, work_dir / "run", reporter
         )
-        reporter.progress(0.99, "storing")
+        reporter.progress(1.0, "storing")
         artifacts = []
         for name, path, fmt in (
             ("model", result.artifact_path, result.artifact_format),
@@ -236,6 +242,9 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
             ):
                 session.add_all(artifacts)
                 return "succeeded"
+        with session_scope() as session:  # cancelled meanwhile: keep no orphaned objects
+            for artifact in artifacts:
+                delete_if_unused(session, store, artifact.storage_key)
         return "cancelled"
     except JobCancelled:
         return "cancelled"

@@ -83,7 +83,12 @@ def download_dataset(
     dataset = _get(session, tenant_id, dataset_id)
     filename = f"{dataset.id}.{dataset.format}"
     return stream_object(
-        request, store, dataset.storage_key, dataset.size_bytes, "application/octet-stream", filename
+        request,
+        store,
+        dataset.storage_key,
+        dataset.size_bytes,
+        "application/octet-stream",
+        filename,
     )
 
 

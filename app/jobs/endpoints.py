@@ -96,11 +96,25 @@ def job_events(
 
 @router.get("/{job_id}/artifacts/{name}")
 def download_artifact(
-    job_id: str, name: str, request: Request, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+    job_id: str,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    store: StoreDep,
 ) -> Response:
     """Download an artifact (`model`, `report`); HTTP Range supported."""
     service.get_job(session, tenant_id, job_id)
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    )
     if artifact is None:
         raise NotFound(f"The job has no artifact {name!r} (yet).")
-    return stream_object(request, store, artifact.storage_key, artifact.size_bytes, artifact.media_type, artifact.filename)
+    return stream_object(
+        request,
+        store,
+        artifact.storage_key,
+        artifact.size_bytes,
+        artifact.media_type,
+        artifact.filename,
+    )

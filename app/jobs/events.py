@@ -35,7 +35,10 @@ def stream(job_id: str, after: int, *, max_seconds: float = 24 * 3600) -> Iterat
         with session_scope() as session:
             events = list(
                 session.scalars(
-                    select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)
+                    select(JobEvent)
+                    .where(JobEvent.job_id == job_id, JobEvent.id > after)
+                    .order_by(JobEvent.id)
+                    .limit(500)
                 )
             )
             status = session.scalar(select(Job.status).where(Job.id == job_id))

@@ -57,11 +57,15 @@ def _owned(job_id: str, token: str) -> Any:
 
 def heartbeat(session: Session, job_id: str, token: str) -> bool:
     """Still ours and running? False means cancelled or handed to another worker: stop."""
-    result = session.execute(update(Job).where(*_owned(job_id, token)).values(heartbeat_at=utcnow()))
+    result = session.execute(
+        update(Job).where(*_owned(job_id, token)).values(heartbeat_at=utcnow())
+    )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def set_progress(session: Session, job_id: str, token: str, progress: float, stage: str | None) -> bool:
+def set_progress(
+    session: Session, job_id: str, token: str, progress: float, stage: str | None
+) -> bool:
     values: dict[str, Any] = {"progress": max(0.0, min(1.0, progress)), "heartbeat_at": utcnow()}
     if stage is not None:
         values["stage"] = stage
@@ -105,8 +109,14 @@ def release(session: Session, job_id: str, token: str, reason: str) -> bool:
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_event(session, job_id, "status", f"queued again: {reason}", level="warning",
-              data={"status": "queued", "reason": reason})
+    add_event(
+        session,
+        job_id,
+        "status",
+        f"queued again: {reason}",
+        level="warning",
+        data={"status": "queued", "reason": reason},
+    )
     return True
 
 
@@ -138,15 +148,18 @@ def recover_lost(session: Session, job: Job, max_attempts: int) -> str | None:
     guard = (Job.id == job.id, Job.status == JobStatus.running.value, Job.worker == job.worker)
     if job.attempts < max_attempts:
         result = session.execute(
-            update(Job).where(*guard).values(
-                status=JobStatus.queued.value, worker=None, stage=None, enqueued_at=utcnow()
-            )
+            update(Job)
+            .where(*guard)
+            .values(status=JobStatus.queued.value, worker=None, stage=None, enqueued_at=utcnow())
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             add_event(
-                session, job.id, "status",
+                session,
+                job.id,
+                "status",
                 f"worker {job.worker} stopped responding; retrying (attempt {job.attempts + 1} of {max_attempts})",
-                level="warning", data={"status": "queued", "reason": "worker_lost"},
+                level="warning",
+                data={"status": "queued", "reason": "worker_lost"},
             )
             return job.queue
         return None
@@ -156,9 +169,17 @@ def recover_lost(session: Session, job: Job, max_attempts: int) -> str | None:
         "step": job.stage,
     }
     result = session.execute(
-        update(Job).where(*guard).values(status=JobStatus.failed.value, finished_at=utcnow(), error=error)
+        update(Job)
+        .where(*guard)
+        .values(status=JobStatus.failed.value, finished_at=utcnow(), error=error)
     )
     if result.rowcount == 1:  # type: ignore[attr-defined]
-        add_event(session, job.id, "status", f"failed: {error['message']}", level="error",
-                  data={"status": "failed", "error": error})
+        add_event(
+            session,
+            job.id,
+            "status",
+            f"failed: {error['message']}",
+            level="error",
+            data={"status": "failed", "error": error},
+        )
     return None

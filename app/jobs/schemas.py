@@ -24,7 +24,9 @@ class DatasetRefs(Strict):
 
 
 class Target(Strict):
-    device: Literal["cpu", "gpu"] = Field("cpu", description="Routes the job to the cpu or gpu queue.")
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu", description="Routes the job to the cpu or gpu queue."
+    )
     runtime: Literal["torch", "onnxruntime"] | None = Field(
         None, description="Runtime the artifact is measured in; follows output_format when omitted."
     )
@@ -32,7 +34,9 @@ class Target(Strict):
 
 class Evaluate(Strict):
     batch_sizes: list[int] = Field(
-        default_factory=lambda: [1], min_length=1, max_length=8,
+        default_factory=lambda: [1],
+        min_length=1,
+        max_length=8,
         description="Batch sizes whose latency is measured.",
     )
     warmup: int = Field(3, ge=0, le=100, description="Untimed runs before timing.")

@@ -49,7 +49,10 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         if dataset is None or dataset.tenant_id != tenant_id:
             raise NotFound(f"No dataset {dataset_id!r} (datasets.{role}).")
         if dataset.format == "jsonl":
-            raise _error(["datasets", role], "text (.jsonl) datasets need a Hugging Face model; use .npz or .safetensors")
+            raise _error(
+                ["datasets", role],
+                "text (.jsonl) datasets need a Hugging Face model; use .npz or .safetensors",
+            )
         datasets[role] = dataset_id
 
     output_format = body.output_format or model.format
@@ -174,7 +177,9 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     job = get_job(session, tenant_id, job_id)
     if not lifecycle.cancel(session, job_id):
         session.refresh(job)
-        raise Conflict(f"The job has already {job.status}; only queued or running jobs can be cancelled.")
+        raise Conflict(
+            f"The job has already {job.status}; only queued or running jobs can be cancelled."
+        )
     session.refresh(job)
     return job
 
@@ -182,7 +187,9 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
 def artifacts_of(session: Session, job_ids: list[str]) -> dict[str, list[Artifact]]:
     out: dict[str, list[Artifact]] = {job_id: [] for job_id in job_ids}
     if job_ids:
-        rows = session.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.name))
+        rows = session.scalars(
+            select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.name)
+        )
         for artifact in rows:
             out[artifact.job_id].append(artifact)
     return out

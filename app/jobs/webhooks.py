@@ -31,11 +31,20 @@ def deliver(job_id: str) -> bool:
     last = ""
     for attempt in range(ATTEMPTS):
         try:
-            response = httpx.post(url, json=body, timeout=TIMEOUT_S, headers={"User-Agent": "squish-webhook/1"})
+            response = httpx.post(
+                url, json=body, timeout=TIMEOUT_S, headers={"User-Agent": "squish-webhook/1"}
+            )
             if response.status_code < 300:
                 with session_scope() as session:
-                    session.execute(update(Job).where(Job.id == job_id).values(webhook_delivered_at=utcnow()))
-                    lifecycle.add_event(session, job_id, "log", f"webhook delivered to {url} ({response.status_code})")
+                    session.execute(
+                        update(Job).where(Job.id == job_id).values(webhook_delivered_at=utcnow())
+                    )
+                    lifecycle.add_event(
+                        session,
+                        job_id,
+                        "log",
+                        f"webhook delivered to {url} ({response.status_code})",
+                    )
                 return True
             last = f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
@@ -43,7 +52,11 @@ def deliver(job_id: str) -> bool:
         time.sleep(0.5 * 2**attempt)
     with session_scope() as session:
         lifecycle.add_event(
-            session, job_id, "log", f"webhook to {url} failed after {ATTEMPTS} tries: {last}", level="warning"
+            session,
+            job_id,
+            "log",
+            f"webhook to {url} failed after {ATTEMPTS} tries: {last}",
+            level="warning",
         )
     log.warning("webhook for %s failed: %s", job_id, last)
     return False

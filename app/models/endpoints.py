@@ -88,15 +88,21 @@ def download_model(
     """Download the uploaded file (HTTP Range supported)."""
     model = _get(session, tenant_id, model_id)
     filename = f"{model.id}.{model.format}"
-    return stream_object(request, store, model.storage_key, model.size_bytes, MEDIA_TYPES[model.format], filename)
+    return stream_object(
+        request, store, model.storage_key, model.size_bytes, MEDIA_TYPES[model.format], filename
+    )
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, session: SessionDep, tenant_id: TenantDep, store: StoreDep) -> Response:
+def delete_model(
+    model_id: str, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+) -> Response:
     """Delete a model and its file; refused while a queued or running job uses it."""
     model = _get(session, tenant_id, model_id)
     active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.model_id == model.id, Job.status.in_(ACTIVE))
+        select(func.count())
+        .select_from(Job)
+        .where(Job.model_id == model.id, Job.status.in_(ACTIVE))
     )
     if active:
         raise Conflict(f"{active} queued or running job(s) use this model; cancel them first.")

@@ -178,7 +178,8 @@ def test_pickle_of_any_protocol_refused_even_when_declared(tmp_path: Path, proto
         )
 
 
-def test_torch_save_zip_refused(tmp_path: Path):
+@pytest.mark.parametrize("declared", [None, "pt2", "onnx"])
+def test_torch_save_zip_refused(tmp_path: Path, declared: str | None):
     path = write_zip(
         tmp_path / "model.pt",
         {
@@ -187,7 +188,7 @@ def test_torch_save_zip_refused(tmp_path: Path):
             "model/data/0": b"\x00" * 16,
         },
     )
-    error = rejected(check_model_file, path, "pt2", "model.pt")
+    error = rejected(check_model_file, path, declared, "model.pt")
     assert error.title == "Pickled PyTorch object refused"
     assert "NOT unpickled" in error.detail
     assert "torch.export.export(model" in error.detail
@@ -403,7 +404,10 @@ class TestWireScan:
 def test_declared_onnx_but_pt2(tmp_path: Path):
     error = rejected(check_model_file, write_pt2(tmp_path / "m.pt2"), "onnx", None)
     assert error.status == 422
-    assert "declared format onnx but the file is a zip archive" in error.detail
+    assert "declared format onnx but the file is a pt2 archive" in error.detail
+    other_zip = write_zip(tmp_path / "z.zip", {"a/readme.txt": b"hi"})
+    error = rejected(check_model_file, other_zip, "onnx", None)
+    assert "declared format onnx but the file is a zip archive, not an ONNX model" in error.detail
 
 
 def test_declared_pt2_but_onnx(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -240,6 +241,17 @@ def test_client_disconnect_mid_upload_leaves_nothing(server: tuple[str, Path], t
         while not list(tmp_dir.iterdir()):  # the upload is under way
             assert time.monotonic() < deadline, "the server never started writing the file"
             time.sleep(0.01)
+    assert_empty(tmp_dir)
+
+
+def test_507_when_the_disk_is_full(url: str, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    def disk_full(fd: int, views: list[memoryview]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("app.uploads._writev_all", disk_full)
+    body, length = multipart(3 * MiB)
+    response = post(url, body, length)
+    assert response.status_code == 507
     assert_empty(tmp_dir)
 
 

@@ -61,7 +61,9 @@ def embedded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
 
 
 @pytest.fixture(scope="session")
-def production_service(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: tuple[str, str]) -> Iterator[Service]:
+def production_service(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: tuple[str, str]
+) -> Iterator[Service]:
     import psycopg
     import redis
 
@@ -70,7 +72,10 @@ def production_service(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: tu
     endpoint, bucket = s3_endpoint
     root = tmp_path_factory.mktemp("production")
     dbname = "squish_e2e_" + secrets.token_hex(4)
-    admin_url = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
+    admin_url = (
+        POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0]
+        + "/postgres"
+    )
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{dbname}"')
     redis.Redis.from_url(REDIS_URL).flushdb()

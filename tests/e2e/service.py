@@ -30,13 +30,19 @@ class Service:
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [SQUISH, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [SQUISH, *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs[name] = proc
         return proc
 
     def run(self, *args: str) -> str:
-        done = subprocess.run([SQUISH, *args], env=self.env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [SQUISH, *args], env=self.env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 

@@ -82,12 +82,14 @@ def run_stock(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
 def test_walkthrough(service: Service, files: dict[str, Path], fmt: str, tmp_path: Path) -> None:
     model = service.upload(files[fmt], name=f"digits-{fmt}")
     dataset = service.upload(files["npz"], "datasets", name="digits-test")
-    job = service.create_job({
-        "model_id": model["id"],
-        "pipeline": pipeline(),
-        "datasets": {"eval": dataset["id"]},
-        "evaluate": {"batch_sizes": [1, 32]},
-    })
+    job = service.create_job(
+        {
+            "model_id": model["id"],
+            "pipeline": pipeline(),
+            "datasets": {"eval": dataset["id"]},
+            "evaluate": {"batch_sizes": [1, 32]},
+        }
+    )
     assert job["status"] == "queued"
     done = service.wait_job(job["id"], {"succeeded", "failed", "cancelled"})
     assert done["status"] == "succeeded", done
@@ -96,7 +98,15 @@ def test_walkthrough(service: Service, files: dict[str, Path], fmt: str, tmp_pat
     metrics = done["metrics"]
     original, compressed = metrics["original"], metrics["compressed"]
     for side in (original, compressed):
-        for name in ("size_bytes", "size_bytes_gzip", "parameters", "nonzero_parameters", "sparsity", "latency_ms", "accuracy"):
+        for name in (
+            "size_bytes",
+            "size_bytes_gzip",
+            "parameters",
+            "nonzero_parameters",
+            "sparsity",
+            "latency_ms",
+            "accuracy",
+        ):
             assert name in side, (name, side)
         assert side["latency_ms"]["batch_1"]["p50"] <= side["latency_ms"]["batch_1"]["p95"]
         assert "batch_32" in side["latency_ms"]
@@ -104,7 +114,9 @@ def test_walkthrough(service: Service, files: dict[str, Path], fmt: str, tmp_pat
     assert compressed["size_bytes"] < original["size_bytes"]
     assert abs(compressed["accuracy"] - original["accuracy"]) <= 0.01 + 1e-9
     assert metrics["fidelity"]["top1_agreement"] >= 0.95
-    assert metrics["ratios"]["size"] == pytest.approx(original["size_bytes"] / compressed["size_bytes"], rel=1e-6)
+    assert metrics["ratios"]["size"] == pytest.approx(
+        original["size_bytes"] / compressed["size_bytes"], rel=1e-6
+    )
     assert set(metrics["ratios"]["speedup"]) == {"batch_1", "batch_32"}
 
     artifacts = {a["name"]: a for a in done["artifacts"]}
@@ -126,19 +138,29 @@ def test_walkthrough(service: Service, files: dict[str, Path], fmt: str, tmp_pat
     assert inspected["inspection_status"] == "ready" and inspected["info"]["parameters"] > 10_000
 
 
-def test_dataset_that_does_not_fit_fails_the_job_and_keeps_the_data(service: Service, files: dict[str, Path], tmp_path: Path) -> None:
+def test_dataset_that_does_not_fit_fails_the_job_and_keeps_the_data(
+    service: Service, files: dict[str, Path], tmp_path: Path
+) -> None:
     model = service.upload(files["onnx"])
-    wrong = service.upload(write_npz(tmp_path / "wrong.npz", np.zeros((8, 32), np.float32)), "datasets")
-    job = service.create_job({"model_id": model["id"], "pipeline": pipeline(), "datasets": {"eval": wrong["id"]}})
+    wrong = service.upload(
+        write_npz(tmp_path / "wrong.npz", np.zeros((8, 32), np.float32)), "datasets"
+    )
+    job = service.create_job(
+        {"model_id": model["id"], "pipeline": pipeline(), "datasets": {"eval": wrong["id"]}}
+    )
     done = service.wait_job(job["id"], {"succeeded", "failed"})
     assert done["status"] == "failed"
     assert done["error"]["code"] == "dataset_mismatch"
     assert "32" in done["error"]["message"] and "64" in done["error"]["message"]
-    assert service.http.get(f"/v1/models/{model['id']}/content").content == files["onnx"].read_bytes()
+    assert (
+        service.http.get(f"/v1/models/{model['id']}/content").content == files["onnx"].read_bytes()
+    )
     assert service.http.get(f"/v1/datasets/{wrong['id']}").status_code == 200
 
 
-def test_cancel_stops_a_running_job_within_seconds(service: Service, files: dict[str, Path]) -> None:
+def test_cancel_stops_a_running_job_within_seconds(
+    service: Service, files: dict[str, Path]
+) -> None:
     model = service.upload(files["wide"])
     job = service.create_job(slow_spec(model["id"]))
     service.wait_job(job["id"], {"running"}, timeout=60)
@@ -147,7 +169,9 @@ def test_cancel_stops_a_running_job_within_seconds(service: Service, files: dict
     assert response.status_code == 202 and response.json()["status"] == "cancelled"
     cancelled_at = time.monotonic()
     # The worker is free again within seconds: a quick job starts running promptly.
-    quick = service.create_job({"model_id": service.upload(files["onnx"])["id"], "pipeline": pipeline()})
+    quick = service.create_job(
+        {"model_id": service.upload(files["onnx"])["id"], "pipeline": pipeline()}
+    )
     service.wait_job(quick["id"], {"running", "succeeded"}, timeout=30)
     assert time.monotonic() - cancelled_at < 15
     assert service.wait_job(quick["id"], {"succeeded", "failed"})["status"] == "succeeded"
@@ -155,7 +179,9 @@ def test_cancel_stops_a_running_job_within_seconds(service: Service, files: dict
     assert final["status"] == "cancelled" and final["artifacts"] == []
 
 
-def test_a_killed_worker_does_not_leave_the_job_running(service: Service, files: dict[str, Path]) -> None:
+def test_a_killed_worker_does_not_leave_the_job_running(
+    service: Service, files: dict[str, Path]
+) -> None:
     model = service.upload(files["wide"])
     job = service.create_job(slow_spec(model["id"]))
     running = service.wait_job(job["id"], {"running"}, timeout=60)
@@ -193,7 +219,9 @@ def test_webhook_is_posted_when_the_job_finishes(service: Service, files: dict[s
     try:
         model = service.upload(files["onnx"])
         url = f"http://127.0.0.1:{server.server_port}/hook"
-        job = service.create_job({"model_id": model["id"], "pipeline": pipeline(), "webhook_url": url})
+        job = service.create_job(
+            {"model_id": model["id"], "pipeline": pipeline(), "webhook_url": url}
+        )
         assert service.wait_job(job["id"], {"succeeded", "failed"})["status"] == "succeeded"
         deadline = time.monotonic() + 20
         while not received and time.monotonic() < deadline:

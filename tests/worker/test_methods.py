@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,16 @@ def test_quantize_pt2_makes_weights_int8_and_keeps_dynamic_batch(files, tmp_path
         assert got.shape == (batch, 10)
     got = stock_run(out, "pt2", x)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+    # A fresh interpreter loads it with stock tools, torchao imported for its op library.
+    code = (
+        "import sys, torch, torchao\n"
+        "m = torch.export.load(sys.argv[1]).module()\n"
+        "assert m(torch.randn(5, 64)).shape == (5, 10)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_quantize_pt2_keeps_a_static_batch(files, tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def _quantize_onnx(
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    from worker.formats import _onnx_loaded, load_onnx_proto
+    from worker.formats import load_onnx_proto, onnx_model_from_proto
 
     assert model.proto is not None
     source = ctx.work_dir / f"step{ctx.step}_float.onnx"
@@ -137,7 +137,7 @@ def _quantize_onnx(
         data={"int8_initializers": len(quantized)},
     )
     ctx.progress(1.0)
-    return _onnx_loaded(proto)
+    return onnx_model_from_proto(proto)
 
 
 def _quantize_pt2(
