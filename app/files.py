@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,9 @@ async def accept_upload(
         except Rejected as exc:
             raise ApiError(exc.detail, title=exc.title, status=exc.status) from None
         key = object_key(tenant_id, received.sha256)
-        await anyio.to_thread.run_sync(store.put_file, received.path, key)
+        await anyio.to_thread.run_sync(
+            partial(store.put_file, received.path, key, sha256=received.sha256)
+        )
     finally:
         received.path.unlink(missing_ok=True)
     return AcceptedFile(form, fmt, info, key, received.size, received.sha256)

@@ -136,7 +136,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
         dynamo=True,
         input_names=["input"],
         output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
         external_data=False,
         verbose=False,
     )

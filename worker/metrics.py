@@ -61,6 +61,8 @@ def measure_model(
     runtime = Runtime(path, fmt, device)
     model = runtime.model
     metrics.update(weight_counts(model))
+    if "sparsity" not in metrics:
+        reporter.log("sparsity not measured: the model has no weight tensors", "warning")
     macs = _count_macs(runtime, inputs, reporter)
     if macs is not None:
         metrics["macs"] = macs

@@ -223,7 +223,7 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
         ):
             sha, size = _sha256(path), path.stat().st_size
             key = object_key(tenant_id, sha)
-            store.put_file(path, key)
+            store.put_file(path, key, sha256=sha)
             artifacts.append(
                 Artifact(
                     id=new_id("art"),
