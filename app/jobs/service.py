@@ -76,7 +76,7 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         except UnknownMethodError as exc:
             raise _error(["pipeline", index, "method"], str(exc)) from None
         try:
-            params = method.params.model_validate(step.params)
+            params = method.validate_params(step.params, model.format)
         except ValidationError as exc:
             errors = validation_errors(list(exc.errors()))
             for err in errors:

@@ -335,3 +335,36 @@ def test_range_requests(client: TestClient, files: dict[str, Path]) -> None:
     assert open_ended.content == data[-3:]
     assert_problem(client.get(url, headers={"Range": f"bytes={len(data)}-"}), 416)
     assert_problem(client.get(url, headers={"Range": "bytes=1-2,4-5"}), 416)
+
+
+def test_format_specific_params_and_methods_are_422(
+    client: TestClient, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = upload(client, files["pt2"]).json()
+    spec = job_spec(
+        model["id"], pipeline=[{"method": "quantize.dynamic", "params": {"symmetric": False}}]
+    )
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "symmetric")
+
+    from worker import methods
+    from worker.methods.base import Method
+
+    onnx_only = Method(
+        name="test.onnx_only",
+        summary="accepts only ONNX",
+        params=methods.get_method("prune.magnitude").params,
+        formats=frozenset({"onnx"}),
+        handler=methods.get_method("prune.magnitude").handler,
+        datasets_required=frozenset({"train"}),
+    )
+    monkeypatch.setitem(methods.REGISTRY, onnx_only.name, onnx_only)
+    spec = job_spec(model["id"], pipeline=[{"method": "test.onnx_only", "params": {"amount": 0.5}}])
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "does not accept pt2", "onnx")
+    onnx_model = upload(client, files["onnx"]).json()
+    spec = job_spec(
+        onnx_model["id"], pipeline=[{"method": "test.onnx_only", "params": {"amount": 0.5}}]
+    )
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "train dataset")
+    spec["target"] = {"device": "gpu"}
+    spec["pipeline"] = [{"method": "quantize.dynamic", "params": {}}]
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "does not run on gpu")

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.e2e.service import Service
+from tests.e2e.service import SQUISH, Service
 from tests.factories import (
     digits_arrays,
     digits_npz,
@@ -230,3 +230,82 @@ def test_webhook_is_posted_when_the_job_finishes(service: Service, files: dict[s
         assert received[0]["job"]["id"] == job["id"]
     finally:
         server.shutdown()
+
+
+def test_sdk_and_cli_against_the_real_service(
+    embedded_service: Service, files: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+
+    import onnxruntime as ort
+
+    from squish.client import Client
+
+    service = embedded_service
+    stages: list[str] = []
+    with Client(service.url, api_key=service.api_key) as sq:
+        model = sq.upload_model(files["onnx"])
+        data = sq.upload_dataset(files["npz"])
+        job = sq.create_job(
+            model["id"],
+            [("prune.magnitude", {"amount": 0.5}), ("quantize.dynamic", {})],
+            datasets={"eval": data["id"]},
+        )
+        done = sq.wait(
+            job["id"], poll_interval=0.2, on_progress=lambda j: stages.append(j["status"])
+        )
+        out = sq.download_artifact(job["id"], "model", tmp_path / "sdk.onnx")
+    assert done["status"] == "succeeded" and "running" in stages
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+    env = dict(service.env, SQUISH_URL=service.url, SQUISH_API_KEY=service.api_key)
+    cli_out = tmp_path / "cli.onnx"
+    result = subprocess.run(
+        [
+            SQUISH,
+            "compress",
+            str(files["onnx"]),
+            "--method",
+            "prune.magnitude",
+            "--param",
+            "amount=0.5",
+            "--method",
+            "quantize.dynamic",
+            "--dataset",
+            f"eval={files['npz']}",
+            "--out",
+            str(cli_out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cli_out.exists() and "accuracy" in result.stdout.lower()
+    ort.InferenceSession(str(cli_out), providers=["CPUExecutionProvider"])
+
+    bad = subprocess.run(
+        [
+            SQUISH,
+            "compress",
+            str(files["onnx"]),
+            "--method",
+            "prune.magnitude",
+            "--param",
+            "amount=1.5",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "amount" in (bad.stdout + bad.stderr)
+    listed = subprocess.run(
+        [SQUISH, "jobs", "list"], env=env, capture_output=True, text=True, check=False
+    )
+    assert listed.returncode == 0 and job["id"] in listed.stdout
