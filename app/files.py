@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio

@@ -72,7 +72,7 @@ class Runner:
             result = fn()
         except Exception as exc:  # report it in the table, go on with the others
             traceback.print_exc()
-            self.errors[name] = f"{type(exc).__name__}: {exc}"[:1500]
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
             print(f"[bench] {name} FAILED after {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
             return None
         print(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
@@ -85,7 +85,10 @@ class Runner:
         )
 
     def failed_row(self, benchmark: str, target: str, name: str) -> None:
-        self.row(benchmark, "not measured", target, False, f"{name} failed: {self.errors.get(name, '?')[:300]}")
+        error = self.errors.get(name, "?")
+        last = [line.strip() for line in error.splitlines() if line.strip()]
+        brief = error.splitlines()[0][:200] + (f" ... {last[-1][:200]}" if len(last) > 1 else "")
+        self.row(benchmark, "not measured", target, False, f"{name} failed: {brief}")
 
 
 def _upload_rows(r: Runner, size_label: str) -> None:
@@ -190,7 +193,7 @@ def print_table(rows: list[dict[str, str]]) -> str:
     cols = ("benchmark", "measured", "target", "met", "notes")
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(row[c].replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(" ".join(row[c].split()).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -98,13 +98,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-def base_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
+def base_env(data_dir: Path, port: int | None, **extra: str) -> dict[str, str]:
     """The environment of a squish process: no inherited SQUISH_*, torchao's .so skipped."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQUISH_")}
     env["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
     env["SQUISH_DATA_DIR"] = str(data_dir)
     env["SQUISH_HOST"] = "127.0.0.1"
-    env["SQUISH_PORT"] = str(port)
+    if port is not None:
+        env["SQUISH_PORT"] = str(port)
     env.update(extra)
     return env
 
@@ -117,6 +118,7 @@ class Processes:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -307,7 +309,7 @@ class ProductionStack:
             redis.Redis.from_url(REDIS_URL).flushdb()
             self.env = base_env(
                 self.root / "data",
-                0,
+                None,
                 SQUISH_DATABASE_URL=f"{POSTGRES_SERVER_URL}/{self.dbname}",
                 SQUISH_BROKER_URL=REDIS_URL,
                 SQUISH_STORAGE_URL=f"file://{self.root / 'objects'}",
