@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
-from app.db import get_sessionmaker
+from app.db import session_scope
 from app.errors import Unauthorized
 from app.keys import key_cache
 from app.settings import Settings, get_settings
@@ -16,15 +16,8 @@ from app.storage import ObjectStore, get_store
 
 
 def get_session() -> Iterator[Session]:
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": the commit happens before the response is sent, so a client that
