@@ -30,7 +30,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app worker squish tests benchmarks migrations
 	$(BIN)/mypy
 
+# wrk (Debian's package) drives the GET load test; without it a Python load generator is used.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || \
+		echo "wrk not installed: the GET benchmark uses its Python load generator" >&2
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:

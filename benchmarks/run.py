@@ -25,7 +25,7 @@ from typing import Any
 
 os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
 
-from benchmarks import service as sb  # noqa: E402
+from benchmarks import service as sb
 
 OUT = Path(__file__).resolve().parent / "out" / "service.json"
 BENCHMARKS = ("upload", "pickup", "get", "e2e")
@@ -73,15 +73,27 @@ class Runner:
         except Exception as exc:  # report it in the table, go on with the others
             traceback.print_exc()
             self.errors[name] = f"{type(exc).__name__}: {exc}"
-            print(f"[bench] {name} FAILED after {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+            print(
+                f"[bench] {name} FAILED after {time.perf_counter() - t0:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
-        print(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        print(
+            f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True
+        )
         self.results[name] = result
         return result
 
     def row(self, benchmark: str, measured: str, target: str, met: bool, notes: str) -> None:
         self.rows.append(
-            {"benchmark": benchmark, "measured": measured, "target": target, "met": "yes" if met else "no", "notes": notes}
+            {
+                "benchmark": benchmark,
+                "measured": measured,
+                "target": target,
+                "met": "yes" if met else "no",
+                "notes": notes,
+            }
         )
 
     def failed_row(self, benchmark: str, target: str, name: str) -> None:
@@ -93,11 +105,23 @@ class Runner:
 
 def _upload_rows(r: Runner, size_label: str) -> None:
     svc, raw = r.results.get("upload_service"), r.results.get("upload_raw")
-    raw_tp = f"raw parser (benchmarks/upload.py): {raw['mb_per_s']} MB/s" if raw else "raw parser: failed"
+    raw_tp = (
+        f"raw parser (benchmarks/upload.py): {raw['mb_per_s']} MB/s"
+        if raw
+        else "raw parser: failed"
+    )
     raw_rss = f"raw parser: {raw['server_rss_growth_mib']} MiB" if raw else "raw parser: failed"
     if svc is None:
-        r.failed_row(f"upload {size_label} POST /v1/datasets: throughput", f">= {UPLOAD_MB_S:.0f} MB/s", "upload_service")
-        r.failed_row(f"upload {size_label} POST /v1/datasets: API RSS growth", f"<= {UPLOAD_RSS_MIB:.0f} MiB", "upload_service")
+        r.failed_row(
+            f"upload {size_label} POST /v1/datasets: throughput",
+            f">= {UPLOAD_MB_S:.0f} MB/s",
+            "upload_service",
+        )
+        r.failed_row(
+            f"upload {size_label} POST /v1/datasets: API RSS growth",
+            f"<= {UPLOAD_RSS_MIB:.0f} MiB",
+            "upload_service",
+        )
         return
     r.row(
         f"upload {size_label} POST /v1/datasets: throughput",
@@ -112,7 +136,7 @@ def _upload_rows(r: Runner, size_label: str) -> None:
         f"{svc['server_rss_growth_mib']} MiB",
         f"<= {UPLOAD_RSS_MIB:.0f} MiB",
         svc["server_rss_growth_mib"] <= UPLOAD_RSS_MIB,
-        f"peak - baseline, {svc['rss_samples']} samples every 20 ms; {raw_rss}",
+        f"peak - baseline, {svc['rss_samples']} samples every 20 ms; {raw_rss}; {sb.cpu_note(svc['host_cpu'])}",
     )
 
 
@@ -128,7 +152,7 @@ def _pickup_row(r: Runner, name: str, label: str) -> None:
         target,
         res["p95_s"] <= PICKUP_P95_S,
         f"p50 {res['p50_s']:.3f} s, max {res['max_s']:.3f} s over {res['jobs']} jobs "
-        "(started_at - created_at)",
+        f"(started_at - created_at); {sb.cpu_note(res['host_cpu'])}",
     )
 
 
@@ -150,7 +174,8 @@ def _get_rows(r: Runner, workers: int) -> None:
         f"{res['req_per_s']:.0f} req/s",
         f">= {GET_REQ_S:.0f} req/s",
         res["req_per_s"] >= GET_REQ_S and clean,
-        f"{common}; API CPU {res['api_cpu_s']} s",
+        f"{common}; API CPU {res['api_cpu_s']} s = {res.get('api_cpu_ms_per_request')} ms/request; "
+        f"{sb.cpu_note(res['host_cpu'])}",
     )
     r.row(
         f"{label}: p99",
@@ -185,7 +210,9 @@ def _e2e_rows(r: Runner) -> None:
         f"{res['ratio_client']:.3f}",
         target,
         res["ratio_client"] <= E2E_RATIO,
-        f"POST to seeing succeeded {res['client_s']} s / in-process {res['in_process_s']} s",
+        f"POST to seeing succeeded {res['client_s']} s / in-process {res['in_process_s']} s; "
+        f"service run: {sb.cpu_note(res['host_cpu_service_run'])}; in-process run: "
+        f"{sb.cpu_note(res['host_cpu_in_process_run'])}",
     )
 
 
@@ -193,28 +220,48 @@ def print_table(rows: list[dict[str, str]]) -> str:
     cols = ("benchmark", "measured", "target", "met", "notes")
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(" ".join(row[c].split()).replace("|", "\\|") for c in cols) + " |")
+        lines.append(
+            "| " + " | ".join(" ".join(row[c].split()).replace("|", "\\|") for c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="squish service benchmarks")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this (repeatable)")
+    parser.add_argument(
+        "--only", action="append", choices=BENCHMARKS, help="run only this (repeatable)"
+    )
     parser.add_argument("--quick", action="store_true", help="fast smoke run with small sizes")
-    parser.add_argument("--upload-mib", type=int, default=None, help="upload size (default 1024, quick 64)")
-    parser.add_argument("--pickup-jobs", type=int, default=None, help="jobs per topology (default 20, quick 5)")
-    parser.add_argument("--connections", type=int, default=16, help="GET load: keep-alive connections")
-    parser.add_argument("--duration", type=float, default=None, help="GET load seconds (default 10, quick 3)")
-    parser.add_argument("--api-workers", default="1,2", help="GET: comma-separated --workers values")
+    parser.add_argument(
+        "--upload-mib", type=int, default=None, help="upload size (default 1024, quick 64)"
+    )
+    parser.add_argument(
+        "--pickup-jobs", type=int, default=None, help="jobs per topology (default 20, quick 5)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=16, help="GET load: keep-alive connections"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="GET load seconds (default 10, quick 3)"
+    )
+    parser.add_argument(
+        "--api-workers", default="1,2", help="GET: comma-separated --workers values"
+    )
     parser.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--e2e-seconds", type=float, default=None, help="in-process target (default 12, quick 2)")
+    parser.add_argument(
+        "--e2e-seconds", type=float, default=None, help="in-process target (default 12, quick 2)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
     selected = set(args.only or BENCHMARKS)
     quick = args.quick
     upload_bytes = (args.upload_mib or (64 if quick else 1024)) << 20
-    size_label = f"{upload_bytes / (1 << 30):g} GiB" if upload_bytes >= 1 << 30 else f"{upload_bytes >> 20} MiB"
+    size_label = (
+        f"{upload_bytes / (1 << 30):g} GiB"
+        if upload_bytes >= 1 << 30
+        else f"{upload_bytes >> 20} MiB"
+    )
     pickup_jobs = args.pickup_jobs or (5 if quick else 20)
     duration = args.duration or (3.0 if quick else 10.0)
     api_workers = [int(w) for w in args.api_workers.split(",") if w.strip()]
@@ -245,15 +292,26 @@ def main(argv: list[str] | None = None) -> int:
                 with sb.workdir("production") as root, sb.ProductionStack(root) as stack:
                     last_job = None
                     if "pickup" in selected:
-                        res = r.attempt("pickup_production", lambda: sb.bench_pickup_production(stack, pickup_jobs))
+                        res = r.attempt(
+                            "pickup_production",
+                            lambda: sb.bench_pickup_production(stack, pickup_jobs),
+                        )
                         last_job = res["last_job_id"] if res else None
                     if "get" in selected:
                         job_id = sb.prepare_job(stack, last_job)
                         for w in api_workers:
-                            r.attempt(
-                                f"get_workers_{w}",
-                                lambda w=w: sb.bench_get(stack, job_id, w, args.connections, duration, args.load_generator),
-                            )
+
+                            def one(w: int = w) -> dict[str, Any]:
+                                return sb.bench_get(
+                                    stack,
+                                    job_id,
+                                    w,
+                                    args.connections,
+                                    duration,
+                                    args.load_generator,
+                                )
+
+                            r.attempt(f"get_workers_{w}", one)
                 return True
 
             if r.attempt("production_stack", production) is None:
@@ -272,7 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         if quick:
             r.attempt(
                 "e2e",
-                lambda: sb.bench_e2e(target_s=e2e_seconds, hidden=(256, 256, 256), features=256, classes=256, batch=64),
+                lambda: sb.bench_e2e(
+                    target_s=e2e_seconds,
+                    hidden=(256, 256, 256),
+                    features=256,
+                    classes=256,
+                    batch=64,
+                ),
             )
         else:
             r.attempt("e2e", lambda: sb.bench_e2e(target_s=e2e_seconds))
@@ -281,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - started
     table = print_table(r.rows)
     print(table)
-    print(f"\n{len(r.rows)} rows, {sum(row['met'] == 'yes' for row in r.rows)} met; "
-          f"{'quick smoke run; ' if quick else ''}{total_s:.0f} s in all; JSON: {args.out}")
+    print(
+        f"\n{len(r.rows)} rows, {sum(row['met'] == 'yes' for row in r.rows)} met; "
+        f"{'quick smoke run; ' if quick else ''}{total_s:.0f} s in all; JSON: {args.out}"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
@@ -294,10 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                 "total_s": round(total_s, 1),
                 "host": _host(),
                 "targets": {
-                    "upload_mb_per_s": UPLOAD_MB_S, "upload_rss_growth_mib": UPLOAD_RSS_MIB,
-                    "pickup_p95_s": PICKUP_P95_S, "get_req_per_s": GET_REQ_S, "get_p99_ms": GET_P99_MS,
+                    "upload_mb_per_s": UPLOAD_MB_S,
+                    "upload_rss_growth_mib": UPLOAD_RSS_MIB,
+                    "pickup_p95_s": PICKUP_P95_S,
+                    "get_req_per_s": GET_REQ_S,
+                    "get_p99_ms": GET_P99_MS,
                     "e2e_ratio": E2E_RATIO,
-                },  # fmt: skip
+                },
                 "table": r.rows,
                 "results": r.results,
                 "errors": r.errors,

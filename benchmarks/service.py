@@ -152,10 +152,8 @@ class Processes:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
         # Children (uvicorn workers, Celery pool processes) share the group: none outlives it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -207,13 +205,17 @@ class Service:
                 data=fields,
             )
         if response.status_code != 201:
-            raise BenchError(f"upload of {path.name} answered {response.status_code}: {response.text[:500]}")
+            raise BenchError(
+                f"upload of {path.name} answered {response.status_code}: {response.text[:500]}"
+            )
         return dict(response.json())
 
     def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
         response = self.http.post("/v1/jobs", json=spec)
         if response.status_code != 202:
-            raise BenchError(f"POST /v1/jobs answered {response.status_code}: {response.text[:500]}")
+            raise BenchError(
+                f"POST /v1/jobs answered {response.status_code}: {response.text[:500]}"
+            )
         return dict(response.json())
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -231,7 +233,9 @@ class Service:
                     raise BenchError(f"job {job_id} {job['status']}: {job.get('error')}")
                 return job
             time.sleep(poll_s)
-        raise BenchError(f"job {job_id} still {job.get('status')} ({job.get('stage')}) after {timeout:.0f}s")
+        raise BenchError(
+            f"job {job_id} still {job.get('status')} ({job.get('stage')}) after {timeout:.0f}s"
+        )
 
     def wait_model_inspected(self, model_id: str, timeout: float = 180) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -240,7 +244,9 @@ class Service:
             model = self.http.get(f"/v1/models/{model_id}").json()
             if model["inspection_status"] != "pending":
                 if model["inspection_status"] != "ready":
-                    raise BenchError(f"model {model_id} inspection: {model.get('inspection_error')}")
+                    raise BenchError(
+                        f"model {model_id} inspection: {model.get('inspection_error')}"
+                    )
                 return model
             time.sleep(0.1)
         raise BenchError(f"model {model_id} still pending inspection after {timeout:.0f}s")
@@ -280,7 +286,9 @@ class ProductionStack:
         self.root = root
         self.procs = Processes(root)
         self.dbname = "squish_bench_" + secrets.token_hex(4)
-        self.admin_url = POSTGRES_SERVER_URL.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+        self.admin_url = (
+            POSTGRES_SERVER_URL.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+        )
         self.env: dict[str, str] = {}
         self.api_key = ""
         self.service: Service | None = None
@@ -323,7 +331,12 @@ class ProductionStack:
 
     def _run(self, *args: str) -> str:
         done = subprocess.run(
-            [_squish_bin(), *args], env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180
+            [_squish_bin(), *args],
+            env=self.env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         if done.returncode != 0:
             raise BenchError(f"squish {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
@@ -345,7 +358,9 @@ class ProductionStack:
         self.procs.stop("api")
 
     def start_worker(self) -> None:
-        self.procs.spawn("worker", [_squish_bin(), "worker", "--queues", "cpu", "--name", "bench@%h"], self.env)
+        self.procs.spawn(
+            "worker", [_squish_bin(), "worker", "--queues", "cpu", "--name", "bench@%h"], self.env
+        )
 
     def stop_worker(self) -> None:
         self.procs.stop("worker")
@@ -364,6 +379,63 @@ class ProductionStack:
                     conn.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
                 with contextlib.suppress(Exception):
                     redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+class CpuWatch:
+    """Where the host's CPU went during a measurement: all cores, and processes that are
+    neither this benchmark (this process and its descendants) nor PostgreSQL — another
+    workload on a shared machine skews every figure, so the results say how much there was."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.host0 = psutil.cpu_times()
+        self.procs0 = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        for proc in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error):
+                out[proc.pid] = (proc.info["name"] or "?", _cpu_s(proc))
+        return out
+
+    def result(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        host1 = psutil.cpu_times()
+        busy = sum(
+            getattr(host1, f) - getattr(self.host0, f)
+            for f in ("user", "system", "nice", "irq", "softirq", "steal")
+            if hasattr(host1, f)
+        )
+        ours = {os.getpid()}
+        with contextlib.suppress(psutil.Error):
+            ours |= {p.pid for p in psutil.Process().children(recursive=True)}
+        others: dict[str, float] = {}
+        for pid, (name, cpu1) in self._snapshot().items():
+            if pid in ours or name.startswith("postgres") or pid not in self.procs0:
+                continue
+            delta = cpu1 - self.procs0[pid][1]
+            if delta > 0:
+                others[name] = others.get(name, 0.0) + delta
+        top = sorted(others.items(), key=lambda kv: -kv[1])[:3]
+        return {
+            "wall_s": round(wall, 2),
+            "host_busy_cores": round(busy / wall, 2),
+            "other_processes_cores": round(sum(others.values()) / wall, 2),
+            "other_processes_top": {
+                name: round(cpu / wall, 2) for name, cpu in top if cpu / wall >= 0.01
+            },
+            "cpus": psutil.cpu_count(),
+        }
+
+
+def cpu_note(watch: dict[str, Any]) -> str:
+    """One line for the table: how busy the host was and how much of it was not ours."""
+    top = ", ".join(f"{k} {v}" for k, v in watch["other_processes_top"].items())
+    return (
+        f"host busy {watch['host_busy_cores']}/{watch['cpus']} cores, other workloads "
+        f"{watch['other_processes_cores']} cores" + (f" ({top})" if top else "")
+    )
 
 
 # --- 1. upload ------------------------------------------------------------------------------
@@ -386,7 +458,7 @@ def write_npz_dataset(path: Path, size_bytes: int, features: int = 1024) -> dict
             left = rows
             while left:
                 n = min(left, block_rows)
-                fh.write(memoryview(block[:n]).cast("B"))
+                fh.write(block[:n].tobytes())
                 left -= n
         with zf.open("labels.npy", "w", force_zip64=True) as fh:
             np.lib.format.write_array(fh, (np.arange(rows) % 10).astype(np.int64))
@@ -394,7 +466,12 @@ def write_npz_dataset(path: Path, size_bytes: int, features: int = 1024) -> dict
     with path.open("rb") as fh:
         while chunk := fh.read(8 * MiB):
             digest.update(chunk)
-    return {"rows": rows, "features": features, "size_bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {
+        "rows": rows,
+        "features": features,
+        "size_bytes": path.stat().st_size,
+        "sha256": digest.hexdigest(),
+    }
 
 
 class RssSampler(threading.Thread):
@@ -450,6 +527,7 @@ def bench_service_upload(size_bytes: int) -> dict[str, Any]:
             baseline = server.memory_info().rss
             server_cpu0, client_cpu0 = _cpu_s(server), _cpu_s(psutil.Process())
             sampler.start()
+            watch = CpuWatch()
             started = time.perf_counter()
             with data.open("rb") as fh:
                 response = service.http.post(
@@ -459,10 +537,13 @@ def bench_service_upload(size_bytes: int) -> dict[str, Any]:
                 )
             seconds = time.perf_counter() - started
             peak = sampler.stop()
+            cpu = watch.result()
             server_cpu = _cpu_s(server) - server_cpu0
             client_cpu = _cpu_s(psutil.Process()) - client_cpu0
             if response.status_code != 201:
-                raise BenchError(f"POST /v1/datasets answered {response.status_code}: {response.text[:500]}")
+                raise BenchError(
+                    f"POST /v1/datasets answered {response.status_code}: {response.text[:500]}"
+                )
             body = response.json()
         finally:
             service.close()
@@ -483,7 +564,9 @@ def bench_service_upload(size_bytes: int) -> dict[str, Any]:
         "rss_interval_s": 0.02,
         "server_cpu_s": round(server_cpu, 2),
         "client_cpu_s": round(client_cpu, 2),
-        "sha256_ok": body.get("sha256") == written["sha256"] and body.get("size_bytes") == written["size_bytes"],
+        "host_cpu": cpu,
+        "sha256_ok": body.get("sha256") == written["sha256"]
+        and body.get("size_bytes") == written["size_bytes"],
     }
 
 
@@ -503,13 +586,16 @@ def tiny_onnx(path: Path) -> Path:
     return tiny_mlp_onnx(path)
 
 
-def measure_pickup(service: Service, model_path: Path, jobs: int, gap_s: float = 0.5) -> dict[str, Any]:
+def measure_pickup(
+    service: Service, model_path: Path, jobs: int, gap_s: float = 0.5
+) -> dict[str, Any]:
     """Sequential prune jobs on an idle worker: ``started_at - created_at`` of each."""
     model = service.upload(model_path, "models", name="bench-tiny")
     service.wait_model_inspected(model["id"])
     time.sleep(gap_s)
     latencies: list[float] = []
     job_id = ""
+    watch = CpuWatch()
     for _ in range(jobs):
         job = service.create_job({"model_id": model["id"], **PRUNE_JOB})
         done = service.wait_job(job["id"], poll_s=0.1)
@@ -524,6 +610,7 @@ def measure_pickup(service: Service, model_path: Path, jobs: int, gap_s: float =
         "max_s": round(max(latencies), 4),
         "samples_s": [round(x, 4) for x in latencies],
         "gap_between_jobs_s": gap_s,
+        "host_cpu": watch.result(),
         "last_job_id": job_id,
         "model_id": model["id"],
     }
@@ -585,7 +672,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return result
 
 
-def load_wrk(url: str, api_key: str, connections: int, duration_s: float, threads: int) -> dict[str, Any]:
+def load_wrk(
+    url: str, api_key: str, connections: int, duration_s: float, threads: int
+) -> dict[str, Any]:
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
         "--latency", "--timeout", "5s", "-H", f"Authorization: Bearer {api_key}", url,
@@ -643,9 +732,14 @@ def load_python(
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    per = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
+    per = [
+        connections // processes + (1 if i < connections % processes else 0)
+        for i in range(processes)
+    ]
     workers = [
-        ctx.Process(target=_py_load_worker, args=(port, path, api_key, n, duration_s, queue), daemon=True)
+        ctx.Process(
+            target=_py_load_worker, args=(port, path, api_key, n, duration_s, queue), daemon=True
+        )
         for n in per
         if n
     ]
@@ -729,8 +823,14 @@ def bench_get(
         api = psutil.Process(stack.procs.procs["api"].pid)
         group = [api, *api.children(recursive=True)]
         cpu0 = sum(_cpu_s(p) for p in group)
+        watch = CpuWatch()
         result = run_load(service, path, connections, duration_s, generator)
         result["api_cpu_s"] = round(sum(_cpu_s(p) for p in group) - cpu0, 2)
+        result["host_cpu"] = watch.result()
+        if result["requests"]:
+            result["api_cpu_ms_per_request"] = round(
+                result["api_cpu_s"] * 1e3 / result["requests"], 3
+            )
     finally:
         stack.stop_api()
     result.update(
@@ -753,13 +853,16 @@ def _run_in_process(model_path: Path, spec: Any, work: Path) -> tuple[float, Any
 
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
-    result = run_pipeline(model_path, "onnx", spec, datasets={}, work_dir=work, reporter=NullReporter())
+    result = run_pipeline(
+        model_path, "onnx", spec, datasets={}, work_dir=work, reporter=NullReporter()
+    )
     return time.perf_counter() - t0, result
 
 
 def _latency_mean_s(metrics: dict[str, Any], key: str) -> float:
     return (
-        float(metrics["original"]["latency_ms"][key]["mean"]) + float(metrics["compressed"]["latency_ms"][key]["mean"])
+        float(metrics["original"]["latency_ms"][key]["mean"])
+        + float(metrics["compressed"]["latency_ms"][key]["mean"])
     ) / 1e3
 
 
@@ -784,7 +887,9 @@ def bench_e2e(
     key = f"batch_{batch}"
     with workdir("e2e") as root:
         model_path = export_onnx(
-            mlp(hidden=hidden, in_features=features, classes=classes), torch.randn(2, features), root / "e2e.onnx"
+            mlp(hidden=hidden, in_features=features, classes=classes),
+            torch.randn(2, features),
+            root / "e2e.onnx",
         )
         # Calibrate: a short run gives the fixed cost and the cost of one timed iteration.
         cal_iters = 10
@@ -806,10 +911,12 @@ def bench_e2e(
                 "pipeline": [{"method": "quantize.dynamic", "params": {}}],
                 "evaluate": {"batch_sizes": [batch], "warmup": warmup, "iterations": iterations},
             }
+            watch = CpuWatch()
             t0 = time.perf_counter()
             job = service.create_job(body)
             done = service.wait_job(job["id"], poll_s=0.2, timeout=600)
             client_s = time.perf_counter() - t0
+            service_cpu = watch.result()
             report = service.http.get(f"/v1/jobs/{job['id']}/artifacts/report")
             report.raise_for_status()
             worker_pipeline_s = float(report.json()["seconds"])
@@ -820,7 +927,9 @@ def bench_e2e(
             steps=steps, output_format=spec["output_format"], device=spec["target"]["device"],
             batch_sizes=list(ev["batch_sizes"]), warmup=int(ev["warmup"]), iterations=int(ev["iterations"]),
         )  # fmt: skip
+        watch = CpuWatch()
         local_s, local = _run_in_process(model_path, pipeline_spec, root / "local")
+        local_cpu = watch.result()
         local_report_s = float(json.loads(local.report_path.read_text())["seconds"])
 
     server_s = ts(done["finished_at"]) - ts(done["created_at"])
@@ -831,7 +940,12 @@ def bench_e2e(
         "batch_sizes": pipeline_spec.batch_sizes,
         "warmup": pipeline_spec.warmup,
         "iterations": pipeline_spec.iterations,
-        "calibration": {"iterations": cal_iters, "seconds": round(cal_s, 3), "per_iteration_s": round(per_iter, 5), "fixed_s": round(fixed, 3)},
+        "calibration": {
+            "iterations": cal_iters,
+            "seconds": round(cal_s, 3),
+            "per_iteration_s": round(per_iter, 5),
+            "fixed_s": round(fixed, 3),
+        },
         "job_id": done["id"],
         "service_s": round(server_s, 3),
         "service_queue_s": round(ts(done["started_at"]) - ts(done["created_at"]), 3),
@@ -842,6 +956,8 @@ def bench_e2e(
         "in_process_pipeline_s": round(local_report_s, 3),
         "ratio_server": round(server_s / local_s, 4),
         "ratio_client": round(client_s / local_s, 4),
+        "host_cpu_service_run": service_cpu,
+        "host_cpu_in_process_run": local_cpu,
         "latency_ms_service": {
             "original": done["metrics"]["original"]["latency_ms"][key],
             "compressed": done["metrics"]["compressed"]["latency_ms"][key],

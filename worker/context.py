@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from worker.data import Dataset
+    from worker.formats import LoadedModel
 
 
 class Reporter(Protocol):
@@ -87,6 +88,10 @@ class StepContext:
         device: ``"cpu"`` or ``"gpu"``.
         work_dir: a scratch folder the handler may write to.
         progress_start / progress_end: the slice of overall progress this step owns.
+        original: ``(path, format)`` of the model as uploaded; :meth:`load_original`
+            loads a fresh copy (steps may have changed the pipeline's model in place).
+        models: other uploaded models a step's params name (e.g. ``teacher_model_id``),
+            by id: ``(local path, format)``; load one with :meth:`load_model`.
     """
 
     step: int
@@ -97,6 +102,26 @@ class StepContext:
     work_dir: Path
     progress_start: float = 0.0
     progress_end: float = 1.0
+    original: tuple[Path, str] | None = None
+    models: dict[str, tuple[Path, str]] = field(default_factory=dict)
+
+    def load_original(self) -> LoadedModel:
+        """A fresh copy of the uploaded model (e.g. the default teacher for distillation)."""
+        from worker.formats import load_model
+
+        if self.original is None:
+            raise RuntimeError("this step context was built without the original model")
+        return load_model(*self.original)
+
+    def load_model(self, model_id: str) -> LoadedModel:
+        """Load another uploaded model named in this step's params (safely, like the input)."""
+        from worker.errors import InvalidModelError
+        from worker.formats import load_model
+
+        if model_id not in self.models:
+            raise InvalidModelError(f"model {model_id!r} was not fetched for this job", step=self.method)
+        path, fmt = self.models[model_id]
+        return load_model(path, fmt)
 
     def progress(self, fraction_of_step: float) -> None:
         """Report progress within this step; raises JobCancelled if the job was cancelled."""

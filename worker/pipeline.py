@@ -61,6 +61,7 @@ class PipelineSpec:
         device: ``"cpu"`` or ``"gpu"`` (methods and measurement).
         batch_sizes: latency batch sizes.
         warmup / iterations: untimed and timed runs per latency batch size.
+        models: other uploaded models that steps' params name, by id: ``(path, format)``.
     """
 
     steps: list[tuple[str, dict]]
@@ -69,6 +70,7 @@ class PipelineSpec:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     warmup: int = 3
     iterations: int = 20
+    models: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +136,8 @@ def run_pipeline(
             work_dir=work_dir,
             progress_start=_P_DATA + span * index,
             progress_end=_P_DATA + span * (index + 1),
+            original=(Path(model_path), model_format),
+            models=spec.models,
         )
         ctx.progress(0.0)
         t0 = time.monotonic()

@@ -35,6 +35,8 @@ class Method:
         datasets_optional: dataset roles it uses when given.
         devices: ``cpu`` and/or ``gpu``.
         handler: ``(model, params, ctx) -> model``; imports torch lazily.
+        model_refs: names of params fields that hold the id of another uploaded model
+            (e.g. ``teacher_model_id``); the API checks them and the worker fetches them.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Method:
     datasets_required: frozenset[str] = frozenset()
     datasets_optional: frozenset[str] = frozenset()
     devices: frozenset[str] = frozenset({"cpu", "gpu"})
+    model_refs: tuple[str, ...] = ()
 
     def validate_params(self, params: Mapping[str, Any], fmt: str | None = None) -> MethodParams:
         """Validate a step's params; with ``fmt``, also refuse what that format's backend lacks.
