@@ -204,6 +204,18 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
             path = work_dir / f"{role}.{dataset.format}"
             store.get_to_file(dataset.storage_key, path)
             dataset_paths[role] = path
+        extra_models: dict[str, tuple[Path, str]] = {}
+        for ref_id, ref_format in spec.get("models", {}).items():
+            with session_scope() as session:
+                referenced = session.get(MLModel, ref_id)
+                ref_key = referenced.storage_key if referenced is not None else None
+            if ref_key is None:
+                raise _Deterministic(
+                    "model_deleted", f"model {ref_id}, named in the pipeline, was deleted"
+                )
+            ref_path = work_dir / f"{ref_id}.{ref_format}"
+            store.get_to_file(ref_key, ref_path)
+            extra_models[ref_id] = (ref_path, ref_format)
         pipeline_spec = PipelineSpec(
             steps=[(step["method"], step["params"]) for step in spec["pipeline"]],
             output_format=spec["output_format"],
@@ -211,6 +223,7 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
             batch_sizes=spec["evaluate"]["batch_sizes"],
             warmup=spec["evaluate"]["warmup"],
             iterations=spec["evaluate"]["iterations"],
+            models=extra_models,
         )
         result = run_pipeline(
             model_path, model_format, pipeline_spec, dataset_paths, work_dir / "run", reporter

@@ -70,6 +70,7 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         )
 
     steps = []
+    models: dict[str, str] = {}
     for index, step in enumerate(body.pipeline):
         try:
             method = get_method(step.method)
@@ -100,12 +101,27 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
                 ["datasets", missing[0]],
                 f"{step.method} needs a {missing[0]} dataset; upload one and pass its id in datasets.{missing[0]}",
             )
-        steps.append({"method": step.method, "params": params.model_dump(mode="json")})
+        dumped = params.model_dump(mode="json")
+        for ref in method.model_refs:
+            ref_id = dumped.get(ref)
+            if ref_id is None:
+                continue
+            referenced = session.get(MLModel, ref_id)
+            if referenced is None or referenced.tenant_id != tenant_id:
+                raise NotFound(f"No model {ref_id!r} (pipeline[{index}].params.{ref}).")
+            if referenced.inspection_status == "failed":
+                raise _error(
+                    ["pipeline", index, "params", ref],
+                    f"model {ref_id} could not be loaded: {referenced.inspection_error}",
+                )
+            models[ref_id] = referenced.format
+        steps.append({"method": step.method, "params": dumped})
 
     return {
         "model_id": model.id,
         "pipeline": steps,
         "datasets": datasets,
+        "models": models,
         "target": {"device": body.target.device, "runtime": runtime},
         "output_format": output_format,
         "evaluate": body.evaluate.model_dump(),

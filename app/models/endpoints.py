@@ -7,7 +7,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app.db import new_id, utcnow
 from app.deps import SessionDep, SettingsDep, StoreDep, TenantDep
@@ -99,10 +99,13 @@ def delete_model(
 ) -> Response:
     """Delete a model and its file; refused while a queued or running job uses it."""
     model = _get(session, tenant_id, model_id)
-    active = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.model_id == model.id, Job.status.in_(ACTIVE))
+    active_jobs = session.execute(
+        select(Job.model_id, Job.spec).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+    ).all()
+    active = sum(
+        1
+        for job_model, spec in active_jobs
+        if job_model == model.id or model.id in spec.get("models", {})
     )
     if active:
         raise Conflict(f"{active} queued or running job(s) use this model; cancel them first.")

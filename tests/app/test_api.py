@@ -368,3 +368,37 @@ def test_format_specific_params_and_methods_are_422(
     spec["target"] = {"device": "gpu"}
     spec["pipeline"] = [{"method": "quantize.dynamic", "params": {}}]
     assert_problem(client.post("/v1/jobs", json=spec), 422, "does not run on gpu")
+
+
+def test_models_named_in_params_are_checked_and_protected(
+    client: TestClient, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import Field
+
+    from worker import methods
+    from worker.methods.base import Method, MethodParams
+
+    class TeacherParams(MethodParams):
+        teacher_model_id: str | None = Field(None, description="Another uploaded model.")
+
+    with_teacher = Method(
+        name="test.with_teacher",
+        summary="names another model",
+        params=TeacherParams,
+        formats=frozenset({"pt2", "onnx"}),
+        handler=methods.get_method("prune.magnitude").handler,
+        model_refs=("teacher_model_id",),
+    )
+    monkeypatch.setitem(methods.REGISTRY, with_teacher.name, with_teacher)
+    student = upload(client, files["pt2"]).json()
+    teacher = upload(client, files["onnx"]).json()
+    step = {"method": "test.with_teacher", "params": {"teacher_model_id": "mdl_missing"}}
+    assert_problem(
+        client.post("/v1/jobs", json=job_spec(student["id"], pipeline=[step])), 404, "mdl_missing"
+    )
+    step["params"]["teacher_model_id"] = teacher["id"]
+    job = client.post("/v1/jobs", json=job_spec(student["id"], pipeline=[step])).json()
+    assert job["spec"]["models"] == {teacher["id"]: "onnx"}
+    assert_problem(client.delete(f"/v1/models/{teacher['id']}"), 409, "cancel")
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/models/{teacher['id']}").status_code == 204
