@@ -56,8 +56,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobOut:
     """Poll a job: status, progress, stage, metrics and artifacts."""
-    job = service.get_job(session, tenant_id, job_id)
-    return service.to_out(job, service.artifacts_of(session, [job.id])[job.id])
+    return service.to_out(*service.get_job_with_artifacts(session, tenant_id, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)

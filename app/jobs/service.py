@@ -17,10 +17,11 @@ from app.jobs import lifecycle
 from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
 from app.queue import RUN_JOB, send_after_commit
+from worker.convert import conversion_problem, format_problem, step_formats
 from worker.methods import get_method
 from worker.methods.base import UnknownMethodError
 
-RUNTIME_OF_FORMAT = {"pt2": "torch", "onnx": "onnxruntime"}
+RUNTIME_OF_FORMAT = {"pt2": "torch", "onnx": "onnxruntime", "hf": "torch"}
 
 
 def _error(loc: list[Any], msg: str) -> Unprocessable:
@@ -48,20 +49,18 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.tenant_id != tenant_id:
             raise NotFound(f"No dataset {dataset_id!r} (datasets.{role}).")
-        if dataset.format == "jsonl":
+        if dataset.format == "jsonl" and model.format != "hf":
             raise _error(
                 ["datasets", role],
-                "text (.jsonl) datasets need a Hugging Face model; use .npz or .safetensors",
+                "text (.jsonl) datasets need a Hugging Face (hf) model, whose tokenizer turns "
+                f"them into inputs; this model is {model.format}: use .npz or .safetensors",
             )
         datasets[role] = dataset_id
 
     output_format = body.output_format or model.format
-    if output_format != model.format:
-        raise _error(
-            ["output_format"],
-            f"converting a {model.format} model to {output_format} is not supported; "
-            f"omit output_format or set it to {model.format!r}",
-        )
+    problem = conversion_problem(model.format, output_format)
+    if problem is not None:
+        raise _error(["output_format"], problem)
     runtime = RUNTIME_OF_FORMAT[output_format]
     if body.target.runtime is not None and body.target.runtime != runtime:
         raise _error(
@@ -69,15 +68,20 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
             f"a {output_format} artifact runs in {runtime}; set target.runtime to {runtime!r} or omit it",
         )
 
-    steps = []
-    models: dict[str, str] = {}
+    methods = []
     for index, step in enumerate(body.pipeline):
         try:
-            method = get_method(step.method)
+            methods.append(get_method(step.method))
         except UnknownMethodError as exc:
             raise _error(["pipeline", index, "method"], str(exc)) from None
+    # With a conversion, trailing ONNX Runtime quantization steps get the converted model.
+    formats = step_formats(model.format, output_format, methods)
+
+    steps = []
+    models: dict[str, str] = {}
+    for index, (step, method, fmt) in enumerate(zip(body.pipeline, methods, formats, strict=True)):
         try:
-            params = method.validate_params(step.params, model.format)
+            params = method.validate_params(step.params, fmt)
         except ValidationError as exc:
             errors = validation_errors(list(exc.errors()))
             for err in errors:
@@ -85,17 +89,15 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
             raise Unprocessable(
                 f"{step.method}: " + describe(errors), title="Invalid job spec", errors=errors
             ) from None
-        if model.format not in method.formats:
-            raise _error(
-                ["pipeline", index, "method"],
-                f"{step.method} does not accept {model.format} models (it accepts {', '.join(sorted(method.formats))})",
-            )
+        format_refusal = format_problem(method, fmt, model.format, output_format)
+        if format_refusal is not None:
+            raise _error(["pipeline", index, "method"], format_refusal)
         if body.target.device not in method.devices:
             raise _error(
                 ["target", "device"],
                 f"{step.method} does not run on {body.target.device} (it runs on {', '.join(sorted(method.devices))})",
             )
-        missing = sorted(method.datasets_required - datasets.keys())
+        missing = sorted(method.requires(params) - datasets.keys())
         if missing:
             raise _error(
                 ["datasets", missing[0]],
@@ -187,6 +189,21 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"No job {job_id!r}.")
     return job
+
+
+def get_job_with_artifacts(
+    session: Session, tenant_id: str, job_id: str
+) -> tuple[Job, list[Artifact]]:
+    """The job and its artifacts in one round trip (the polling hot path)."""
+    rows = session.execute(
+        select(Job, Artifact)
+        .outerjoin(Artifact, Artifact.job_id == Job.id)
+        .where(Job.id == job_id, Job.tenant_id == tenant_id)
+        .order_by(Artifact.name)
+    ).all()
+    if not rows:
+        raise NotFound(f"No job {job_id!r}.")
+    return rows[0][0], [artifact for _, artifact in rows if artifact is not None]
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
