@@ -79,10 +79,17 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
+@lru_cache
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions in autocommit mode: a read costs one round trip, no BEGIN/COMMIT."""
+    engine = get_engine().execution_options(isolation_level="AUTOCOMMIT")
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A unit of work for code outside a request: commit on success, roll back on error."""
-    session = get_sessionmaker()()
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A unit of work: commit on success, roll back on error (`read_only`: autocommit reads)."""
+    session = (get_read_sessionmaker() if read_only else get_sessionmaker())()
     try:
         yield session
         session.commit()
@@ -99,3 +106,4 @@ def reset_engine() -> None:
         get_engine().dispose()
     get_engine.cache_clear()
     get_sessionmaker.cache_clear()
+    get_read_sessionmaker.cache_clear()

@@ -10,7 +10,7 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import new_id
+from app.db import new_id, session_scope
 from app.orm import ApiKey, Tenant
 
 KEY_PREFIX = "sq_"
@@ -68,21 +68,28 @@ class KeyCache:
         self._items: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def tenant_for(self, session: Session, key: str) -> str | None:
+    def cached(self, key: str) -> str | None:
+        """The tenant of a key seen in the last few seconds, without touching the database."""
+        hit = self._items.get(hash_key(key))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    def tenant_for(self, key: str) -> str | None:
+        """The key's tenant (cached for a few seconds), or None for an unknown/revoked key."""
+        tenant_id = self.cached(key)
+        if tenant_id is not None:
+            return tenant_id
         digest = hash_key(key)
-        now = time.monotonic()
-        with self._lock:
-            hit = self._items.get(digest)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        tenant_id = session.scalar(
-            select(ApiKey.tenant_id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-        )
+        with session_scope(read_only=True) as session:
+            tenant_id = session.scalar(
+                select(ApiKey.tenant_id).where(
+                    ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
+                )
+            )
         if tenant_id is not None:
             with self._lock:
                 if len(self._items) > 10_000:
                     self._items.clear()
-                self._items[digest] = (tenant_id, now + self._ttl)
+                self._items[digest] = (tenant_id, time.monotonic() + self._ttl)
         return tenant_id
 
     def clear(self) -> None:

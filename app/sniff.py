@@ -8,6 +8,15 @@ torch.export archive legitimately carries (its sample inputs) is only *scanned*
 opcode by opcode with ``pickletools``, never executed. Reads are streamed, so
 memory stays bounded whatever the file size (except ``onnx.load`` on ONNX files
 up to ``ONNX_FULL_CHECK_MAX_BYTES``).
+
+A Hugging Face model (``hf``) is a zip of a ``save_pretrained`` folder. Without importing
+transformers or torch, the API checks every member's path (no absolute or ``..`` paths,
+no links: zip-slip), CRC and size, refuses code (``*.py``, an ``auto_map`` in any JSON at
+the folder's root: remote code is never trusted) and pickled weights
+(``pytorch_model.bin``, ``*.pt``, ``*.pkl``), reads config.json (``model_type``,
+``architectures``) and each ``*.safetensors`` header, and wants tokenizer files. The
+worker that inspects the upload then checks that the architecture is one transformers
+itself provides.
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ import _compat_pickle
 import json
 import math
 import pickletools
+import re
+import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +46,7 @@ __all__ = [
 ]
 
 MiB = 1 << 20
-MODEL_FORMATS = ("pt2", "onnx")
+MODEL_FORMATS = ("pt2", "onnx", "hf")
 DATASET_FORMATS = ("npz", "safetensors", "jsonl")
 ONNX_FULL_CHECK_MAX_BYTES = 512 * MiB
 """ONNX files up to this size are parsed with onnx and checked by onnx.checker; larger
@@ -78,12 +89,6 @@ def _normalize(declared: str | None, allowed: tuple[str, ...], what: str) -> str
     if declared is None or not declared.strip():
         return None
     value = declared.strip().lower()
-    if value == "hf" and what == "model":
-        raise Rejected(
-            "format 'hf' (a zipped Hugging Face model folder) is not accepted yet; only pt2 "
-            "(torch.export.save) and onnx are supported. " + EXPORT_HINT,
-            title="Unsupported model format",
-        )
     if value not in allowed:
         raise Rejected(
             f"unknown {what} format {declared!r}; supported formats are {', '.join(allowed)}",
@@ -128,7 +133,10 @@ def _read_head(path: Path, n: int = 16) -> tuple[bytes, int]:
 
 
 def check_model_file(path: Path, declared_format: str | None, filename: str | None) -> str:
-    """Validate an uploaded model file; return its format, ``"pt2"`` or ``"onnx"``.
+    """Validate an uploaded model file; return its format, ``"pt2"``, ``"onnx"`` or ``"hf"``.
+
+    A zip with ``config.json`` at its root or in its single top folder is a Hugging Face
+    model folder (``hf``); another zip must be a torch.export archive (``pt2``).
 
     Raises Rejected (422, or 415 for content of no supported type) with a detail that
     says what to change.
@@ -139,23 +147,44 @@ def check_model_file(path: Path, declared_format: str | None, filename: str | No
         raise Rejected("the model file is empty", title="Empty model file")
     if _is_pickle(head):
         raise _pickle_refused("a pickle (torch.save of a module or state_dict, legacy format)")
+    if _is_zip(path, head) and _looks_like_hf(path):
+        if declared in ("pt2", "onnx"):
+            raise Rejected(
+                f"declared format {declared} but the file is a zipped Hugging Face model "
+                "folder; send format=hf or omit it",
+                title="Model format mismatch",
+            )
+        _check_hf(path, size)
+        return "hf"
     if _is_zip(path, head):
         try:
             _check_pt2(path, size)
         except Rejected as exc:
+            if declared == "hf" and exc.title != PICKLE_TITLE:
+                raise _bad_hf(
+                    "declared format hf but the zip holds no Hugging Face model folder: "
+                    "config.json must be at the zip's root or in its single top folder. "
+                    + HF_SAVE_HINT
+                ) from None
             if declared == "onnx" and exc.title != PICKLE_TITLE:
                 raise Rejected(
                     "declared format onnx but the file is a zip archive, not an ONNX model",
                     title="Model format mismatch",
                 ) from None
             raise
-        if declared == "onnx":
+        if declared in ("onnx", "hf"):
             raise Rejected(
-                "declared format onnx but the file is a pt2 archive (torch.export.save); "
+                f"declared format {declared} but the file is a pt2 archive (torch.export.save); "
                 "send format=pt2 or omit it",
                 title="Model format mismatch",
             )
         return "pt2"
+    if declared == "hf":
+        raise Rejected(
+            "declared format hf but the file is not a zip archive; an hf model is a zipped "
+            "Hugging Face model folder. " + HF_SAVE_HINT,
+            title="Model format mismatch",
+        )
     try:
         _check_onnx(path, size)
     except _NotThisFormat as exc:
@@ -177,8 +206,8 @@ def check_model_file(path: Path, declared_format: str | None, filename: str | No
                 title="Invalid pt2 archive",
             ) from None
         raise Rejected(
-            "the file is neither a torch.export archive (.pt2) nor an ONNX model; "
-            "supported formats are pt2 and onnx. " + EXPORT_HINT,
+            "the file is neither a torch.export archive (.pt2), an ONNX model nor a zipped "
+            "Hugging Face model folder; supported formats are pt2, onnx and hf. " + EXPORT_HINT,
             title="Unsupported model type",
             status=415,
         ) from None
@@ -222,8 +251,8 @@ def _check_pt2(path: Path, size: int) -> None:
                 n.endswith(".safetensors") for n in names
             ):
                 hint = (
-                    "It looks like a Hugging Face model folder (format hf), which is not "
-                    "accepted yet. "
+                    "It looks like a Hugging Face model folder (format hf), but an hf zip "
+                    "needs config.json at its root or in its single top folder. "
                 )
             else:
                 hint = ""
@@ -305,7 +334,11 @@ def _read_small(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
         return member.read(64).strip()
 
 
-def _check_crcs(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
+def _check_crcs(
+    archive: zipfile.ZipFile,
+    infos: list[zipfile.ZipInfo],
+    corrupt: Callable[[str], Rejected] = _corrupt_pt2,
+) -> None:
     """Read every member to its end in chunks: zipfile verifies each CRC-32 at EOF."""
     for info in infos:
         try:
@@ -313,7 +346,7 @@ def _check_crcs(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
                 while member.read(READ_CHUNK):
                     pass
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
-            raise _corrupt_pt2(f"{info.filename}: {exc}") from None
+            raise corrupt(f"{info.filename}: {exc}") from None
 
 
 def _load_json_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
@@ -499,6 +532,199 @@ def _scan_sample_pickle(where: str, size: int, stream: IO[bytes]) -> None:
             "run arbitrary code, so the archive is refused. Export with plain tensor example "
             "inputs",
             title="Unsafe pt2 archive",
+        )
+
+
+# --- hf (a zipped Hugging Face Transformers model folder) -------------------------------
+
+HF_TITLE = "Invalid Hugging Face model"
+HF_MAX_MEMBERS = 10_000
+HF_MAX_TENSORS = 1_000_000
+HF_SAVE_HINT = (
+    "Save it with `model.save_pretrained(folder, safe_serialization=True)` and "
+    "`tokenizer.save_pretrained(folder)`, then zip the folder."
+)
+_HF_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib")
+_HF_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_HF_OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".keras", ".gguf")
+_HF_TOKENIZER_FILES = frozenset(
+    {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+     "sentencepiece.bpe.model", "tokenizer.model"}
+)  # fmt: skip
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _hf_ignored(name: str) -> bool:
+    """Finder litter that zips of a folder often carry; the worker skips it too."""
+    return name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1] == ".DS_Store"
+
+
+def _looks_like_hf(path: Path) -> bool:
+    """A zip with config.json at its root or in its single top folder, and no pt2 marker."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if not _hf_ignored(n)]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError):
+        return False
+    if any(n.count("/") == 1 and n.endswith("/archive_format") for n in names):
+        return False
+    return any(
+        n == "config.json" or (n.count("/") == 1 and n.endswith("/config.json")) for n in names
+    )
+
+
+def _bad_hf(detail: str) -> Rejected:
+    return Rejected(detail, title=HF_TITLE)
+
+
+def _corrupt_hf(reason: str) -> Rejected:
+    return Rejected(
+        f"the zip is corrupt or truncated ({reason}); upload the complete file",
+        title="Corrupt model file",
+    )
+
+
+def _check_hf_name(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    parts = name.rstrip("/").split("/")
+    if (
+        name.startswith("/")
+        or "\\" in name
+        or re.match(r"^[A-Za-z]:", name)
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise _bad_hf(
+            f"the zip member {name!r} has an absolute, empty or '..' path; a zip must only "
+            "hold the model folder's own files"
+        )
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise _bad_hf(f"the zip member {name!r} is a symbolic link; zip the files themselves")
+    if info.flag_bits & 0x1:
+        raise _bad_hf(f"the zip member {name!r} is encrypted")
+    lower = parts[-1].lower()
+    if lower.endswith(_HF_CODE_SUFFIXES):
+        raise Rejected(
+            f"the model folder contains code ({name}). squish never runs code from an upload "
+            "(trust_remote_code is always off): upload a model whose architecture is part of "
+            "the transformers library, without .py files",
+            title="Remote code refused",
+        )
+    if not info.is_dir() and lower.endswith(_HF_PICKLE_SUFFIXES):
+        raise Rejected(
+            f"the model folder contains {name}, a pickled PyTorch file. It was NOT unpickled: "
+            "unpickling an upload can run arbitrary code, so squish never does. Save the "
+            "weights as safetensors instead and leave out pytorch_model.bin / *.pt / *.pkl: "
+            + HF_SAVE_HINT,
+            title=PICKLE_TITLE,
+        )
+    if not info.is_dir() and lower.endswith(_HF_OTHER_WEIGHT_SUFFIXES):
+        raise _bad_hf(
+            f"the model folder contains {name}, weights in a format other than safetensors "
+            f"(TensorFlow, Flax or GGUF); squish loads PyTorch safetensors weights. {HF_SAVE_HINT}"
+        )
+
+
+def _hf_json(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
+    if info.file_size > MAX_JSON_MEMBER_BYTES:
+        raise _bad_hf(f"{info.filename} is larger than {MAX_JSON_MEMBER_BYTES} bytes")
+    try:
+        with archive.open(info) as member:
+            return json.load(member)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_hf(f"{info.filename} is not valid JSON: {exc}") from None
+
+
+def _check_hf(path: Path, size: int) -> None:
+    """A zipped Hugging Face model folder: safe names, safetensors weights, no code."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
+        raise Rejected(
+            f"the zip is corrupt or truncated ({exc}); upload the complete file",
+            title="Corrupt model file",
+        ) from None
+    with archive:
+        infos = [i for i in archive.infolist() if not _hf_ignored(i.filename)]
+        if len(infos) > HF_MAX_MEMBERS:
+            raise _bad_hf(f"the zip has more than {HF_MAX_MEMBERS} members")
+        for info in infos:
+            _check_hf_name(info)
+        files = [i for i in infos if not i.is_dir()]
+        total = sum(info.file_size for info in files)
+        if total > 16 * size + 64 * MiB:
+            raise _bad_hf(f"the zip expands to {total} bytes from {size}; refusing a zip bomb")
+        names = {info.filename: info for info in files}
+        if "config.json" in names:
+            prefix = ""
+        else:
+            tops = {n.split("/", 1)[0] for n in names}
+            prefix = tops.pop() + "/" if len(tops) == 1 and all("/" in n for n in names) else ""
+            if prefix + "config.json" not in names:
+                raise _bad_hf(
+                    "the zip holds no Hugging Face model folder: config.json must be at the "
+                    "zip's root or in its single top folder. " + HF_SAVE_HINT
+                )
+        _check_crcs(archive, files, _corrupt_hf)
+        root = {n[len(prefix) :]: info for n, info in names.items()}
+
+        config = _hf_json(archive, root["config.json"])
+        if not isinstance(config, dict):
+            raise _bad_hf("the Hugging Face config.json is not a JSON object")
+        for rel, info in root.items():
+            if "/" in rel or not rel.endswith(".json"):
+                continue
+            doc = config if rel == "config.json" else _hf_json(archive, info)
+            if isinstance(doc, dict) and "auto_map" in doc:
+                raise Rejected(
+                    f"{rel} has an auto_map, which points transformers at custom model code. "
+                    "squish never runs code from an upload (trust_remote_code is always off): "
+                    "upload a model whose architecture is part of the transformers library",
+                    title="Remote code refused",
+                )
+        _check_hf_config(config)
+        weights = [rel for rel in root if "/" not in rel and rel.endswith(".safetensors")]
+        if not weights:
+            raise _bad_hf(
+                f"the Hugging Face model folder has no *.safetensors weights. {HF_SAVE_HINT}"
+            )
+        for rel in weights:
+            info = root[rel]
+
+            def bad(detail: str, rel: str = rel) -> Rejected:
+                return _bad_hf(f"{rel}: bad safetensors header: {detail}")
+
+            with archive.open(info) as member:
+                _safetensors_header(member, info.file_size, bad, HF_MAX_TENSORS)
+        if not any(rel in _HF_TOKENIZER_FILES for rel in root):
+            raise _bad_hf(
+                "the Hugging Face model folder has no tokenizer files (tokenizer.json, "
+                "vocab.txt, tokenizer_config.json ...); save them into the folder with "
+                "`tokenizer.save_pretrained(folder)` before zipping it"
+            )
+
+
+def _check_hf_config(config: dict[str, Any]) -> None:
+    if "quantization_config" in config:
+        raise _bad_hf(
+            "the Hugging Face config.json has a quantization_config: pre-quantized models are "
+            "not supported; upload the floating-point model and let squish quantize it"
+        )
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not _IDENTIFIER.fullmatch(model_type.replace("-", "_")):
+        raise _bad_hf(
+            'the Hugging Face config.json has no "model_type" (e.g. "bert"); save the model '
+            "with save_pretrained, which writes it"
+        )
+    architectures = config.get("architectures")
+    if (
+        not isinstance(architectures, list)
+        or not architectures
+        or not all(isinstance(a, str) and _IDENTIFIER.fullmatch(a) for a in architectures)
+    ):
+        raise _bad_hf(
+            'the Hugging Face config.json has no "architectures" list naming a transformers '
+            'class (e.g. ["BertForSequenceClassification"]); save the model with '
+            "save_pretrained, which writes it"
         )
 
 
@@ -814,54 +1040,59 @@ def _bad_safetensors(detail: str) -> Rejected:
 
 def _check_safetensors(path: Path, size: int) -> _Arrays:
     with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise _bad_safetensors("the file is shorter than the 8-byte header length")
-        header_len = struct.unpack("<Q", raw_len)[0]
-        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER_BYTES):
-            raise _bad_safetensors(
-                f"header length {header_len} exceeds the file ({size} bytes) or the 100 MB limit"
-            )
-        raw = f.read(header_len)
+        return _safetensors_header(f, size, _bad_safetensors, MAX_ARRAYS)
+
+
+def _safetensors_header(
+    f: IO[bytes], size: int, bad: Callable[[str], Rejected], max_tensors: int
+) -> _Arrays:
+    """Check a safetensors header read from ``f`` (``size`` bytes in all); memory bounded."""
+    raw_len = f.read(8)
+    if len(raw_len) < 8:
+        raise bad("the file is shorter than the 8-byte header length")
+    header_len = struct.unpack("<Q", raw_len)[0]
+    if header_len > min(size - 8, MAX_SAFETENSORS_HEADER_BYTES):
+        raise bad(f"header length {header_len} exceeds the file ({size} bytes) or the 100 MB limit")
+    raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad_safetensors(f"not JSON ({exc})") from None
+        raise bad(f"not JSON ({exc})") from None
     if not isinstance(header, dict):
-        raise _bad_safetensors("not a JSON object")
-    if len(header) > MAX_ARRAYS + 1:
-        raise _bad_safetensors(f"more than {MAX_ARRAYS} tensors")
+        raise bad("not a JSON object")
+    if len(header) > max_tensors + 1:
+        raise bad(f"more than {max_tensors} tensors")
     data_size = size - 8 - header_len
     arrays: _Arrays = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict):
-                raise _bad_safetensors("__metadata__ must be an object of strings")
+                raise bad("__metadata__ must be an object of strings")
             continue
         if not isinstance(entry, dict):
-            raise _bad_safetensors(f"entry {name!r} is not an object")
+            raise bad(f"entry {name!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _SAFETENSORS_DTYPES:
-            raise _bad_safetensors(
+            raise bad(
                 f"tensor {name!r} has dtype {dtype!r}; supported: {', '.join(_SAFETENSORS_DTYPES)}"
             )
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
-            raise _bad_safetensors(f"tensor {name!r} has an invalid shape {shape!r}")
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
-            raise _bad_safetensors(
+            raise bad(
                 f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size} data bytes"
             )
         dtype_name, itemsize, kind = _SAFETENSORS_DTYPES[dtype]
         if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            raise _bad_safetensors(
+            raise bad(
                 f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but shape {shape} "
                 f"{dtype_name} needs {math.prod(shape) * itemsize}"
             )
@@ -870,10 +1101,10 @@ def _check_safetensors(path: Path, size: int) -> _Arrays:
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            raise _bad_safetensors(f"tensor {name!r} does not start where the previous one ends")
+            raise bad(f"tensor {name!r} does not start where the previous one ends")
         position = end
     if position != data_size:
-        raise _bad_safetensors(
+        raise bad(
             f"the tensors cover {position} of the {data_size} data bytes; the file is corrupt "
             "or truncated"
         )

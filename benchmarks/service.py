@@ -262,11 +262,12 @@ def workdir(prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def embedded_serve(root: Path) -> Iterator[Service]:
-    """``squish serve`` (API + Celery worker, SQLite, folder broker, local objects)."""
+def embedded_serve(root: Path, key: str | None = None) -> Iterator[Service]:
+    """``squish serve`` (API + Celery worker, SQLite, folder broker, local objects) with its
+    data in ``root/data`` (a second start on the same ``root`` finds what the first left)."""
     procs = Processes(root)
     port = free_port()
-    key = "sq_bench_" + secrets.token_hex(16)
+    key = key or "sq_bench_" + secrets.token_hex(16)
     env = base_env(root / "data", port, SQUISH_API_KEY=key)
     service = Service(procs, port, key)
     try:
@@ -418,9 +419,11 @@ class CpuWatch:
             if delta > 0:
                 others[name] = others.get(name, 0.0) + delta
         top = sorted(others.items(), key=lambda kv: -kv[1])[:3]
+        steal = getattr(host1, "steal", 0.0) - getattr(self.host0, "steal", 0.0)
         return {
             "wall_s": round(wall, 2),
             "host_busy_cores": round(busy / wall, 2),
+            "steal_cores": round(steal / wall, 2),
             "other_processes_cores": round(sum(others.values()) / wall, 2),
             "other_processes_top": {
                 name: round(cpu / wall, 2) for name, cpu in top if cpu / wall >= 0.01
@@ -432,9 +435,13 @@ class CpuWatch:
 def cpu_note(watch: dict[str, Any]) -> str:
     """One line for the table: how busy the host was and how much of it was not ours."""
     top = ", ".join(f"{k} {v}" for k, v in watch["other_processes_top"].items())
+    steal = (
+        f", VM steal {watch['steal_cores']} cores" if watch.get("steal_cores", 0) >= 0.05 else ""
+    )
+    shared = "SHARED HOST: " if watch["other_processes_cores"] >= 0.25 else ""
     return (
-        f"host busy {watch['host_busy_cores']}/{watch['cpus']} cores, other workloads "
-        f"{watch['other_processes_cores']} cores" + (f" ({top})" if top else "")
+        f"{shared}host busy {watch['host_busy_cores']}/{watch['cpus']} cores, other workloads "
+        f"{watch['other_processes_cores']} cores" + (f" ({top})" if top else "") + steal
     )
 
 
@@ -873,11 +880,17 @@ def bench_e2e(
     classes: int = 1024,
     batch: int = 256,
     warmup: int = 2,
+    calibration_iterations: int = 10,
 ) -> dict[str, Any]:
     """A ``quantize.dynamic`` job through ``squish serve`` vs the same pipeline in-process.
 
-    The iteration count is calibrated so that the in-process run takes about ``target_s``.
-    The in-process runs happen while no service is running.
+    1. A short calibration job through the service gives the normalized spec (every
+       default filled in) and the cost of one timed iteration; the iteration count is
+       chosen so that the pipeline takes about ``target_s``.
+    2. In-process run A1, service job B, in-process run A2; the ratio divides B by the
+       mean of A1 and A2, so that drift of the host's speed during the benchmark favours
+       neither side. The service stays up, idle, during A1 and A2 (an idle ``squish
+       serve`` uses well under 1 % of a core), so that B finds its worker warm.
     """
     import torch
 
@@ -891,58 +904,84 @@ def bench_e2e(
             torch.randn(2, features),
             root / "e2e.onnx",
         )
-        # Calibrate: a short run gives the fixed cost and the cost of one timed iteration.
-        cal_iters = 10
-        cal_spec = PipelineSpec(
-            steps=[("quantize.dynamic", {})], output_format="onnx", device="cpu",
-            batch_sizes=[batch], warmup=warmup, iterations=cal_iters,
-        )  # fmt: skip
-        cal_s, cal = _run_in_process(model_path, cal_spec, root / "cal")
-        per_iter = _latency_mean_s(cal.metrics, key)
-        fixed = max(0.0, cal_s - per_iter * (cal_iters + warmup))
-        iterations = int(min(10_000, max(1, math.ceil((target_s - fixed) / per_iter))))
+        step = {"method": "quantize.dynamic", "params": {}}
+
+        def body(model_id: str, iterations: int) -> dict[str, Any]:
+            return {
+                "model_id": model_id,
+                "pipeline": [step],
+                "evaluate": {"batch_sizes": [batch], "warmup": warmup, "iterations": iterations},
+            }
 
         with embedded_serve(root / "serve") as service:
             model = service.upload(model_path, "models", name="bench-e2e")
             service.wait_model_inspected(model["id"])
+            cal_job = service.create_job(body(model["id"], calibration_iterations))
+            cal = service.wait_job(cal_job["id"], poll_s=0.2, timeout=600)
+            per_iter = _latency_mean_s(cal["metrics"], key)
+            cal_run_s = ts(cal["finished_at"]) - ts(cal["started_at"])
+            fixed = max(0.0, cal_run_s - per_iter * (calibration_iterations + warmup))
+            iterations = int(min(10_000, max(1, math.ceil((target_s - fixed) / per_iter))))
+
+            spec = cal["spec"]
+            steps = [(s["method"], s["params"]) for s in spec["pipeline"]]
+            pipeline_spec = PipelineSpec(
+                steps=steps,
+                output_format=spec["output_format"],
+                device=spec["target"]["device"],
+                batch_sizes=list(spec["evaluate"]["batch_sizes"]),
+                warmup=int(spec["evaluate"]["warmup"]),
+                iterations=iterations,
+            )
+            local: list[dict[str, Any]] = []
+
+            def in_process(tag: str) -> None:
+                watch = CpuWatch()
+                seconds, result = _run_in_process(model_path, pipeline_spec, root / tag)
+                report_s = float(json.loads(result.report_path.read_text())["seconds"])
+                local.append(
+                    {
+                        "run": tag,
+                        "seconds": round(seconds, 3),
+                        "pipeline_s": round(report_s, 3),
+                        "latency_ms": {
+                            "original": result.metrics["original"]["latency_ms"][key],
+                            "compressed": result.metrics["compressed"]["latency_ms"][key],
+                        },
+                        "host_cpu": watch.result(),
+                    }
+                )
+
+            in_process("A1")
             time.sleep(0.5)
-            body = {
-                "model_id": model["id"],
-                "pipeline": [{"method": "quantize.dynamic", "params": {}}],
-                "evaluate": {"batch_sizes": [batch], "warmup": warmup, "iterations": iterations},
-            }
             watch = CpuWatch()
             t0 = time.perf_counter()
-            job = service.create_job(body)
+            job = service.create_job(body(model["id"], iterations))
             done = service.wait_job(job["id"], poll_s=0.2, timeout=600)
             client_s = time.perf_counter() - t0
             service_cpu = watch.result()
             report = service.http.get(f"/v1/jobs/{job['id']}/artifacts/report")
             report.raise_for_status()
             worker_pipeline_s = float(report.json()["seconds"])
-        spec = done["spec"]
-        steps = [(step["method"], step["params"]) for step in spec["pipeline"]]
-        ev = spec["evaluate"]
-        pipeline_spec = PipelineSpec(
-            steps=steps, output_format=spec["output_format"], device=spec["target"]["device"],
-            batch_sizes=list(ev["batch_sizes"]), warmup=int(ev["warmup"]), iterations=int(ev["iterations"]),
-        )  # fmt: skip
-        watch = CpuWatch()
-        local_s, local = _run_in_process(model_path, pipeline_spec, root / "local")
-        local_cpu = watch.result()
-        local_report_s = float(json.loads(local.report_path.read_text())["seconds"])
+            if [(s["method"], s["params"]) for s in done["spec"]["pipeline"]] != steps:
+                raise BenchError(
+                    f"the job's normalized pipeline changed: {done['spec']['pipeline']}"
+                )
+            in_process("A2")
 
+    local_s = sum(run["seconds"] for run in local) / len(local)
     server_s = ts(done["finished_at"]) - ts(done["created_at"])
     return {
-        "model": f"MLP {features}->{'->'.join(map(str, hidden))}->{classes} (ONNX, "
-        f"{model_path.name}, {model['size_bytes'] / MiB:.1f} MiB)",
+        "model": f"MLP {features}->{'->'.join(map(str, hidden))}->{classes} "
+        f"(ONNX, {model['size_bytes'] / MiB:.1f} MiB)",
         "steps": [[m, p] for m, p in steps],
         "batch_sizes": pipeline_spec.batch_sizes,
         "warmup": pipeline_spec.warmup,
-        "iterations": pipeline_spec.iterations,
+        "iterations": iterations,
         "calibration": {
-            "iterations": cal_iters,
-            "seconds": round(cal_s, 3),
+            "job_id": cal["id"],
+            "iterations": calibration_iterations,
+            "run_s": round(cal_run_s, 3),
             "per_iteration_s": round(per_iter, 5),
             "fixed_s": round(fixed, 3),
         },
@@ -952,18 +991,16 @@ def bench_e2e(
         "service_run_s": round(ts(done["finished_at"]) - ts(done["started_at"]), 3),
         "service_pipeline_s": round(worker_pipeline_s, 3),
         "client_s": round(client_s, 3),
+        "in_process_runs": local,
         "in_process_s": round(local_s, 3),
-        "in_process_pipeline_s": round(local_report_s, 3),
+        "in_process_spread": round(
+            (max(r["seconds"] for r in local) - min(r["seconds"] for r in local)) / local_s, 3
+        ),
         "ratio_server": round(server_s / local_s, 4),
         "ratio_client": round(client_s / local_s, 4),
         "host_cpu_service_run": service_cpu,
-        "host_cpu_in_process_run": local_cpu,
         "latency_ms_service": {
             "original": done["metrics"]["original"]["latency_ms"][key],
             "compressed": done["metrics"]["compressed"]["latency_ms"][key],
-        },
-        "latency_ms_in_process": {
-            "original": local.metrics["original"]["latency_ms"][key],
-            "compressed": local.metrics["compressed"]["latency_ms"][key],
         },
     }

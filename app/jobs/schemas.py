@@ -55,7 +55,13 @@ class JobCreate(Strict):
     pipeline: list[StepIn] = Field(min_length=1, max_length=20)
     datasets: DatasetRefs = Field(default_factory=DatasetRefs)
     target: Target = Field(default_factory=Target)
-    output_format: Literal["pt2", "onnx"] | None = None
+    output_format: Literal["pt2", "onnx", "hf"] | None = Field(
+        None,
+        description=(
+            "Format of the compressed model; default: the model's. A pt2 or hf model can "
+            "also be delivered as onnx (converted with torch.onnx.export)."
+        ),
+    )
     evaluate: Evaluate = Field(default_factory=Evaluate)
     webhook_url: AnyHttpUrl | None = None
 

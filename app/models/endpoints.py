@@ -23,7 +23,12 @@ from app.uploads import ReceivedForm
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-MEDIA_TYPES = {"pt2": "application/zip", "onnx": "application/octet-stream"}
+MEDIA_TYPES = {
+    "pt2": "application/zip",
+    "onnx": "application/octet-stream",
+    "hf": "application/zip",
+}
+FILE_EXTENSIONS = {"pt2": "pt2", "onnx": "onnx", "hf": "zip"}
 
 
 def _get(session: SessionDep, tenant_id: str, model_id: str) -> MLModel:
@@ -43,7 +48,7 @@ def _check(form: ReceivedForm) -> tuple[str, None]:
 async def upload_model(
     request: Request, tenant_id: TenantDep, settings: SettingsDep, store: StoreDep
 ) -> ModelOut:
-    """Upload a model (multipart field `file`; optional `name`, `format`: pt2 or onnx)."""
+    """Upload a model (multipart field `file`; optional `name`, `format`: pt2, onnx or hf)."""
     accepted = await accept_upload(request, tenant_id, settings, store, _check)
     name = accepted.form.fields.get("name") or accepted.form.file.filename or "model"  # type: ignore[union-attr]
     model = MLModel(
@@ -87,7 +92,7 @@ def download_model(
 ) -> StreamingResponse:
     """Download the uploaded file (HTTP Range supported)."""
     model = _get(session, tenant_id, model_id)
-    filename = f"{model.id}.{model.format}"
+    filename = f"{model.id}.{FILE_EXTENSIONS[model.format]}"
     return stream_object(
         request, store, model.storage_key, model.size_bytes, MEDIA_TYPES[model.format], filename
     )
