@@ -11,6 +11,13 @@ import pytest
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
+try:  # tiny models: one thread beats two fighting over two shared cores
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the client-only tests run without torch
+    pass
+
 pytest_plugins = ["tests.app.conftest_s3"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

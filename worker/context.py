@@ -119,7 +119,9 @@ class StepContext:
         from worker.formats import load_model
 
         if model_id not in self.models:
-            raise InvalidModelError(f"model {model_id!r} was not fetched for this job", step=self.method)
+            raise InvalidModelError(
+                f"model {model_id!r} was not fetched for this job", step=self.method
+            )
         path, fmt = self.models[model_id]
         return load_model(path, fmt)
 

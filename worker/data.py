@@ -1,7 +1,17 @@
-"""Datasets: calibration, training and evaluation arrays uploaded with a job."""
+"""Datasets: calibration, training and evaluation arrays uploaded with a job.
+
+``.npz`` and ``.safetensors`` files hold arrays. ``.jsonl`` files hold text for Hugging
+Face (``hf``) models: one JSON object per line with a ``text`` string and, optionally, a
+``label`` (a class index, or a class name from the model's ``config.label2id``). They are
+tokenized once, when loaded, with the uploaded model's own tokenizer into the arrays the
+model takes (``input_ids``, ``attention_mask`` and, for BERT-like models,
+``token_type_ids``), padded to the longest text of the file and truncated to
+``max_length`` tokens, so from then on a text dataset is arrays like any other.
+"""
 
 from __future__ import annotations
 
+import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +26,8 @@ if TYPE_CHECKING:
 
 LABELS_KEY = "labels"
 SINGLE_INPUT_KEY = "inputs"
+MAX_TEXT_TOKENS = 512
+_MAX_JSONL_LINE_BYTES = 16 << 20
 
 
 @dataclass
@@ -44,12 +56,21 @@ class Dataset:
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels, n)
 
 
-def load_dataset(path: Path) -> Dataset:
-    """Read a dataset file: ``.npz`` (no pickles) or ``.safetensors``.
+def load_dataset(
+    path: Path, model: LoadedModel | None = None, *, max_length: int | None = None
+) -> Dataset:
+    """Read a dataset file: ``.npz`` (no pickles), ``.safetensors``, or ``.jsonl`` text.
+
+    Args:
+        path: the file; its suffix says its format.
+        model: the model the data is for; a ``.jsonl`` file needs an ``hf`` model with a
+            tokenizer (see the module docstring).
+        max_length: (jsonl) truncate texts to this many tokens; default: the smallest of
+            the tokenizer's and the model's maximum lengths and 512.
 
     Raises:
         DatasetMismatchError: the file is unreadable, empty, or its arrays disagree on N.
-        UnsupportedError: ``.jsonl`` (text for Hugging Face models) or another format.
+        UnsupportedError: ``.jsonl`` without an hf model, or another format.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -58,11 +79,7 @@ def load_dataset(path: Path) -> Dataset:
     elif suffix == ".safetensors":
         arrays = _read_safetensors(path)
     elif suffix == ".jsonl":
-        raise UnsupportedError(
-            "text datasets (.jsonl with 'text' and 'label') are for Hugging Face models, "
-            "which this engine does not load yet; upload arrays as .npz or .safetensors",
-            step="load_datasets",
-        )
+        return _load_jsonl(path, model, max_length)
     else:
         raise UnsupportedError(
             f"unknown dataset format {suffix or path.name!r}; use .npz or .safetensors "
@@ -98,6 +115,126 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise DatasetMismatchError(
             f"{path.name}: not a readable .safetensors file ({exc})", step="load_datasets"
         ) from exc
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[int | str] | None]:
+    texts: list[str] = []
+    labels: list[int | str] = []
+    labelled: bool | None = None
+    with path.open("rb") as fh:
+        for number, raw in enumerate(iter(lambda: fh.readline(_MAX_JSONL_LINE_BYTES + 1), b""), 1):
+            if len(raw) > _MAX_JSONL_LINE_BYTES:
+                raise DatasetMismatchError(
+                    f"{path.name}: line {number} is longer than {_MAX_JSONL_LINE_BYTES} bytes",
+                    step="load_datasets",
+                )
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise DatasetMismatchError(
+                    f"{path.name}: line {number} is not valid UTF-8 JSON: {exc}",
+                    step="load_datasets",
+                ) from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DatasetMismatchError(
+                    f'{path.name}: line {number} must be a JSON object with a string "text" '
+                    'and an optional "label"',
+                    step="load_datasets",
+                )
+            label = record.get("label")
+            has_label = "label" in record
+            if labelled is None:
+                labelled = has_label
+            elif labelled != has_label:
+                raise DatasetMismatchError(
+                    f'{path.name}: line {number}: "label" must be on every line or on none',
+                    step="load_datasets",
+                )
+            if has_label:
+                if isinstance(label, bool) or not isinstance(label, int | str):
+                    raise DatasetMismatchError(
+                        f'{path.name}: line {number}: "label" must be an integer or a string',
+                        step="load_datasets",
+                    )
+                labels.append(label)
+            texts.append(record["text"])
+    if not texts:
+        raise DatasetMismatchError(f"{path.name}: the dataset has no samples", step="load_datasets")
+    return texts, (labels if labelled else None)
+
+
+def _label_indices(name: str, labels: list[int | str], model: LoadedModel) -> np.ndarray:
+    """Class indices: integers as given, names through the model's ``config.label2id``."""
+    if all(isinstance(label, int) for label in labels):
+        return np.asarray(labels, dtype=np.int64)
+    config = getattr(model.module, "config", None)
+    label2id = dict(getattr(config, "label2id", None) or {})
+    unknown = sorted({str(label) for label in labels if isinstance(label, str)} - set(label2id))
+    if unknown:
+        raise DatasetMismatchError(
+            f"{name}: labels {unknown[:5]} are not class names of the model "
+            f"(config.label2id has {sorted(label2id)[:10]}); use class indices or those names",
+            step="load_datasets",
+        )
+    return np.asarray(
+        [label if isinstance(label, int) else int(label2id[label]) for label in labels],
+        dtype=np.int64,
+    )
+
+
+def _load_jsonl(path: Path, model: LoadedModel | None, max_length: int | None) -> Dataset:
+    if model is None or model.format != "hf":
+        kind = "no model" if model is None else f"a {model.format} model"
+        raise UnsupportedError(
+            f"{path.name}: text datasets (.jsonl with 'text' and 'label') are for Hugging Face "
+            f"(hf) models, which bring their tokenizer; this is {kind}: upload arrays as "
+            ".npz or .safetensors",
+            step="load_datasets",
+        )
+    if model.tokenizer is None:
+        raise UnsupportedError(
+            f"{path.name}: the hf model was uploaded without tokenizer files, so text cannot "
+            "be tokenized; upload the model with tokenizer.save_pretrained(folder) files, or "
+            "the dataset as arrays (.npz with input_ids, attention_mask)",
+            step="load_datasets",
+        )
+    texts, raw_labels = _read_jsonl(path)
+    tokenizer = model.tokenizer
+    if max_length is None:
+        limits = [MAX_TEXT_TOKENS, int(getattr(tokenizer, "model_max_length", MAX_TEXT_TOKENS))]
+        positions = getattr(getattr(model.module, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            limits.append(positions)
+        max_length = min(limits)
+    names = [spec.name for spec in model.inputs]
+    try:
+        encoded = tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+            return_token_type_ids="token_type_ids" in names,
+            return_attention_mask="attention_mask" in names,
+        )
+    except Exception as exc:  # tokenizers raise their own types
+        raise DatasetMismatchError(
+            f"{path.name}: the model's tokenizer failed on the texts: {type(exc).__name__}: {exc}",
+            step="load_datasets",
+        ) from exc
+    missing = [name for name in names if name not in encoded]
+    if missing:
+        raise DatasetMismatchError(
+            f"{path.name}: the tokenizer does not produce the model inputs {missing}",
+            step="load_datasets",
+        )
+    arrays = {name: np.asarray(encoded[name], dtype=np.int64) for name in names}
+    labels = None if raw_labels is None else _label_indices(path.name, raw_labels, model)
+    return Dataset(inputs=arrays, labels=labels, num_samples=len(texts))
 
 
 def _to_dataset(arrays: dict[str, np.ndarray], name: str) -> Dataset:

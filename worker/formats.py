@@ -1,6 +1,6 @@
 """Model formats: load (safely), save, inspect, run and re-export.
 
-Two formats for now:
+Three formats:
 
 - ``pt2``: a ``torch.export`` ExportedProgram saved with ``torch.export.save``. Uploads are
   untrusted, and ``torch.export.load`` can unpickle (``torch.load(weights_only=False)``,
@@ -12,6 +12,19 @@ Two formats for now:
   checks that every graph node calls an operator, never an arbitrary Python callable.
 - ``onnx``: a single self-contained ``.onnx`` file (external data is refused: its paths
   would point at files on the worker).
+- ``hf``: a zipped Hugging Face Transformers model folder (``config.json``, ``*.safetensors``
+  weights, tokenizer files), at the zip's root or in its single top folder. The zip is
+  checked member by member (no absolute or ``..`` paths, no links, CRCs verified, size
+  bounded), refused if it carries code (``*.py``, ``auto_map``) or pickled weights
+  (``pytorch_model.bin``, ``*.pt``, ``*.pkl``), extracted into a temporary folder and
+  loaded with ``AutoConfig`` and the Auto class of its architecture (sequence
+  classification or the base model, i.e. feature extraction) with
+  ``trust_remote_code=False``, ``local_files_only=True`` and ``use_safetensors=True``.
+  The architecture must be one transformers itself maps to the config's ``model_type``.
+  Its inputs are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
+  tokenizer produces them), ``[batch, sequence]`` int64 with both dims dynamic; its one
+  output is ``logits`` (``[batch, num_labels]``) or ``last_hidden_state``
+  (``[batch, sequence, hidden]``).
 
 Torch, onnx and onnxruntime are imported inside functions: the API process imports
 nothing from here.
@@ -39,8 +52,9 @@ if TYPE_CHECKING:
     import torch
     from torch.export import ExportedProgram
 
-FORMATS = ("pt2", "onnx")
-FILE_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx"}
+FORMATS = ("pt2", "onnx", "hf")
+FILE_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "hf": ".zip"}
+HF_TASKS = ("sequence-classification", "feature-extraction")
 
 EXPORT_HELP = (
     "export the model with torch.export and upload the .pt2 file: "
@@ -83,12 +97,21 @@ class LoadedModel:
     """A model in memory, as it flows between pipeline steps.
 
     Attributes:
-        format: ``"pt2"`` or ``"onnx"``.
+        format: ``"pt2"``, ``"onnx"`` or ``"hf"``.
         inputs / outputs: the signature; for pt2 the user inputs in flattened order.
         program: (pt2) the ExportedProgram.
         proto: (onnx) the ModelProto.
-        dim_hints: (pt2) a representative size for each dynamic dim symbol, from the
-            export's example inputs; used to build tracing inputs.
+        dim_hints: (pt2, hf) a representative size for each dynamic dim symbol, from the
+            export's example inputs (hf: a typical sequence length); used to build
+            tracing inputs.
+        module: (hf) the transformers ``nn.Module`` (a ``PreTrainedModel``), in eval mode.
+        tokenizer: (hf) the tokenizer loaded from the upload, or None when it has none.
+        task: (hf) ``"sequence-classification"`` or ``"feature-extraction"`` (one of
+            :data:`HF_TASKS`), from the config's ``architectures``.
+        extra_files: (hf) small files of the uploaded folder that ``save_pretrained``
+            does not write (a README, sentence-transformers' ``modules.json`` and pooling
+            config, ...), by relative path; written back when the model is saved. The
+            extracted folder itself is deleted once the model is loaded.
     """
 
     format: str
@@ -97,6 +120,10 @@ class LoadedModel:
     program: ExportedProgram | None = None
     proto: onnx.ModelProto | None = None
     dim_hints: dict[str, int] = field(default_factory=dict)
+    module: torch.nn.Module | None = None
+    tokenizer: Any = None
+    task: str | None = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def static_batch(self) -> int | None:
@@ -131,6 +158,8 @@ def load_model(path: Path, fmt: str) -> LoadedModel:
         raise InvalidModelError(f"model file {path.name!r} does not exist", step="load")
     if fmt == "pt2":
         return pt2_model_from_program(load_pt2_program(path))
+    if fmt == "hf":
+        return load_hf_model(path)
     return onnx_model_from_proto(load_onnx_proto(path))
 
 
@@ -502,6 +531,387 @@ def _onnx_all_initializers(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]
 
 
 # --------------------------------------------------------------------------------------
+# Hugging Face (hf): a zipped Transformers model folder
+
+HF_MAX_MEMBERS = 10_000
+HF_MAX_JSON_BYTES = 64 << 20
+HF_MAX_EXTRA_FILE_BYTES = 1 << 20
+HF_SEQUENCE_HINT = 16
+HF_SAVE_HELP = (
+    "save the model with model.save_pretrained(folder) (safetensors weights) and "
+    "tokenizer.save_pretrained(folder), then zip the folder"
+)
+# Files that could run code if anything imported or unpickled them: never accepted.
+_HF_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib")
+_HF_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_HF_OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".keras", ".gguf")
+# What save_pretrained (model and tokenizer) writes itself; not kept as extra files.
+_HF_WRITTEN_BY_SAVE = frozenset(
+    {
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+        "merges.txt", "chat_template.jinja", "chat_template.json",
+    }
+)  # fmt: skip
+_HF_EXTRA_SUFFIXES = (".json", ".txt", ".md")
+_HF_TOKENIZER_FILES = frozenset(
+    {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+     "sentencepiece.bpe.model", "tokenizer.model"}
+)  # fmt: skip
+
+
+def load_hf_model(path: Path) -> LoadedModel:
+    """Load a zipped Hugging Face model folder safely (see the module docstring)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="squish-hf-") as tmp:
+        folder = extract_hf_archive(Path(path), Path(tmp))
+        return load_hf_folder(folder)
+
+
+def extract_hf_archive(path: Path, dest: Path) -> Path:
+    """Check every member of the zip and extract it under ``dest``; returns the model folder.
+
+    Raises:
+        InvalidModelError: not a zip, a member with an unsafe path or type, code or pickled
+            weights, no ``config.json`` at the root or in a single top folder, a bad CRC.
+    """
+    import shutil
+    import stat
+
+    if not zipfile.is_zipfile(path):
+        raise InvalidModelError(
+            f"an hf model is a zip of a Hugging Face model folder; this is not a zip file. "
+            f"{HF_SAVE_HELP}",
+            step="load",
+        )
+    archive_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not _hf_ignored(i.filename)]
+            if len(infos) > HF_MAX_MEMBERS:
+                raise InvalidModelError(
+                    f"the zip has more than {HF_MAX_MEMBERS} members", step="load"
+                )
+            files = [i for i in infos if not i.is_dir()]
+            total = 0
+            for info in files:
+                _check_hf_member(info)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise InvalidModelError(
+                        f"the zip member {info.filename!r} is a symbolic link; refused", step="load"
+                    )
+                total += info.file_size
+            if total > 16 * archive_size + (64 << 20):
+                raise InvalidModelError(
+                    f"the zip expands to {total} bytes from {archive_size}; refusing a zip bomb",
+                    step="load",
+                )
+            prefix = _hf_root(files)
+            dest.mkdir(parents=True, exist_ok=True)
+            for info in files:
+                rel = info.filename[len(prefix) :]
+                target = dest.joinpath(*rel.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)  # zipfile checks the CRC at EOF
+    except zipfile.BadZipFile as exc:
+        raise InvalidModelError(f"the hf zip is corrupt: {exc}", step="load") from exc
+    except (OSError, EOFError, NotImplementedError) as exc:
+        raise InvalidModelError(f"the hf zip cannot be extracted: {exc}", step="load") from exc
+    return dest
+
+
+def _hf_ignored(name: str) -> bool:
+    """Finder and editor litter that zips of a folder often carry."""
+    return name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1] == ".DS_Store"
+
+
+def _check_hf_member(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    parts = name.split("/")
+    if (
+        name.startswith("/")
+        or "\\" in name
+        or re.match(r"^[A-Za-z]:", name)
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise InvalidModelError(
+            f"the zip member {name!r} has an absolute, empty or '..' path; refused", step="load"
+        )
+    if info.flag_bits & 0x1:
+        raise InvalidModelError(f"the zip member {name!r} is encrypted", step="load")
+    lower = parts[-1].lower()
+    if lower.endswith(_HF_CODE_SUFFIXES):
+        raise InvalidModelError(
+            f"the model folder contains code ({name}); squish never runs code from an upload "
+            "(trust_remote_code is off): upload a model whose architecture is part of the "
+            "transformers library, without .py files",
+            step="load",
+        )
+    if lower.endswith(_HF_PICKLE_SUFFIXES):
+        raise InvalidModelError(
+            f"the model folder contains {name}, a pickled PyTorch file; squish never unpickles "
+            "uploads because that can run arbitrary code. Save the weights as safetensors: "
+            "model.save_pretrained(folder, safe_serialization=True), and leave out "
+            "pytorch_model.bin / *.pt / *.pkl files",
+            step="load",
+        )
+    if lower.endswith(_HF_OTHER_WEIGHT_SUFFIXES):
+        raise InvalidModelError(
+            f"the model folder contains {name}, weights in a format other than safetensors; "
+            f"{HF_SAVE_HELP}",
+            step="load",
+        )
+
+
+def _hf_root(files: list[zipfile.ZipInfo]) -> str:
+    """``""`` when config.json is at the zip's root, ``"top/"`` for a single top folder."""
+    names = {i.filename for i in files}
+    if "config.json" in names:
+        return ""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and all("/" in n for n in names):
+        top = tops.pop() + "/"
+        if top + "config.json" in names:
+            return top
+    raise InvalidModelError(
+        "the zip holds no Hugging Face model folder: config.json must be at its root or in "
+        f"its single top folder; {HF_SAVE_HELP}",
+        step="load",
+    )
+
+
+def _read_hf_json(path: Path) -> Any:
+    if path.stat().st_size > HF_MAX_JSON_BYTES:
+        raise InvalidModelError(f"{path.name} is implausibly large", step="load")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidModelError(f"{path.name} is not valid JSON: {exc}", step="load") from exc
+
+
+def check_hf_folder(folder: Path) -> dict[str, Any]:
+    """Refuse what transformers could load code or pickles from; return config.json.
+
+    config.json must name an ``architectures`` class and a ``model_type``; no JSON file at
+    the folder's root may hold ``auto_map`` (a pointer to custom code); pre-quantized
+    models (``quantization_config``) are refused; weights must be ``*.safetensors``.
+    """
+    config = _read_hf_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise InvalidModelError("config.json is not a JSON object", step="load")
+    for json_file in sorted(folder.glob("*.json")):
+        doc = config if json_file.name == "config.json" else None
+        if doc is None and json_file.stat().st_size <= HF_MAX_JSON_BYTES:
+            doc = _read_hf_json(json_file)
+        if isinstance(doc, dict) and "auto_map" in doc:
+            raise InvalidModelError(
+                f"{json_file.name} has an auto_map, which points at custom model code; squish "
+                "never runs code from an upload: upload a model whose architecture is part "
+                "of the transformers library",
+                step="load",
+            )
+    if "quantization_config" in config:
+        raise InvalidModelError(
+            "config.json has a quantization_config: pre-quantized Hugging Face models are not "
+            "supported; upload the floating-point model and let squish quantize it",
+            step="load",
+        )
+    model_type = config.get("model_type")
+    architectures = config.get("architectures")
+    if not isinstance(model_type, str) or not model_type:
+        raise InvalidModelError("config.json has no model_type", step="load")
+    if (
+        not isinstance(architectures, list)
+        or not architectures
+        or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise InvalidModelError(
+            'config.json has no architectures list (e.g. ["BertForSequenceClassification"]); '
+            "save the model with save_pretrained, which writes it",
+            step="load",
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise InvalidModelError(
+            f"the model folder has no *.safetensors weights; {HF_SAVE_HELP}", step="load"
+        )
+    return config
+
+
+def _hf_auto_class(model_type: str, architecture: str) -> tuple[str, Any]:
+    """The task and Auto class of a transformers architecture; refuses anything else."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    candidates = (
+        (
+            "sequence-classification",
+            modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+            transformers.AutoModelForSequenceClassification,
+        ),
+        ("feature-extraction", modeling_auto.MODEL_MAPPING_NAMES, transformers.AutoModel),
+    )
+    for task, names, auto_class in candidates:
+        expected = names.get(model_type)
+        allowed = expected if isinstance(expected, tuple | list) else (expected,)
+        if architecture in allowed:
+            return task, auto_class
+    raise UnsupportedError(
+        f"architecture {architecture!r} (model_type {model_type!r}) is not a transformers "
+        f"sequence classifier or base model; supported hf tasks: {', '.join(HF_TASKS)} "
+        "(e.g. BertForSequenceClassification, BertModel)",
+        step="load",
+    )
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_hf_folder(folder: Path) -> LoadedModel:
+    """Load a checked, extracted model folder with transformers (no remote code, no hub)."""
+    import transformers
+
+    _quiet_transformers()
+    config_json = check_hf_folder(folder)
+    architecture = config_json["architectures"][0]
+    task, auto_class = _hf_auto_class(config_json["model_type"], architecture)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            str(folder), trust_remote_code=False, local_files_only=True
+        )
+        # Chosen here, never taken from config.json (where it could name a hub kernel).
+        model_class = getattr(transformers, architecture, None)
+        attention = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+        module = auto_class.from_pretrained(
+            str(folder),
+            config=config,
+            trust_remote_code=False,
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation=attention,
+        )
+    except EngineError:
+        raise
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise InvalidModelError(
+            f"transformers could not load the model: {type(exc).__name__}: {exc}", step="load"
+        ) from exc
+    if type(module).__name__ != architecture or not type(module).__module__.startswith(
+        "transformers."
+    ):
+        raise InvalidModelError(
+            f"config.json names {architecture!r} but transformers built {type(module).__name__!r}",
+            step="load",
+        )
+    module.eval()
+    if getattr(module, "main_input_name", "input_ids") != "input_ids":
+        raise UnsupportedError(
+            f"{architecture} takes {module.main_input_name}, not input_ids: only text models "
+            "are supported in hf format",
+            step="load",
+        )
+    tokenizer = None
+    if any((folder / name).is_file() for name in _HF_TOKENIZER_FILES):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(folder), trust_remote_code=False, local_files_only=True
+            )
+        except Exception as exc:  # tokenizers and transformers raise many types
+            raise InvalidModelError(
+                f"the tokenizer files could not be loaded: {type(exc).__name__}: {exc}",
+                step="load",
+            ) from exc
+    extra = {}
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder).as_posix()
+        if (
+            file.is_file()
+            and rel not in _HF_WRITTEN_BY_SAVE
+            and file.suffix.lower() in _HF_EXTRA_SUFFIXES
+            and not rel.endswith(".safetensors.index.json")
+            and file.stat().st_size <= HF_MAX_EXTRA_FILE_BYTES
+        ):
+            extra[rel] = file.read_bytes()
+    model = hf_model_from_module(module, tokenizer, task)
+    model.extra_files = extra
+    return model
+
+
+def hf_model_from_module(module: torch.nn.Module, tokenizer: Any, task: str) -> LoadedModel:
+    """Wrap a transformers module: its text inputs and its one output, as TensorSpecs."""
+    import inspect
+
+    config: Any = module.config
+    accepted = set(inspect.signature(module.forward).parameters)
+    produced = set(getattr(tokenizer, "model_input_names", ("input_ids", "attention_mask")))
+    names = [
+        name
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+        if name in accepted and (name == "input_ids" or name in produced)
+    ]
+    inputs = [TensorSpec(name, ("batch", "sequence"), "int64") for name in names]
+    dtype = _torch_dtype_name(next(module.parameters()).dtype)
+    if task == "sequence-classification":
+        outputs = [TensorSpec("logits", ("batch", int(config.num_labels)), dtype)]
+    else:
+        outputs = [
+            TensorSpec("last_hidden_state", ("batch", "sequence", int(config.hidden_size)), dtype)
+        ]
+    hint = min(HF_SEQUENCE_HINT, int(getattr(config, "max_position_embeddings", 512) or 512))
+    return LoadedModel(
+        "hf",
+        inputs,
+        outputs,
+        dim_hints={"sequence": hint},
+        module=module,
+        tokenizer=tokenizer,
+        task=task,
+    )
+
+
+def hf_output(model: LoadedModel, result: Any) -> torch.Tensor:
+    """The one output squish uses of a transformers forward: logits or last_hidden_state."""
+    if model.task == "sequence-classification":
+        return result.logits
+    return result.last_hidden_state
+
+
+def save_hf_model(model: LoadedModel, path: Path) -> None:
+    """``save_pretrained`` (safetensors) + the tokenizer + the extra files, zipped (stored)."""
+    import tempfile
+
+    module: Any = model.module
+    assert module is not None
+    _quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="squish-hf-save-") as tmp:
+        folder = Path(tmp)
+        module.save_pretrained(str(folder))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(folder))
+        for rel, data in model.extra_files.items():
+            target = folder.joinpath(*rel.split("/"))
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        unsafe = [n for n in written if n.lower().endswith(_HF_PICKLE_SUFFIXES + _HF_CODE_SUFFIXES)]
+        if unsafe or not any(n.endswith(".safetensors") for n in written):
+            raise UnsupportedError(
+                f"save_pretrained did not write plain safetensors weights (wrote {written}); "
+                "this model cannot be saved in hf format",
+                step="save",
+            )
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            for rel in written:
+                zf.write(folder / rel, rel)
+
+
+# --------------------------------------------------------------------------------------
 # Signatures
 
 
@@ -590,7 +1000,8 @@ def onnx_model_from_proto(proto: onnx.ModelProto) -> LoadedModel:
 
 
 def save_model(model: LoadedModel, path: Path) -> None:
-    """Write the model: pt2 with ``torch.export.save``, onnx as one file with ``onnx.save``."""
+    """Write the model: pt2 with ``torch.export.save``, onnx as one file with ``onnx.save``,
+    hf as a zip of the ``save_pretrained`` folder (safetensors weights, tokenizer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if model.format == "pt2":
@@ -608,6 +1019,8 @@ def save_model(model: LoadedModel, path: Path) -> None:
                 step="save",
             )
         onnx.save(model.proto, str(path))
+    elif model.format == "hf":
+        save_hf_model(model, path)
     else:
         _check_format(model.format)
 
@@ -617,22 +1030,33 @@ def inspect_model(path: Path, fmt: str) -> dict[str, Any]:
 
     Returns:
         ``{"parameters": int, "layers": {op: count}, "inputs": [...], "outputs": [...]}``;
-        layers count operators (pt2: ``aten.linear`` ...; onnx: ``Gemm`` ...), inputs and
-        outputs are ``{"name", "shape", "dtype"}`` with a symbol name for a dynamic dim.
+        layers count operators (pt2: ``aten.linear`` ...; onnx: ``Gemm`` ...; hf: module
+        types, ``Linear`` ...), inputs and outputs are ``{"name", "shape", "dtype"}`` with a
+        symbol name for a dynamic dim. hf adds ``task`` and ``architecture``.
     """
     model = load_model(path, fmt)
-    return {
+    info: dict[str, Any] = {
         "parameters": sum(int(np.prod(shape)) for shape in weight_shapes(model).values()),
         "layers": dict(sorted(layer_counts(model).items())),
         "inputs": [s.to_dict() for s in model.inputs],
         "outputs": [s.to_dict() for s in model.outputs],
     }
+    if model.format == "hf":
+        assert model.module is not None
+        info["task"] = model.task
+        info["architecture"] = type(model.module).__name__
+    return info
 
 
 def layer_counts(model: LoadedModel) -> Counter[str]:
-    """Operator counts: pt2 ``aten.linear``-style names, onnx op types."""
+    """Operator counts: pt2 ``aten.linear``-style names, onnx op types, hf leaf module types."""
     counts: Counter[str] = Counter()
-    if model.format == "pt2":
+    if model.format == "hf":
+        assert model.module is not None
+        for module in model.module.modules():
+            if not any(True for _ in module.children()):
+                counts[type(module).__name__] += 1
+    elif model.format == "pt2":
         import torch
 
         assert model.program is not None
@@ -660,6 +1084,8 @@ def weight_arrays(model: LoadedModel) -> dict[str, np.ndarray]:
     """The model's weight tensors as numpy arrays (see :func:`weight_shapes` for which)."""
     if model.format == "pt2":
         return {name: _tensor_to_numpy(t) for name, t in _pt2_weight_tensors(model).items()}
+    if model.format == "hf":
+        return {name: _tensor_to_numpy(t) for name, t in _hf_weight_tensors(model).items()}
     from onnx import numpy_helper
 
     return {t.name: numpy_helper.to_array(t) for t in _onnx_weight_initializers(model)}
@@ -669,12 +1095,15 @@ def weight_shapes(model: LoadedModel) -> dict[str, tuple[int, ...]]:
     """Shapes of the weight tensors.
 
     Weights are a pt2 program's parameters plus its 8-bit integer buffers/constants
-    (quantized weights); an onnx model's float and 8-bit initializers except those that
+    (quantized weights); an hf module's parameters (a tied weight once) plus its 8-bit
+    integer buffers; an onnx model's float and 8-bit initializers except those that
     are quantization metadata (scales and zero points of quantize/dequantize and integer
     matmul/conv ops, and the weight scales ONNX Runtime multiplies after an integer matmul).
     """
     if model.format == "pt2":
         return {name: tuple(t.shape) for name, t in _pt2_weight_tensors(model).items()}
+    if model.format == "hf":
+        return {name: tuple(t.shape) for name, t in _hf_weight_tensors(model).items()}
     return {t.name: tuple(t.dims) for t in _onnx_weight_initializers(model)}
 
 
@@ -704,6 +1133,19 @@ def _pt2_weight_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
     for name, t in others.items():
         if isinstance(t, torch.Tensor) and t.dtype in (torch.int8, torch.uint8):
             weights[name] = t
+    return weights
+
+
+def _hf_weight_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
+    import torch
+
+    assert model.module is not None
+    weights: dict[str, torch.Tensor] = {
+        name: p.detach() for name, p in model.module.named_parameters(remove_duplicate=True)
+    }
+    for name, buf in model.module.named_buffers(remove_duplicate=True):
+        if buf.dtype in (torch.int8, torch.uint8):
+            weights[name] = buf
     return weights
 
 
@@ -752,8 +1194,9 @@ def _onnx_weight_initializers(model: LoadedModel) -> list[onnx.TensorProto]:
 def generate_inputs(model: LoadedModel, batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs built from the signature: standard normal floats, zeros for integers.
 
-    A dynamic axis 0 gets ``batch``; another dynamic dim gets the export's example size
-    when known, else 8.
+    Text inputs are the exception: an ``attention_mask`` is all ones, and an hf model's
+    ``input_ids`` are uniform random token ids of its vocabulary. A dynamic axis 0 gets
+    ``batch``; another dynamic dim gets the export's example size when known, else 8.
     """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
@@ -769,6 +1212,11 @@ def generate_inputs(model: LoadedModel, batch: int = 8, seed: int = 0) -> dict[s
         dtype = np.dtype(spec.dtype if spec.dtype != "bfloat16" else "float32")
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif spec.name == "attention_mask":
+            feeds[spec.name] = np.ones(shape, dtype=dtype)
+        elif spec.name == "input_ids" and model.module is not None:
+            vocab = int(getattr(model.module.config, "vocab_size", 2) or 2)
+            feeds[spec.name] = rng.integers(0, vocab, size=shape).astype(dtype)
         else:
             feeds[spec.name] = np.zeros(shape, dtype=dtype)
     return feeds
@@ -788,7 +1236,9 @@ class Runtime:
     """A model loaded in the runtime of its file: call with feeds, get outputs.
 
     pt2 runs ``torch.export.load(...).module()`` eagerly under ``torch.inference_mode``;
-    onnx runs an ``onnxruntime.InferenceSession`` (CPU provider, or CUDA for ``gpu``).
+    hf runs the transformers module (loaded with ``from_pretrained``) the same way and
+    returns its ``logits`` or ``last_hidden_state``; onnx runs an
+    ``onnxruntime.InferenceSession`` (CPU provider, or CUDA for ``gpu``).
     """
 
     def __init__(self, path: Path, fmt: str, device: str = "cpu") -> None:
@@ -799,6 +1249,8 @@ class Runtime:
         self._call: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
         if fmt == "pt2":
             self._call = self._pt2_runner()
+        elif fmt == "hf":
+            self._call = self._hf_runner()
         else:
             self._call = self._onnx_runner(path)
 
@@ -830,6 +1282,31 @@ class Runtime:
                     torch.cuda.synchronize()
             leaves = pytree.tree_leaves(result)
             return [_tensor_to_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+
+        return run
+
+    def _hf_runner(self) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        import torch
+
+        module = self.model.module
+        assert module is not None
+        torch_device = torch.device("cpu")
+        if self.device == "gpu":
+            if not torch.cuda.is_available():
+                raise UnsupportedError("device 'gpu' requested but this worker has no CUDA GPU")
+            torch_device = torch.device("cuda")
+            module.to(torch_device)
+        names = [s.name for s in self.model.inputs]
+        on_gpu = torch_device.type == "cuda"
+        model = self.model
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            kwargs = {name: torch.from_numpy(feeds[name]).to(torch_device) for name in names}
+            with torch.inference_mode():
+                result = hf_output(model, module(**kwargs))
+                if on_gpu:
+                    torch.cuda.synchronize()
+            return [_tensor_to_numpy(result)]
 
         return run
 

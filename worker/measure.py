@@ -63,7 +63,7 @@ def _peak_rss_bytes() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.measure", description=__doc__)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--format", choices=("pt2", "onnx"), required=True)
+    parser.add_argument("--format", choices=("pt2", "onnx", "hf"), required=True)
     parser.add_argument("--inputs", type=Path, required=True, help=".npz of input arrays by name")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     args = parser.parse_args(argv)
@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch._export.serde.serialize
         import torch.ao.quantization.fx._decomposed
         import torch.export.pt2_archive._package  # noqa: F401
+    elif args.format == "hf":
+        from transformers import (  # noqa: F401  (imports torch too)
+            AutoConfig,
+            AutoModel,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
     else:
         import onnxruntime  # noqa: F401
     from worker.formats import Runtime

@@ -13,13 +13,16 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from worker.context import NullReporter, Reporter
 from worker.errors import UnsupportedError
 from worker.formats import LoadedModel, Runtime, weight_arrays
+
+if TYPE_CHECKING:
+    import onnx
 
 GZIP_LEVEL = 6  # gzip's own default: what `gzip model.pt2` gives
 _CHUNK = 1 << 20
@@ -36,6 +39,7 @@ def measure_model(
     iterations: int,
     device: str,
     reporter: Reporter,
+    with_peak_memory: bool = True,
 ) -> dict[str, Any]:
     """Measure one model file.
 
@@ -48,6 +52,7 @@ def measure_model(
         warmup / iterations: untimed and timed runs per batch size.
         device: ``"cpu"`` or ``"gpu"``.
         reporter: gets progress (0..1 of this measurement) and the log.
+        with_peak_memory: also measure ``peak_memory_bytes`` (in a fresh process).
 
     Returns:
         ``size_bytes``, ``size_bytes_gzip``, ``parameters``, ``nonzero_parameters``,
@@ -77,7 +82,7 @@ def measure_model(
     if latency:
         metrics["latency_ms"] = latency
     del runtime
-    if sizes:
+    if sizes and with_peak_memory:
         peak = peak_memory(path, fmt, make_batch(inputs, max(sizes)), device, reporter)
         if peak is not None:
             metrics["peak_memory_bytes"] = peak
@@ -178,15 +183,15 @@ def _count_macs(runtime: Runtime, inputs: dict[str, np.ndarray], reporter: Repor
     batch = model.static_batch or 1
     feeds = make_batch(inputs, batch)
     try:
-        pt2 = model.format == "pt2"
-        total = _pt2_macs(runtime, feeds) if pt2 else _onnx_macs(model, feeds)
+        torch_side = model.format in ("pt2", "hf")
+        total = _torch_macs(runtime, feeds) if torch_side else _onnx_macs(model, feeds)
     except UnsupportedError as exc:
         reporter.log(f"macs not measured: {exc.message}", "warning")
         return None
     return round(total / batch)
 
 
-def _pt2_macs(runtime: Runtime, feeds: dict[str, np.ndarray]) -> float:
+def _torch_macs(runtime: Runtime, feeds: dict[str, np.ndarray]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     if runtime.device != "cpu":
@@ -211,7 +216,12 @@ _ONNX_MAC_OPS = {
 
 
 def _onnx_macs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> float:
-    """MACs from shapes inferred with the inputs pinned to ``feeds``' shapes."""
+    """MACs from shapes inferred with the inputs pinned to ``feeds``' shapes.
+
+    ONNX's own shape inference first; where its data propagation stops (``Range`` and
+    ``Slice`` on shapes, as in the attention masks of exported transformers), ONNX
+    Runtime's symbolic shape inference, without the exporter's symbolic value_info.
+    """
     import onnx
 
     assert model.proto is not None
@@ -225,8 +235,22 @@ def _onnx_macs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> float:
                 dim.dim_value = int(size)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:
-        raise UnsupportedError(f"ONNX shape inference failed: {exc}") from exc
+        return _macs_from_shapes(inferred)
+    except (onnx.shape_inference.InferenceError, ValueError, UnsupportedError) as exc:
+        first = exc
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    del proto.graph.value_info[:]
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception as exc:  # the tool raises assorted types on graphs it cannot follow
+        raise UnsupportedError(f"ONNX shape inference failed: {first}") from exc
+    if inferred is None:
+        raise UnsupportedError(f"ONNX shape inference failed: {first}")
+    return _macs_from_shapes(inferred)
+
+
+def _macs_from_shapes(inferred: onnx.ModelProto) -> float:
     shapes: dict[str, list[int] | None] = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -375,6 +399,35 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
     if first.ndim == 2 and first.shape[1] > 1:
         result["top1_agreement"] = float((first.argmax(1) == candidate[0].argmax(1)).mean())
     return result
+
+
+def is_token_output(output: np.ndarray, inputs: dict[str, np.ndarray]) -> bool:
+    """Whether ``output`` is per token (``[N, T, H]``) of inputs with an ``attention_mask``."""
+    mask = inputs.get("attention_mask")
+    return (
+        mask is not None and mask.ndim == 2 and output.ndim == 3 and output.shape[:2] == mask.shape
+    )
+
+
+def pool_token_outputs(
+    outputs: list[np.ndarray], inputs: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """Per-token outputs averaged over the tokens the ``attention_mask`` keeps.
+
+    A feature-extraction model's ``last_hidden_state`` becomes its sentence embedding
+    (mean pooling, as sentence-transformers does), so fidelity compares what users of the
+    embeddings see, and padding positions, whose values mean nothing, do not count.
+    Other outputs are returned as they are.
+    """
+    pooled = []
+    for output in outputs:
+        if is_token_output(output, inputs):
+            mask = inputs["attention_mask"][..., None].astype(np.float64)
+            summed = (output.astype(np.float64) * mask).sum(axis=1)
+            pooled.append(summed / np.maximum(mask.sum(axis=1), 1.0))
+        else:
+            pooled.append(output)
+    return pooled
 
 
 def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:

@@ -2,10 +2,22 @@
 
 A plain library: the Celery task (and ``squish compress --local``) call
 :func:`run_pipeline` with a reporter and read the :class:`PipelineResult`.
+
+``metrics`` holds the figures of DESIGN §6 (``original``, ``compressed``, ``fidelity``,
+``ratios``) and ``steps``: one entry per step, ``{"method", "params", "seconds",
+"format", "size_bytes", "size_bytes_gzip", "parameters", "nonzero_parameters",
+"sparsity", "macs", "latency_ms", "latency_iterations", "fidelity", "accuracy"}``
+measured on the model as that step left it (a figure that could not be measured is
+absent; ``format`` is the format the step's model was in, which is ``onnx`` for
+quantization steps run after a conversion). Intermediate models are timed with
+``latency_iterations`` (:data:`STEP_ITERATIONS`) runs per batch size and get no peak
+memory figure; the last step's entry is the artifact's own measurement when the
+artifact is that step's model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,9 +27,16 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from worker.context import RecordingReporter, Reporter, ScaledReporter, StepContext
+from worker.context import NullReporter, RecordingReporter, Reporter, ScaledReporter, StepContext
+from worker.convert import conversion_problem, convert, format_problem, step_formats
 from worker.data import Dataset, fit_dataset, load_dataset
-from worker.errors import EngineError, InvalidParamsError, MethodFailedError, UnsupportedError
+from worker.errors import (
+    EngineError,
+    InvalidParamsError,
+    JobCancelled,
+    MethodFailedError,
+    UnsupportedError,
+)
 from worker.formats import (
     FILE_SUFFIX,
     FORMATS,
@@ -28,13 +47,27 @@ from worker.formats import (
     save_model,
 )
 from worker.methods import get_method
-from worker.methods.base import UnknownMethodError
-from worker.metrics import accuracy, compare_outputs, measure_model, run_loaded
+from worker.methods.base import Method, MethodParams, UnknownMethodError
+from worker.metrics import (
+    accuracy,
+    compare_outputs,
+    is_token_output,
+    measure_model,
+    pool_token_outputs,
+    run_loaded,
+)
 
 DATASET_ROLES = ("calibration", "train", "eval")
 DEVICES = ("cpu", "gpu")
 FIDELITY_BATCH = 32
 GENERATED_SAMPLES = 8
+STEP_WARMUP = 1
+STEP_ITERATIONS = 5
+"""Timed runs per batch size when measuring an intermediate step's model."""
+_STEP_METRICS = (
+    "size_bytes", "size_bytes_gzip", "parameters", "nonzero_parameters", "sparsity", "macs",
+    "latency_ms",
+)  # fmt: skip
 
 # What the libraries a method wraps raise when a model is beyond them.
 _LIBRARY_ERRORS = (
@@ -49,6 +82,7 @@ _P_STEPS_END = 0.45
 _P_SAVED = 0.47
 _P_MEASURED_ORIGINAL = 0.68
 _P_MEASURED_COMPRESSED = 0.89
+_STEP_RUN_SHARE = 0.75  # of a step's progress slice; the rest measures its model
 
 
 @dataclass
@@ -57,7 +91,8 @@ class PipelineSpec:
 
     Attributes:
         steps: ``(method name, params)`` in order; params as normalized by the API.
-        output_format: must equal the input format for now.
+        output_format: the artifact's format: the input format, or ``onnx`` for a pt2 or
+            hf model (see :mod:`worker.convert` for where the conversion happens).
         device: ``"cpu"`` or ``"gpu"`` (methods and measurement).
         batch_sizes: latency batch sizes.
         warmup / iterations: untimed and timed runs per latency batch size.
@@ -78,9 +113,11 @@ class PipelineResult:
     """The compressed model and what was measured.
 
     Attributes:
-        artifact_path: the saved model (``model.pt2`` or ``model.onnx`` in the work dir).
+        artifact_path: the saved model (``model.pt2``, ``model.onnx`` or ``model.zip`` (hf)
+            in the work dir).
         artifact_format: its format.
-        metrics: ``{"original", "compressed", "fidelity", "ratios"}`` (DESIGN §6).
+        metrics: ``{"original", "compressed", "fidelity", "ratios", "steps"}`` (DESIGN §6
+            and the module docstring).
         report_path: ``report.json``: spec, model signature, steps, metrics and the log.
     """
 
@@ -100,6 +137,16 @@ def run_pipeline(
 ) -> PipelineResult:
     """Compress ``model_path`` as ``spec`` says and measure the result against it.
 
+    With an ``output_format`` other than the model's (pt2 or hf → onnx) the model is
+    converted once (:mod:`worker.convert`): before a trailing run of ONNX Runtime
+    quantization steps, or else after the last step. ``metrics.original`` is measured
+    in the upload's runtime and ``metrics.compressed`` in the artifact's (onnxruntime for
+    onnx), which is what a user of each file gets.
+
+    After every step the model is saved and measured (:data:`STEP_ITERATIONS` timed runs
+    per batch size, no peak memory; the last step reuses the artifact's full measurement
+    when the artifact is that step's model) into ``metrics["steps"]``.
+
     Raises:
         EngineError: its subclasses for every expected failure (broken model, data that
         does not fit, unsupported request, cancellation), with the stage in ``step``.
@@ -109,7 +156,14 @@ def run_pipeline(
     log = RecordingReporter(inner=reporter)
     started = time.monotonic()
     _check_spec(model_format, spec, datasets)
-    methods = _resolve_steps(model_format, spec, datasets)
+    methods, step_fmts = _resolve_steps(model_format, spec, datasets)
+    converting = spec.output_format != model_format
+    # The index of the first step that gets the converted model (len(methods): none does).
+    convert_at = len(methods)
+    if converting and spec.output_format in step_fmts:
+        convert_at = step_fmts.index(spec.output_format)
+    # The artifact is the last step's model unless the conversion comes after that step.
+    last_is_artifact = bool(methods) and not (converting and convert_at == len(methods))
 
     log.progress(0.0, "load")
     model = load_model(model_path, model_format)
@@ -120,13 +174,18 @@ def run_pipeline(
     log.log("model loaded", data=signature)
     log.progress(_P_LOADED, "load_datasets")
 
-    loaded_data = _load_datasets(datasets)
+    loaded_data = _load_datasets(datasets, model)
     feeds_by_role = {role: fit_dataset(model, role, ds) for role, ds in loaded_data.items()}
+    measure_inputs = _measure_inputs(model, feeds_by_role, log)
+    evaluation = _Evaluation.choose(model, Path(model_path), spec, feeds_by_role, loaded_data, log)
     log.progress(_P_DATA, "check_datasets")
 
-    step_records = []
+    step_records: list[dict[str, Any]] = []
     span = (_P_STEPS_END - _P_DATA) / max(1, len(methods))
     for index, (method, params) in enumerate(methods):
+        step_start = _P_DATA + span * index
+        if converting and index == convert_at:
+            model = _convert(model, spec.output_format, measure_inputs, log, step_start)
         ctx = StepContext(
             step=index,
             method=method.name,
@@ -134,8 +193,8 @@ def run_pipeline(
             datasets=loaded_data,
             device=spec.device,
             work_dir=work_dir,
-            progress_start=_P_DATA + span * index,
-            progress_end=_P_DATA + span * (index + 1),
+            progress_start=step_start,
+            progress_end=step_start + span * _STEP_RUN_SHARE,
             original=(Path(model_path), model_format),
             models=spec.models,
         )
@@ -152,27 +211,42 @@ def run_pipeline(
                 step=method.name,
             ) from exc
         seconds = time.monotonic() - t0
-        step_records.append(
-            {"method": method.name, "params": params.model_dump(mode="json"), "seconds": seconds}
-        )
+        record: dict[str, Any] = {
+            "method": method.name,
+            "params": params.model_dump(mode="json"),
+            "seconds": seconds,
+            "format": model.format,
+        }
+        step_records.append(record)
         log.log(f"step {index + 1}/{len(methods)} {method.name} done in {seconds:.2f}s")
         ctx.progress(1.0)
+        if not (last_is_artifact and index == len(methods) - 1):
+            measure_span = (step_start + span * _STEP_RUN_SHARE, step_start + span)
+            _measure_step(
+                model, index, record, spec, measure_inputs, evaluation, work_dir, log, measure_span
+            )
 
+    if converting and convert_at == len(methods):
+        model = _convert(model, spec.output_format, measure_inputs, log, _P_STEPS_END)
     log.progress(_P_STEPS_END, "save")
     artifact = work_dir / f"model{FILE_SUFFIX[spec.output_format]}"
     save_model(model, artifact)
     log.log("artifact saved", data={"size_bytes": artifact.stat().st_size})
     log.progress(_P_SAVED, "measure")
 
-    measure_inputs = _measure_inputs(model, feeds_by_role, log)
     metrics: dict[str, Any] = {}
-    for name, path, (start, end) in (
-        ("original", Path(model_path), (_P_SAVED, _P_MEASURED_ORIGINAL)),
-        ("compressed", artifact, (_P_MEASURED_ORIGINAL, _P_MEASURED_COMPRESSED)),
+    for name, path, fmt, (start, end) in (
+        ("original", Path(model_path), model_format, (_P_SAVED, _P_MEASURED_ORIGINAL)),
+        (
+            "compressed",
+            artifact,
+            spec.output_format,
+            (_P_MEASURED_ORIGINAL, _P_MEASURED_COMPRESSED),
+        ),
     ):
         metrics[name] = measure_model(
             path,
-            model_format,
+            fmt,
             inputs=measure_inputs,
             batch_sizes=spec.batch_sizes,
             warmup=spec.warmup,
@@ -182,8 +256,13 @@ def run_pipeline(
         )
 
     log.progress(_P_MEASURED_COMPRESSED, "evaluate")
-    _evaluate(model, Path(model_path), artifact, spec, feeds_by_role, loaded_data, metrics, log)
+    _evaluate(artifact, spec.output_format, evaluation, metrics, log)
     metrics["ratios"] = _ratios(metrics["original"], metrics["compressed"])
+    if last_is_artifact:
+        step_records[-1].update(_step_view(metrics["compressed"], spec.iterations))
+        if "fidelity" in metrics:
+            step_records[-1]["fidelity"] = metrics["fidelity"]
+    metrics["steps"] = step_records
 
     report_path = work_dir / "report.json"
     report = {
@@ -205,12 +284,9 @@ def _check_spec(model_format: str, spec: PipelineSpec, datasets: dict[str, Path]
             f"unknown model format {model_format!r}; supported: {', '.join(FORMATS)}",
             step="validate",
         )
-    if spec.output_format != model_format:
-        raise UnsupportedError(
-            f"output_format {spec.output_format!r} differs from the model's format "
-            f"{model_format!r}; converting between formats is not supported yet",
-            step="validate",
-        )
+    problem = conversion_problem(model_format, spec.output_format)
+    if problem is not None:
+        raise UnsupportedError(problem, step="validate")
     if spec.device not in DEVICES:
         raise UnsupportedError(f"unknown device {spec.device!r}; use cpu or gpu", step="validate")
     if not spec.batch_sizes or any(b < 1 for b in spec.batch_sizes):
@@ -224,47 +300,117 @@ def _check_spec(model_format: str, spec: PipelineSpec, datasets: dict[str, Path]
         )
 
 
-def _resolve_steps(model_format: str, spec: PipelineSpec, datasets: dict[str, Path]) -> list:
-    resolved = []
-    for index, (name, raw_params) in enumerate(spec.steps):
-        where = f"step {index + 1} ({name})"
+def _resolve_steps(
+    model_format: str, spec: PipelineSpec, datasets: dict[str, Path]
+) -> tuple[list[tuple[Method, MethodParams]], list[str]]:
+    """Each step's method and validated params, and the format of the model it gets."""
+    found = []
+    for name, raw_params in spec.steps:
         try:
-            method = get_method(name)
+            found.append((get_method(name), raw_params))
         except UnknownMethodError as exc:
             raise InvalidParamsError(str(exc), step="validate") from exc
-        if model_format not in method.formats:
-            raise UnsupportedError(
-                f"{where}: {name} does not take {model_format} models "
-                f"(it takes {', '.join(sorted(method.formats))})",
-                step="validate",
-            )
+    step_fmts = step_formats(model_format, spec.output_format, [m for m, _ in found])
+    resolved = []
+    for index, ((method, raw_params), fmt) in enumerate(zip(found, step_fmts, strict=True)):
+        where = f"step {index + 1} ({method.name})"
+        problem = format_problem(method, fmt, model_format, spec.output_format)
+        if problem is not None:
+            raise UnsupportedError(f"{where}: {problem}", step="validate")
         if spec.device not in method.devices:
             raise UnsupportedError(
-                f"{where}: {name} does not run on {spec.device} "
+                f"{where}: {method.name} does not run on {spec.device} "
                 f"(it runs on {', '.join(sorted(method.devices))})",
                 step="validate",
             )
-        missing = sorted(method.datasets_required - set(datasets))
-        if missing:
-            raise InvalidParamsError(f"{where}: {name} needs datasets {missing}", step="validate")
         try:
-            params = method.validate_params(raw_params or {}, model_format)
+            params = method.validate_params(raw_params or {}, fmt)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
                 for e in exc.errors()
             )
             raise InvalidParamsError(f"{where}: {problems}", step="validate") from exc
+        missing = sorted(method.requires(params) - set(datasets))
+        if missing:
+            raise InvalidParamsError(
+                f"{where}: {method.name} needs datasets {missing}", step="validate"
+            )
         resolved.append((method, params))
-    return resolved
+    return resolved, step_fmts
 
 
-def _load_datasets(datasets: dict[str, Path]) -> dict[str, Dataset]:
+def _convert(
+    model: LoadedModel,
+    output_format: str,
+    feeds: dict[str, np.ndarray],
+    log: RecordingReporter,
+    at: float,
+) -> LoadedModel:
+    log.progress(at, "convert")
+    try:
+        return convert(model, output_format, feeds=feeds, reporter=log)
+    except EngineError as exc:
+        exc.step = exc.step or "convert"
+        raise
+
+
+def _step_view(measured: dict[str, Any], iterations: int) -> dict[str, Any]:
+    view = {key: measured[key] for key in _STEP_METRICS if key in measured}
+    if "latency_ms" in view:
+        view["latency_iterations"] = iterations
+    if "accuracy" in measured:
+        view["accuracy"] = measured["accuracy"]
+    return view
+
+
+def _measure_step(
+    model: LoadedModel,
+    index: int,
+    record: dict[str, Any],
+    spec: PipelineSpec,
+    inputs: dict[str, np.ndarray],
+    evaluation: _Evaluation,
+    work_dir: Path,
+    log: RecordingReporter,
+    span: tuple[float, float],
+) -> None:
+    """Save the model after step ``index`` and measure it into ``record``."""
+    start, end = span
+    path = work_dir / f"step{index + 1}{FILE_SUFFIX[model.format]}"
+    iterations = min(spec.iterations, STEP_ITERATIONS)
+    try:
+        save_model(model, path)
+        measured = measure_model(
+            path,
+            model.format,
+            inputs=inputs,
+            batch_sizes=spec.batch_sizes,
+            warmup=min(spec.warmup, STEP_WARMUP),
+            iterations=iterations,
+            device=spec.device,
+            reporter=ScaledReporter(log, start, start + (end - start) * 0.7, "measure_step"),
+            with_peak_memory=False,
+        )
+        record.update(_step_view(measured, iterations))
+        reporter = ScaledReporter(log, start + (end - start) * 0.7, end, "measure_step")
+        record.update(evaluation.score(path, model.format, reporter))
+    except JobCancelled:
+        raise
+    except EngineError as exc:
+        log.log(f"step {index + 1} ({record['method']}) not measured: {exc.message}", "warning")
+    finally:
+        path.unlink(missing_ok=True)
+    log.progress(end, "measure_step")
+
+
+def _load_datasets(datasets: dict[str, Path], model: LoadedModel) -> dict[str, Dataset]:
+    """Every dataset by role; text (.jsonl) is tokenized with the hf model's tokenizer."""
     loaded = {}
     for role in DATASET_ROLES:
         if role in datasets:
             try:
-                loaded[role] = load_dataset(Path(datasets[role]))
+                loaded[role] = load_dataset(Path(datasets[role]), model)
             except EngineError as exc:
                 exc.message = f"{role} dataset: {exc.message}"
                 raise
@@ -281,56 +427,118 @@ def _measure_inputs(
     return generate_inputs(model, batch=GENERATED_SAMPLES)
 
 
+@dataclass
+class _Evaluation:
+    """The inputs fidelity and accuracy are measured on, and the original's outputs on them.
+
+    The original model's outputs are computed once (in its own runtime) and compared with
+    each step's model and with the artifact. Token-level outputs (``[N, T, H]``, e.g. an hf
+    feature-extraction model's ``last_hidden_state``) are compared as sentence embeddings:
+    mean-pooled over the tokens the ``attention_mask`` keeps.
+    """
+
+    role: str
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    original: tuple[Path, str]
+    device: str
+    reference: list[np.ndarray] | None = None
+
+    @classmethod
+    def choose(
+        cls,
+        model: LoadedModel,
+        original_path: Path,
+        spec: PipelineSpec,
+        feeds_by_role: dict[str, dict[str, np.ndarray]],
+        datasets: dict[str, Dataset],
+        log: Reporter,
+    ) -> _Evaluation:
+        if "eval" in feeds_by_role:
+            role, inputs = "eval", feeds_by_role["eval"]
+        elif "calibration" in feeds_by_role:
+            role, inputs = "calibration", feeds_by_role["calibration"]
+            log.log("fidelity measured on the calibration inputs (no eval dataset)")
+        else:
+            role = "generated"
+            inputs = generate_inputs(model, batch=GENERATED_SAMPLES)
+            log.log(
+                f"fidelity measured on {GENERATED_SAMPLES} inputs generated from the model's "
+                "signature (standard normal floats): no eval or calibration dataset was given",
+                "warning",
+            )
+        labels = datasets["eval"].labels if "eval" in datasets else None
+        return cls(role, inputs, labels, (original_path, model.format), spec.device)
+
+    def run(self, path: Path, fmt: str, reporter: Reporter) -> list[np.ndarray]:
+        runtime = Runtime(path, fmt, self.device)
+        return run_loaded(runtime, self.inputs, FIDELITY_BATCH, reporter=reporter)
+
+    def original_outputs(self, reporter: Reporter) -> list[np.ndarray]:
+        if self.reference is None:
+            self.reference = self.run(*self.original, reporter)
+        return self.reference
+
+    def fidelity(self, outputs: list[np.ndarray]) -> dict[str, float]:
+        """compare_outputs vs the original; raises ValueError if they do not compare."""
+        original = self.original_outputs(NullReporter())
+        reference = pool_token_outputs(original, self.inputs)
+        result = compare_outputs(reference, pool_token_outputs(outputs, self.inputs))
+        if is_token_output(original[0], self.inputs):
+            result.pop("top1_agreement", None)  # an embedding's argmax is no class
+        return result
+
+    def score(self, path: Path, fmt: str, reporter: Reporter) -> dict[str, Any]:
+        """``fidelity`` and (with labelled eval data) ``accuracy`` of a model file."""
+        self.original_outputs(ScaledReporter(reporter, 0.0, 0.5))
+        outputs = self.run(path, fmt, ScaledReporter(reporter, 0.5, 1.0))
+        result: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            result["fidelity"] = self.fidelity(outputs)
+        if self.labels is not None:
+            with contextlib.suppress(UnsupportedError):
+                result["accuracy"] = accuracy(outputs, self.labels)
+        return result
+
+
 def _evaluate(
-    model: LoadedModel,
-    original_path: Path,
     artifact: Path,
-    spec: PipelineSpec,
-    feeds_by_role: dict[str, dict[str, np.ndarray]],
-    datasets: dict[str, Dataset],
+    artifact_format: str,
+    evaluation: _Evaluation,
     metrics: dict[str, Any],
     log: RecordingReporter,
 ) -> None:
     """Fidelity (compressed vs original) and, with labelled eval data, accuracy."""
-    if "eval" in feeds_by_role:
-        role, inputs = "eval", feeds_by_role["eval"]
-    elif "calibration" in feeds_by_role:
-        role, inputs = "calibration", feeds_by_role["calibration"]
-        log.log("fidelity measured on the calibration inputs (no eval dataset)")
-    else:
-        role = "generated"
-        inputs = generate_inputs(model, batch=GENERATED_SAMPLES)
-        log.log(
-            f"fidelity measured on {GENERATED_SAMPLES} inputs generated from the model's "
-            "signature (standard normal floats): no eval or calibration dataset was given",
-            "warning",
-        )
     outputs = {}
-    for index, (name, path) in enumerate((("original", original_path), ("compressed", artifact))):
+    for index, (name, path, fmt) in enumerate(
+        (("original", *evaluation.original), ("compressed", artifact, artifact_format))
+    ):
         span = ScaledReporter(
             log,
             _P_MEASURED_COMPRESSED + (1 - _P_MEASURED_COMPRESSED) * index / 2,
             _P_MEASURED_COMPRESSED + (1 - _P_MEASURED_COMPRESSED) * (index + 1) / 2,
             "evaluate",
         )
-        outputs[name] = run_loaded(
-            Runtime(path, model.format, spec.device), inputs, FIDELITY_BATCH, reporter=span
-        )
+        if name == "original":
+            outputs[name] = evaluation.original_outputs(span)
+        else:
+            outputs[name] = evaluation.run(path, fmt, span)
     try:
-        fidelity = compare_outputs(outputs["original"], outputs["compressed"])
+        fidelity = evaluation.fidelity(outputs["compressed"])
     except ValueError as exc:
         log.log(f"fidelity not measured: {exc}", "warning")
     else:
         metrics["fidelity"] = fidelity
-        samples = len(next(iter(inputs.values())))
-        log.log(f"fidelity measured on {samples} {role} samples", data=fidelity)
-    labels = datasets["eval"].labels if "eval" in datasets else None
-    if labels is None:
+        samples = len(next(iter(evaluation.inputs.values())))
+        pooled = any(is_token_output(o, evaluation.inputs) for o in outputs["original"])
+        how = " (token outputs compared as mask-averaged sentence embeddings)" if pooled else ""
+        log.log(f"fidelity measured on {samples} {evaluation.role} samples{how}", data=fidelity)
+    if evaluation.labels is None:
         log.log("accuracy not measured: no labelled eval dataset was given")
         return
     try:
-        metrics["original"]["accuracy"] = accuracy(outputs["original"], labels)
-        metrics["compressed"]["accuracy"] = accuracy(outputs["compressed"], labels)
+        metrics["original"]["accuracy"] = accuracy(outputs["original"], evaluation.labels)
+        metrics["compressed"]["accuracy"] = accuracy(outputs["compressed"], evaluation.labels)
     except UnsupportedError as exc:
         metrics["original"].pop("accuracy", None)
         log.log(f"accuracy not measured: {exc.message}", "warning")

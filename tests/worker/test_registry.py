@@ -18,6 +18,21 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = {
     "prune.magnitude": {"amount": 0.3, "scope": "global", "layers": ["0."], "include_bias": True},
     "quantize.dynamic": {"dtype": "int8", "per_channel": False, "symmetric": True},
+    "prune.structured": {
+        "amount": 0.5,
+        "importance": "taylor",
+        "scope": "global",
+        "round_to": 8,
+        "ignore": ["block1.conv1"],
+    },
+    "prune.activation": {
+        "amount": 0.3,
+        "max_samples": 256,
+        "batch_size": 32,
+        "round_to": 4,
+        "ignore": ["0"],
+    },
+    "prune.semi_structured": {"layers": ["0."], "min_features": 32},
 }
 
 
@@ -55,7 +70,7 @@ def test_params_round_trip_and_describe_themselves(name: str) -> None:
         assert f"{prop}:" in doc, f"{name}: docstring does not document {prop}"
     described = method.describe()
     assert described["name"] == name and described["params_schema"] == schema
-    assert set(described["formats"]) <= {"pt2", "onnx"}
+    assert set(described["formats"]) <= {"pt2", "onnx", "hf"}
 
 
 @pytest.mark.parametrize(

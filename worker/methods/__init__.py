@@ -6,14 +6,39 @@ Adding a method means adding its module and one line below.
 
 from __future__ import annotations
 
-from worker.methods import prune_magnitude, quantize_dynamic
+from worker.methods import (
+    distill,
+    finetune,
+    lowrank,
+    prune_activation,
+    prune_magnitude,
+    prune_semi_structured,
+    prune_structured,
+    quantize_binary,
+    quantize_dynamic,
+    quantize_half,
+    quantize_qat,
+    quantize_static,
+    quantize_weight_only,
+)
 from worker.methods.base import Method, MethodParams, UnknownMethodError
 
 REGISTRY: dict[str, Method] = {
     method.name: method
     for method in (
         prune_magnitude.METHOD,
+        prune_structured.METHOD,
+        prune_activation.METHOD,
+        prune_semi_structured.METHOD,
         quantize_dynamic.METHOD,
+        quantize_static.METHOD,
+        quantize_half.METHOD,
+        quantize_weight_only.METHOD,
+        quantize_binary.METHOD,
+        quantize_qat.METHOD,
+        finetune.METHOD,
+        distill.METHOD,
+        lowrank.METHOD,
     )
 }
 

@@ -37,6 +37,9 @@ class Method:
         handler: ``(model, params, ctx) -> model``; imports torch lazily.
         model_refs: names of params fields that hold the id of another uploaded model
             (e.g. ``teacher_model_id``); the API checks them and the worker fetches them.
+        datasets_for: ``(validated params) -> dataset roles`` that a step needs because of
+            its params (e.g. ``prune.magnitude`` with ``steps > 1`` fine-tunes on
+            ``train``); :meth:`requires` adds them to ``datasets_required``.
     """
 
     name: str
@@ -48,6 +51,12 @@ class Method:
     datasets_optional: frozenset[str] = frozenset()
     devices: frozenset[str] = frozenset({"cpu", "gpu"})
     model_refs: tuple[str, ...] = ()
+    datasets_for: Callable[[Any], frozenset[str]] | None = None
+
+    def requires(self, params: MethodParams) -> frozenset[str]:
+        """Dataset roles a step with these (validated) params cannot run without."""
+        extra = self.datasets_for(params) if self.datasets_for is not None else frozenset()
+        return self.datasets_required | extra
 
     def validate_params(self, params: Mapping[str, Any], fmt: str | None = None) -> MethodParams:
         """Validate a step's params; with ``fmt``, also refuse what that format's backend lacks.

@@ -5,15 +5,25 @@ or with one global threshold) and the masks are folded in, so the saved model is
 dense model with zeros: smaller once compressed (``size_bytes_gzip``), not faster on
 dense kernels. pt2 weights are edited in place in the program's state dict (the graph
 does not change, so its input signature, dynamic dims included, is kept as uploaded);
-onnx weights are the initializers feeding MatMul/Gemm/Conv.
+onnx weights are the initializers feeding MatMul/Gemm/Conv; hf weights are those of the
+transformers module's ``nn.Linear``/``nn.Conv*`` (and transformers' ``Conv1D``) layers,
+edited in place (embeddings and LayerNorms are left alone unless ``layers`` names them).
+
+With ``steps > 1`` the pruning is gradual (Zhu & Gupta, 2017, "To prune, or not to
+prune"): round ``t`` of ``n`` prunes to sparsity ``amount * (1 - (1 - t/n)^3)`` (fast at
+first, slowly at the end, exactly ``amount`` at the last round) and then fine-tunes on
+the ``train`` dataset for ``epochs_per_step`` epochs with the masks fixed: the gradient
+of a pruned weight is masked, so it stays exactly zero under Adam. The model is lifted to
+real layers for training (``worker.lifting.lift``) and exported again afterwards (pt2),
+or trained in place (hf); onnx models cannot be trained and take ``steps = 1`` only.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Self
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import InvalidParamsError
 from worker.methods.base import Method, MethodParams
@@ -39,9 +49,15 @@ class MagnitudePruneParams(MethodParams):
             biases too with ``include_bias``) whose name contains one of them is pruned.
             By default the weights of Linear/Conv (pt2) or MatMul/Gemm/Conv (onnx) layers.
         include_bias: also prune the bias vectors of the selected layers.
+        steps: pruning rounds. 1 (default) prunes once, with no data. More rounds raise
+            the sparsity on a cubic schedule to ``amount``, fine-tuning on the ``train``
+            dataset (inputs and labels, required then) after each round; pt2 and hf only.
+        epochs_per_step: fine-tuning epochs after each round (``steps > 1``).
+        lr: Adam learning rate of the fine-tuning (``steps > 1``).
+        batch_size: fine-tuning batch size (``steps > 1``).
 
     Example:
-        ``{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global"}}``
+        ``{"method": "prune.magnitude", "params": {"amount": 0.8, "steps": 4, "epochs_per_step": 2}}``
     """
 
     amount: float = Field(
@@ -67,6 +83,40 @@ class MagnitudePruneParams(MethodParams):
     include_bias: bool = Field(
         default=False, description="Also prune the bias vectors of the selected layers."
     )
+    steps: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description=(
+            "Pruning rounds: 1 prunes once (no data needed); more rounds raise sparsity on "
+            "a cubic schedule to `amount`, fine-tuning on the train dataset after each "
+            "(needs a labelled train dataset; pt2 and hf models)."
+        ),
+    )
+    epochs_per_step: int = Field(
+        default=1, ge=1, le=1000, description="Fine-tuning epochs after each round (steps > 1)."
+    )
+    lr: float = Field(
+        default=1e-3, gt=0.0, le=1.0, description="Fine-tuning learning rate, Adam (steps > 1)."
+    )
+    batch_size: int = Field(
+        default=32, ge=1, le=65536, description="Fine-tuning batch size (steps > 1)."
+    )
+
+    @model_validator(mode="after")
+    def _trainable_format(self, info: ValidationInfo) -> Self:
+        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        if fmt == "onnx" and self.steps > 1:
+            raise ValueError(
+                "steps > 1 fine-tunes the model between pruning rounds, and onnx models "
+                "cannot be trained: use steps=1, or upload the model as pt2"
+            )
+        return self
+
+    def schedule(self) -> list[float]:
+        """The sparsity after each round: ``amount * (1 - (1 - t/steps)^3)``, t = 1..steps."""
+        n = self.steps
+        return [self.amount * (1.0 - (1.0 - t / n) ** 3) for t in range(1, n + 1)]
 
 
 # aten op -> (argument positions holding weights, positions holding the bias)
@@ -102,7 +152,7 @@ def prune_magnitude(
     """Zero the smallest-magnitude weights; returns the same model, edited."""
     import torch
 
-    select = _pt2_targets if model.format == "pt2" else _onnx_targets
+    select = {"pt2": _pt2_targets, "hf": _hf_targets}.get(model.format, _onnx_targets)
     tensors = select(model, params)
     if not tensors:
         what = (
@@ -111,6 +161,8 @@ def prune_magnitude(
             else "in Linear/Conv/MatMul/Gemm layers"
         )
         raise InvalidParamsError(f"no prunable float weights {what}", step=ctx.method)
+    if params.steps > 1:
+        return _prune_iteratively(model, params, ctx, list(tensors))
     ctx.progress(0.1)
     pruned = l1_prune(tensors, params.amount, params.scope)
     ctx.progress(0.8)
@@ -119,6 +171,8 @@ def prune_magnitude(
         with torch.no_grad():
             for name, value in pruned.items():
                 model.program.state_dict[name].copy_(value)
+    elif model.format == "hf":
+        _hf_write(model, pruned)
     else:
         _onnx_write(model, pruned)
     per_tensor = {
@@ -164,6 +218,124 @@ def l1_prune(
     return result
 
 
+def _prune_iteratively(
+    model: LoadedModel, params: MagnitudePruneParams, ctx: StepContext, names: list[str]
+) -> LoadedModel:
+    """Gradual pruning: ``steps`` rounds of prune (cubic schedule) then masked fine-tuning."""
+    import torch
+
+    from worker.errors import UnsupportedError
+    from worker.lifting import lift, relower
+    from worker.training import (
+        batch_plan,
+        model_forward,
+        supervised_loss,
+        trace_inputs,
+        train,
+        training_data,
+    )
+
+    if model.format == "onnx":
+        raise UnsupportedError(
+            "steps > 1 fine-tunes between rounds and onnx models cannot be trained; use "
+            "steps=1 or a pt2 model",
+            step=ctx.method,
+        )
+    data = training_data(model, ctx, labels_required=True)
+    module = lift(model)
+    weights = _module_parameters(model, module, names)
+    masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+    for name, weight in weights.items():
+        # A pruned weight gets no gradient: Adam's moments stay 0, so it stays exactly 0.
+        weight.register_hook(lambda grad, name=name: grad * masks[name])
+    batch_size, drop_last = batch_plan(model, params.batch_size, ctx)
+    forward = model_forward(model)
+    schedule = params.schedule()
+    span = 0.9 / len(schedule)
+    for round_index, sparsity in enumerate(schedule):
+        start = 0.05 + span * round_index
+        current = {name: w.detach() for name, w in weights.items()}
+        pruned = l1_prune(current, sparsity, params.scope)
+        with torch.no_grad():
+            for name, weight in weights.items():
+                weight.copy_(pruned[name])
+                masks[name] = pruned[name] != 0
+        history = train(
+            module,
+            inputs=data.inputs,
+            labels=data.labels,
+            loss_fn=supervised_loss,
+            epochs=params.epochs_per_step,
+            lr=params.lr,
+            batch_size=batch_size,
+            ctx=ctx,
+            eval_inputs=data.eval_inputs,
+            eval_labels=data.eval_labels,
+            forward=forward,
+            progress_range=(start, start + span),
+            drop_last=drop_last,
+        )
+        # measured after fine-tuning, before the masks are folded in: the masks held
+        zeros = sum(int((w == 0).sum()) for w in weights.values())
+        measured = zeros / sum(w.numel() for w in weights.values())
+        line = (
+            f"round {round_index + 1}/{len(schedule)}: target sparsity {sparsity:.4f}, "
+            f"{measured:.4f} after fine-tuning (train loss {history['train_loss'][-1]:.4f}"
+        )
+        if history.get("eval_accuracy") and history["eval_accuracy"][-1] is not None:
+            line += f", eval accuracy {history['eval_accuracy'][-1]:.4f}"
+        ctx.log(line + ")", data={"target_sparsity": sparsity, "sparsity": measured})
+    with torch.no_grad():  # fold the masks in (the hooks already kept them zero)
+        for name, weight in weights.items():
+            weight.mul_(masks[name])
+    zeros = sum(int((~mask).sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    ctx.log(
+        f"pruned {len(weights)} tensors ({params.scope} scope) in {len(schedule)} rounds to "
+        f"sparsity {zeros / total:.4f}",
+        data={
+            "schedule": [round(s, 6) for s in schedule],
+            "sparsity": {n: round(float((~m).float().mean()), 6) for n, m in masks.items()},
+        },
+    )
+    result = relower(model, module, example_inputs=trace_inputs(model, data.inputs))
+    ctx.progress(1.0)
+    return result
+
+
+def _module_parameters(
+    model: LoadedModel, module: torch.nn.Module, names: list[str]
+) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters of ``module`` (lifted from ``model``) holding the tensors
+    called ``names`` in ``model`` (pt2 state-dict FQNs, hf parameter names)."""
+    import torch
+
+    from worker.errors import UnsupportedError
+
+    if model.format == "hf":
+        return {name: module.get_parameter(name) for name in names}
+    assert model.program is not None
+    own = dict(module.named_parameters())
+    found: dict[str, torch.nn.Parameter] = {}
+    for name in names:
+        original = model.program.state_dict[name]
+        owner, _, attr = name.rpartition(".")
+        candidates = [f"{owner.replace('.', '_')}.{attr}" if owner else attr, name]
+        candidates += [n for n in own if n not in candidates]  # renamed: match by value
+        for candidate in candidates:
+            param = own.get(candidate)
+            same = param is not None and param.shape == original.shape
+            if same and torch.equal(param.detach(), original.detach()):  # type: ignore[union-attr]
+                found[name] = param  # type: ignore[assignment]
+                break
+        else:
+            raise UnsupportedError(
+                f"weight {name!r} is not a trainable parameter of the lifted model",
+                step="prune.magnitude",
+            )
+    return found
+
+
 def _select(name: str, ndim: int, default_role: str | None, params: MagnitudePruneParams) -> bool:
     """Whether a float tensor is pruned. ``default_role``: "weight"/"bias" if a layer uses it."""
     if params.layers is not None:
@@ -206,6 +378,41 @@ def _pt2_targets(model: LoadedModel, params: MagnitudePruneParams) -> dict[str, 
         seen_storage.add(tensor.data_ptr())
         targets[name] = tensor.detach()
     return targets
+
+
+def _hf_targets(model: LoadedModel, params: MagnitudePruneParams) -> dict[str, torch.Tensor]:
+    from torch import nn
+
+    assert model.module is not None
+    layer_types: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2-style linear layers
+
+        layer_types += (Conv1D,)
+    except ImportError:
+        pass
+    roles: dict[str, str] = {}
+    for prefix, layer in model.module.named_modules():
+        if isinstance(layer, layer_types):
+            roles[f"{prefix}.weight"] = "weight"
+            if getattr(layer, "bias", None) is not None:
+                roles[f"{prefix}.bias"] = "bias"
+    targets: dict[str, torch.Tensor] = {}
+    for name, tensor in model.module.named_parameters(remove_duplicate=True):
+        if not tensor.is_floating_point() or tensor.ndim == 0:
+            continue
+        if _select(name, tensor.ndim, roles.get(name), params):
+            targets[name] = tensor.detach()
+    return targets
+
+
+def _hf_write(model: LoadedModel, pruned: dict[str, torch.Tensor]) -> None:
+    import torch
+
+    assert model.module is not None
+    with torch.no_grad():
+        for name, value in pruned.items():
+            model.module.get_parameter(name).copy_(value)
 
 
 def _onnx_targets(model: LoadedModel, params: MagnitudePruneParams) -> dict[str, torch.Tensor]:
@@ -261,7 +468,9 @@ METHOD = Method(
     name="prune.magnitude",
     summary="Unstructured L1 magnitude pruning: zero the smallest weights (per layer or global).",
     params=MagnitudePruneParams,
-    formats=frozenset({"pt2", "onnx"}),
+    formats=frozenset({"pt2", "onnx", "hf"}),
     handler=prune_magnitude,
+    datasets_optional=frozenset({"train", "eval"}),
     devices=frozenset({"cpu", "gpu"}),
+    datasets_for=lambda params: frozenset({"train"}) if params.steps > 1 else frozenset(),
 )

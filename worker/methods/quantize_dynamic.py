@@ -10,6 +10,9 @@
   Run eagerly, these are reference ops (dequantize, fp32 matmul): the file is ~4x
   smaller, but eager latency is not better; lowering with ``torch.compile`` is what makes
   it fast, and squish measures the eager runtime the file loads into.
+- hf: not in PyTorch. With ``output_format: onnx`` a pt2 or hf model is converted to
+  ONNX before this step when it ends the pipeline (``worker.convert``), so the step runs
+  in ONNX Runtime on the converted model and the artifact gets its int8 kernels.
 """
 
 from __future__ import annotations

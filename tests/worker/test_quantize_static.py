@@ -1,0 +1,271 @@
+"""quantize.static: calibrated int8 on real pt2 and onnx models (MLP and residual CNN)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from tests import factories
+from worker.context import NullReporter, StepContext
+from worker.data import Dataset, load_dataset
+from worker.errors import DatasetMismatchError, InvalidParamsError
+from worker.formats import load_model, save_model
+from worker.methods import quantize_static
+from worker.pipeline import PipelineSpec, run_pipeline
+
+METHOD = quantize_static.METHOD
+
+
+def apply(model, params: dict, tmp_path: Path, calibration: Dataset | None):
+    ctx = StepContext(
+        step=0, method=METHOD.name, reporter=NullReporter(),
+        datasets={"calibration": calibration} if calibration is not None else {},
+        device="cpu", work_dir=tmp_path,
+    )  # fmt: skip
+    return METHOD.handler(model, METHOD.validate_params(params, model.format), ctx)
+
+
+def run(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
+    """Outputs of a saved model, loaded with stock tools."""
+    if fmt == "pt2":
+        import torch
+
+        load_model(path, "pt2")  # squish's loader: nothing pickled, only operators
+        module = torch.export.load(str(path)).module()
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).numpy()
+    import onnxruntime as ort
+
+    load_model(path, "onnx")  # squish's loader checks the graph (onnx.checker)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def accuracy(path: Path, fmt: str, x: np.ndarray, y: np.ndarray) -> float:
+    return float((run(path, fmt, x).argmax(1) == y).mean())
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models train ~30x faster single-threaded on busy shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_calibration() -> Dataset:
+    x_train, _, _, _ = factories.digits_arrays()
+    return Dataset({"inputs": x_train}, None, len(x_train))
+
+
+@pytest.fixture(scope="module")
+def cnn_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A residual CNN with BatchNorm, trained on the digits as 1x8x8 images (~0.97)."""
+    import torch
+    from torch import nn
+
+    class ResidualCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.head = nn.Linear(8 * 16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = torch.relu(y + self.bn2(self.conv2(y)))
+            return self.head(nn.functional.max_pool2d(y, 2).flatten(1))
+
+    x_train, y_train, x_test, _ = factories.digits_arrays()
+    torch.manual_seed(0)
+    net = ResidualCNN()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    xs, ys = torch.from_numpy(x_train).reshape(-1, 1, 8, 8), torch.from_numpy(y_train)
+    gen = torch.Generator().manual_seed(0)
+    with one_thread():
+        for _ in range(3):
+            order = torch.randperm(len(xs), generator=gen)
+            for i in range(0, len(xs), 64):
+                idx = order[i : i + 64]
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
+                opt.step()
+    root = tmp_path_factory.mktemp("static-cnn")
+    example = torch.from_numpy(x_test[:4].reshape(-1, 1, 8, 8))
+    return {
+        "pt2": factories.export_pt2(net.eval(), example, root / "cnn.pt2"),
+        "onnx": factories.export_onnx(net.eval(), example, root / "cnn.onnx"),
+    }
+
+
+def test_pt2_mlp_gets_int8_weights_static_activations_and_keeps_accuracy(
+    files, tmp_path: Path, digits_calibration: Dataset
+) -> None:
+    import torch
+
+    model = apply(load_model(files["pt2"], "pt2"), {}, tmp_path, digits_calibration)
+    out = tmp_path / "static.pt2"
+    save_model(model, out)
+    program = torch.export.load(str(out))
+    tensors = {**program.state_dict, **program.constants}
+    int8 = sorted(tuple(t.shape) for t in tensors.values() if t.dtype == torch.int8)
+    assert int8 == [(10, 64), (64, 128), (128, 64)]
+    assert [k for k, t in tensors.items() if t.is_floating_point() and t.ndim >= 2] == []
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    # Static: activations are quantized with calibrated constants, not ranges found per call.
+    assert "quantized_decomposed.quantize_per_tensor.default" in ops
+    assert not any("choose_qparams" in op for op in ops)
+    _, _, x_test, y_test = factories.digits_arrays()
+    fp32 = accuracy(files["pt2"], "pt2", x_test, y_test)
+    assert accuracy(out, "pt2", x_test, y_test) >= fp32 - 0.01
+    for batch in (1, 5):  # the dynamic batch survived
+        assert run(out, "pt2", x_test[:batch]).shape == (batch, 10)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_onnx_qdq_with_each_calibration_method(
+    files, tmp_path: Path, digits_calibration: Dataset, method: str
+) -> None:
+    import onnx
+
+    params = {"calibrate_method": method, "max_samples": 256}
+    model = apply(load_model(files["onnx"], "onnx"), params, tmp_path, digits_calibration)
+    out = tmp_path / "static.onnx"
+    save_model(model, out)
+    proto = onnx.load(str(out))
+    inits = {t.name: t for t in proto.graph.initializer}
+    dequantized = [n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    int8_weights = [
+        name
+        for name in dequantized
+        if inits.get(name) and inits[name].data_type == onnx.TensorProto.INT8
+    ]
+    assert sorted(tuple(inits[n].dims) for n in int8_weights) == [(10, 64), (64, 128), (128, 64)]
+    assert [n for n in inits if n in ("0.weight", "2.weight", "4.weight")] == []  # no fp32 copy
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 3  # activations quantized with calibrated ranges
+    _, _, x_test, y_test = factories.digits_arrays()
+    fp32 = accuracy(files["onnx"], "onnx", x_test, y_test)
+    assert accuracy(out, "onnx", x_test, y_test) >= fp32 - 0.01
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_file_is_about_a_quarter_of_fp32(tmp_path: Path, fmt: str) -> None:
+    import torch
+
+    module = factories.mlp(hidden=(512, 512), in_features=256)
+    example = torch.randn(4, 256)
+    src = tmp_path / f"wide.{fmt}"
+    if fmt == "pt2":
+        factories.export_pt2(module, example, src)
+    else:
+        factories.export_onnx(module, example, src)
+    rng = np.random.default_rng(0)
+    calibration = Dataset({"inputs": rng.standard_normal((64, 256)).astype(np.float32)}, None, 64)
+    model = apply(load_model(src, fmt), {}, tmp_path, calibration)
+    out = tmp_path / f"wide_int8.{fmt}"
+    save_model(model, out)
+    ratio = out.stat().st_size / src.stat().st_size
+    assert ratio <= 0.3, ratio
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_residual_cnn_with_batchnorm(cnn_files, tmp_path: Path, fmt: str) -> None:
+    """BatchNorm is folded into the convs, conv and linear weights become int8."""
+    import onnx
+    import torch
+
+    x_train, _, x_test, y_test = factories.digits_arrays()
+    images = x_train.reshape(-1, 1, 8, 8)
+    calibration = Dataset({"inputs": images}, None, len(images))
+    model = apply(load_model(cnn_files[fmt], fmt), {"max_samples": 256}, tmp_path, calibration)
+    out = tmp_path / f"cnn_int8.{fmt}"
+    save_model(model, out)
+    if fmt == "pt2":
+        program = torch.export.load(str(out))
+        tensors = {**program.state_dict, **program.constants}
+        int8 = sorted(tuple(t.shape) for t in tensors.values() if t.dtype == torch.int8)
+        assert int8 == [(8, 1, 3, 3), (8, 8, 3, 3), (10, 128)]
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert not any("batch_norm" in op for op in ops)
+    else:
+        proto = onnx.load(str(out))
+        ops = {n.op_type for n in proto.graph.node}
+        assert "BatchNormalization" not in ops and "DequantizeLinear" in ops
+        int8 = sorted(
+            tuple(t.dims) for t in proto.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1
+        )  # fmt: skip
+        assert int8 == [(8, 1, 3, 3), (8, 8, 3, 3), (10, 128)]
+    x = x_test.reshape(-1, 1, 8, 8)
+    fp32 = accuracy(cnn_files[fmt], fmt, x, y_test)
+    assert fp32 >= 0.9
+    assert accuracy(out, fmt, x, y_test) >= fp32 - 0.02
+
+
+def test_static_batch_model_gets_batches_of_its_size(files, digits_calibration: Dataset) -> None:
+    model = load_model(files["pt2_static"], "pt2")
+    batches = quantize_static.calibration_batches(model, digits_calibration.head(10), 10, 32)
+    assert [b["input"].shape[0] for b in batches] == [4, 4, 4]
+    dynamic = load_model(files["pt2"], "pt2")
+    batches = quantize_static.calibration_batches(dynamic, digits_calibration, 70, 32)
+    assert [next(iter(b.values())).shape[0] for b in batches] == [32, 32, 6]
+    one = quantize_static.calibration_batches(dynamic, digits_calibration.head(1), 10, 32)
+    assert [next(iter(b.values())).shape[0] for b in one] == [2]
+
+
+def test_pt2_static_batch_quantizes(files, tmp_path: Path, digits_calibration: Dataset) -> None:
+    model = apply(
+        load_model(files["pt2_static"], "pt2"), {"max_samples": 64}, tmp_path, digits_calibration
+    )
+    assert model.inputs[0].shape == (4, 64)
+
+
+def test_backend_limits_are_refused_with_what_to_change() -> None:
+    ok = METHOD.validate_params({"per_channel": False, "calibrate_method": "entropy"}, "onnx")
+    assert ok.calibration("onnx") == "entropy"
+    assert METHOD.validate_params({}, "pt2").calibration("pt2") == "histogram"
+    assert METHOD.validate_params({}, "onnx").calibration("onnx") == "minmax"
+    with pytest.raises(ValidationError, match="per_channel=false is not supported for pt2"):
+        METHOD.validate_params({"per_channel": False}, "pt2")
+    with pytest.raises(ValidationError, match="not available for pt2 models; use one of"):
+        METHOD.validate_params({"calibrate_method": "entropy"}, "pt2")
+    with pytest.raises(ValidationError, match="not available for onnx models"):
+        METHOD.validate_params({"calibrate_method": "histogram"}, "onnx")
+    with pytest.raises(ValidationError, match="activation_type='uint8'"):
+        METHOD.validate_params({"activation_type": "int8"}, "pt2")
+    for bad in ({"max_samples": 0}, {"percentile": 50}, {"calibrate_method": "magic"}):
+        with pytest.raises(ValidationError):
+            METHOD.validate_params(bad)
+
+
+def test_calibration_data_is_required(files, tmp_path: Path) -> None:
+    assert METHOD.datasets_required == frozenset({"calibration"})
+    with pytest.raises(DatasetMismatchError, match="needs a 'calibration' dataset"):
+        apply(load_model(files["onnx"], "onnx"), {}, tmp_path, None)
+    spec = PipelineSpec(steps=[("quantize.static", {})], output_format="onnx")
+    with pytest.raises(InvalidParamsError, match=r"needs datasets \['calibration'\]"):
+        run_pipeline(files["onnx"], "onnx", spec, {}, tmp_path, NullReporter())
+
+
+def test_runs_in_a_pipeline_with_measured_accuracy(files, tmp_path: Path) -> None:
+    spec = PipelineSpec(steps=[("quantize.static", {"max_samples": 128})], output_format="onnx")
+    result = run_pipeline(
+        files["onnx"], "onnx", spec,
+        {"calibration": files["calibration"], "eval": files["eval"]}, tmp_path, NullReporter(),
+    )  # fmt: skip
+    metrics = result.metrics
+    assert metrics["compressed"]["accuracy"] >= metrics["original"]["accuracy"] - 0.01
+    assert metrics["ratios"]["size"] > 2.5
+    assert load_dataset(files["eval"]).num_samples == 450

@@ -1,0 +1,362 @@
+"""Converting the pipeline's model to another output format: ``pt2`` or ``hf`` → ``onnx``.
+
+A job whose ``output_format`` differs from its model's format is converted once, with
+``torch.onnx.export(..., dynamo=True, external_data=False)`` into one self-contained
+``.onnx`` file, keeping every dynamic dim of the input (pt2: the program's own symbolic
+dims; hf: ``batch`` and ``sequence`` of ``input_ids``/``attention_mask``/``token_type_ids``).
+
+Where the conversion happens (:func:`step_formats`): after the steps that need PyTorch
+(pruning, distillation, fine-tuning ...), before a trailing run of quantization steps
+that ONNX Runtime can do (``quantize.*`` methods that accept ``onnx``). Those run on the
+converted model, in ONNX Runtime, because
+
+- their point is ONNX Runtime's int8 kernels, which only an ONNX-side quantization
+  (``DynamicQuantizeLinear`` + ``MatMulInteger``, QDQ) gives the artifact, and
+- a pt2 program quantized with torchao PT2E does not convert: its
+  ``quantized_decomposed`` ops (``choose_qparams`` ...) have no ONNX export; an hf
+  model cannot be quantized dynamically in PyTorch and still be saved as safetensors
+  for ``from_pretrained``.
+
+So ``prune.magnitude → quantize.dynamic`` with ``output_format: onnx`` on a pt2 model
+prunes the program, converts it, and quantizes the ONNX model with ONNX Runtime. Any
+other step must accept the input format; a quantization step followed by a PyTorch step
+runs in PyTorch, and if the quantized program then cannot be converted the job fails
+with a message that says to move the quantization to the end. The API applies the same
+rule at ``POST /v1/jobs`` (this module is torch-free at import), so such a spec is a 422.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.errors import EngineError, UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.context import Reporter
+    from worker.formats import LoadedModel
+    from worker.methods.base import Method
+
+CONVERSIONS = frozenset({("pt2", "onnx"), ("hf", "onnx")})
+_CHECK_SAMPLES = 8
+
+
+def conversion_problem(input_format: str, output_format: str) -> str | None:
+    """Why ``input_format`` cannot be delivered as ``output_format``; None when it can."""
+    if input_format == output_format or (input_format, output_format) in CONVERSIONS:
+        return None
+    targets = sorted({out for src, out in CONVERSIONS if src == input_format})
+    can = (
+        f"{input_format} models convert to {', '.join(targets)} only"
+        if targets
+        else (f"{input_format} models are not converted")
+    )
+    return (
+        f"output_format {output_format!r} cannot be produced from a {input_format} model "
+        f"({can}); omit output_format or set it to {input_format!r}"
+        + (f" or {targets[0]!r}" if targets else "")
+    )
+
+
+def runs_after_conversion(method: Method, output_format: str) -> bool:
+    """Whether a trailing step of this method runs on the converted model."""
+    return method.name.startswith("quantize.") and output_format in method.formats
+
+
+def step_formats(input_format: str, output_format: str, methods: Sequence[Method]) -> list[str]:
+    """The format of the model each step receives (see the module docstring).
+
+    The steps after the conversion point get ``output_format``; with no conversion, or
+    no trailing ONNX-side quantization, every step gets ``input_format``.
+    """
+    count = len(methods)
+    point = count
+    if input_format != output_format:
+        while point > 0 and runs_after_conversion(methods[point - 1], output_format):
+            point -= 1
+    return [input_format] * point + [output_format] * (count - point)
+
+
+def format_problem(method: Method, fmt: str, input_format: str, output_format: str) -> str | None:
+    """Why ``method`` cannot take a ``fmt`` model in this job, with what to change."""
+    if fmt in method.formats:
+        return None
+    message = (
+        f"{method.name} does not accept {fmt} models "
+        f"(it accepts {', '.join(sorted(method.formats))})"
+    )
+    onnx_side = method.name.startswith("quantize.") and "onnx" in method.formats
+    if onnx_side and input_format != "onnx" and (input_format, "onnx") in CONVERSIONS:
+        if output_format == "onnx":
+            message += (
+                "; with output_format 'onnx' it runs on the converted ONNX model when it "
+                "comes after every step that is not an ONNX Runtime quantization: move it "
+                "to the end of the pipeline"
+            )
+        else:
+            message += (
+                "; set output_format to 'onnx' to convert the model and run it in ONNX "
+                "Runtime at the end of the pipeline"
+            )
+    return message
+
+
+def convert(
+    model: LoadedModel,
+    output_format: str,
+    *,
+    feeds: dict[str, np.ndarray] | None = None,
+    reporter: Reporter | None = None,
+) -> LoadedModel:
+    """The model in ``output_format`` (``onnx``), checked against the source on ``feeds``.
+
+    Args:
+        model: a pt2 or hf model.
+        output_format: ``"onnx"``.
+        feeds: sample inputs (by input name) to trace an hf model with and to compare the
+            converted model's outputs with the source's; generated from the signature
+            when None.
+        reporter: gets a log line with the conversion's max abs error.
+
+    Raises:
+        UnsupportedError: the conversion is not supported, or the exporter failed (the
+            message names the operator it could not convert and what to change).
+    """
+    problem = conversion_problem(model.format, output_format)
+    if problem is not None:
+        raise UnsupportedError(problem, step="convert")
+    if model.format == output_format:
+        return model
+    from worker.formats import cast_feeds, generate_inputs
+
+    sample = cast_feeds(model, feeds if feeds is not None else generate_inputs(model, batch=2))
+    rows = len(next(iter(sample.values())))
+    # A static batch is run at its size; a dynamic one with 2..8 rows (1 would specialize it).
+    batch = model.static_batch or min(max(rows, 2), _CHECK_SAMPLES)
+    sample = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in sample.items()}
+    converted = _hf_to_onnx(model, sample) if model.format == "hf" else _pt2_to_onnx(model)
+    _check_dynamic_dims(model, converted)
+    error = _max_abs_error(model, converted, sample)
+    if reporter is not None:
+        reporter.log(
+            f"converted the {model.format} model to ONNX (torch.onnx.export, dynamo); max abs "
+            f"error vs the {model.format} model on {len(next(iter(sample.values())))} "
+            f"samples: {error:.3g}",
+            data={"max_abs_error": error},
+        )
+    return converted
+
+
+def _export_failed(model: LoadedModel, exc: Exception) -> UnsupportedError:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter's messages are colored
+    hint = ""
+    if "quantized_decomposed" in text or "torchao" in text:
+        hint = (
+            " The program holds PyTorch-quantized ops, which ONNX cannot express: with "
+            "output_format 'onnx', put the quantization steps at the end of the pipeline so "
+            "that they run in ONNX Runtime on the converted model."
+        )
+    lines = [line for line in text.splitlines() if "Exception summary" not in line]
+    summary = next(
+        (line.strip() for line in lines if "No ONNX function" in line or "Error" in line),
+        lines[0] if lines else type(exc).__name__,
+    )
+    return UnsupportedError(
+        f"converting the {model.format} model to ONNX failed: {summary[:500]}.{hint}",
+        step="convert",
+    )
+
+
+def _pt2_to_onnx(model: LoadedModel) -> LoadedModel:
+    import torch
+
+    from worker.formats import onnx_model_from_proto
+
+    assert model.program is not None
+    try:
+        exported = torch.onnx.export(
+            model.program,
+            dynamo=True,
+            input_names=[s.name for s in model.inputs],
+            output_names=[s.name for s in model.outputs],
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types
+        raise _export_failed(model, exc) from exc
+    assert exported is not None
+    return onnx_model_from_proto(_checked_proto(exported.model_proto))
+
+
+def _hf_to_onnx(model: LoadedModel, sample: dict[str, np.ndarray]) -> LoadedModel:
+    import torch
+
+    from worker.formats import onnx_model_from_proto
+
+    module = model.module
+    assert module is not None
+    names = [s.name for s in model.inputs]
+    wrapper = _hf_forward_module(model, names).eval()
+    config = module.config
+    positions = getattr(config, "max_position_embeddings", None)
+    batch = torch.export.Dim("batch")
+    if isinstance(positions, int) and positions > 1:
+        sequence = torch.export.Dim("sequence", max=positions)
+    else:
+        sequence = torch.export.Dim("sequence")
+    args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in names)
+    was_training = module.training
+    module.eval()
+    try:
+        exported = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            input_names=names,
+            output_names=[s.name for s in model.outputs],
+            dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),),
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types
+        raise _export_failed(model, exc) from exc
+    finally:
+        module.train(was_training)
+    assert exported is not None
+    return onnx_model_from_proto(_checked_proto(exported.model_proto))
+
+
+def _hf_forward_module(model: LoadedModel, names: list[str]) -> torch.nn.Module:
+    """The transformers model called with positional text inputs, returning one tensor."""
+    import torch
+
+    output = "logits" if model.task == "sequence-classification" else "last_hidden_state"
+
+    class HFForward(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            result = self.inner(**dict(zip(names, inputs, strict=True)))
+            return getattr(result, output)
+
+    assert model.module is not None
+    return HFForward(model.module)
+
+
+def _strip_export_metadata(proto: Any) -> None:
+    """Drop the exporter's per-node debug metadata (Python stack traces, module paths).
+
+    It says where the worker's files live, and for a small model it is most of the file.
+    """
+    import onnx
+
+    graphs = [proto.graph]
+    nodes = [node for function in proto.functions for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            nodes.extend(graph.node)
+            continue
+        node = nodes.pop()
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                graphs.append(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                graphs.extend(attr.graphs)
+
+
+def _checked_proto(proto: Any) -> Any:
+    import onnx
+
+    _strip_export_metadata(proto)
+    if proto.ByteSize() >= 2**31:
+        raise UnsupportedError(
+            "the converted ONNX model is over 2 GiB, which needs external data files; "
+            "not supported",
+            step="convert",
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise UnsupportedError(
+            f"the converted ONNX model is invalid: {exc}", step="convert"
+        ) from exc
+    return proto
+
+
+def _check_dynamic_dims(source: LoadedModel, converted: LoadedModel) -> None:
+    by_name = {s.name: s for s in converted.inputs}
+    for spec in source.inputs:
+        other = by_name.get(spec.name)
+        if other is None or other.rank != spec.rank:
+            raise UnsupportedError(
+                f"the converted ONNX model lost input {spec.name!r} ({spec.describe()}); "
+                f"it takes {[s.describe() for s in converted.inputs]}",
+                step="convert",
+            )
+        for axis in range(spec.rank):
+            if spec.is_dynamic(axis) and not other.is_dynamic(axis):
+                raise UnsupportedError(
+                    f"the converted ONNX model lost dynamic dim {axis} of input {spec.name!r}",
+                    step="convert",
+                )
+
+
+def _max_abs_error(
+    source: LoadedModel, converted: LoadedModel, sample: dict[str, np.ndarray]
+) -> float:
+    """Run both on the sample (torch eagerly, the ONNX model in ONNX Runtime) and compare."""
+    import onnxruntime as ort
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from worker.formats import _tensor_to_numpy, hf_output
+
+    with torch.inference_mode():
+        if source.format == "hf":
+            assert source.module is not None
+            tensors = {k: torch.from_numpy(v) for k, v in sample.items()}
+            expected = [_tensor_to_numpy(hf_output(source, source.module(**tensors)))]
+        else:
+            assert source.program is not None
+            flat = [torch.from_numpy(sample[s.name]) for s in source.inputs]
+            args, kwargs = pytree.tree_unflatten(flat, source.program.call_spec.in_spec)
+            leaves = pytree.tree_leaves(source.program.module()(*args, **kwargs))
+            expected = [_tensor_to_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+    assert converted.proto is not None
+    try:
+        session = ort.InferenceSession(
+            converted.proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        actual = session.run(None, {s.name: sample[s.name] for s in converted.inputs})
+    except EngineError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        raise UnsupportedError(
+            f"ONNX Runtime cannot run the converted model: {exc}", step="convert"
+        ) from exc
+    if len(actual) != len(expected):
+        raise UnsupportedError(
+            f"the converted model has {len(actual)} outputs, the source {len(expected)}",
+            step="convert",
+        )
+    worst = 0.0
+    for ref, got in zip(expected, actual, strict=True):
+        if ref.shape != np.shape(got):
+            raise UnsupportedError(
+                f"the converted model's output shape {list(np.shape(got))} differs from the "
+                f"source's {list(ref.shape)}",
+                step="convert",
+            )
+        diff = np.abs(ref.astype(np.float64) - np.asarray(got, dtype=np.float64))
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst

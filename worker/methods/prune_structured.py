@@ -1,0 +1,448 @@
+"""``prune.structured``: remove whole channels and neurons with torch-pruning.
+
+The pt2 program is lifted to real layers (:mod:`worker.lifting`), torch-pruning's
+dependency graph finds which tensors are coupled (a residual add ties every layer that
+feeds it to one channel set; a concatenation maps each branch to its slice of the next
+layer's inputs; a BatchNorm follows its convolution), an importance strategy ranks the
+channels of each coupled group, the least important are cut out of every tensor of the
+group, and the smaller module is exported again with the upload's signature. Parameters
+and MACs really drop; the model's outputs keep their shape because the layers that
+produce them are never pruned.
+
+The helpers at the bottom (:func:`prune_groups`, :func:`output_layers`,
+:func:`ignored_layers`, ...) are shared with ``prune.activation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from worker.errors import DatasetMismatchError, InvalidParamsError, MethodFailedError
+from worker.methods.base import Method, MethodParams
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from worker.context import StepContext
+    from worker.formats import LoadedModel
+
+ImportanceName = Literal["l1", "l2", "taylor", "bn_scale", "random"]
+
+
+class StructuredPruneParams(MethodParams):
+    """Structured (channel/neuron) pruning: remove whole channels, so tensors shrink.
+
+    Args:
+        amount: fraction of the channels removed, strictly between 0 and 1: of every
+            coupled group of channels with ``scope="local"``, of all of them together
+            with ``"global"``. Layers joined by a residual add or a BatchNorm are pruned
+            together, so the model stays consistent.
+        importance: how channels are ranked. ``"l1"`` / ``"l2"``: norm of the channel's
+            weights over every coupled layer; ``"taylor"``: |w · ∂L/∂w|, the first-order
+            loss change when the channel goes (needs a labelled ``train`` or
+            ``calibration`` dataset); ``"bn_scale"``: |gamma| of the BatchNorm after the
+            layer (network slimming; groups without a BatchNorm are left alone);
+            ``"random"``: a baseline that ranks at random (seeded, reproducible).
+        scope: ``"local"`` prunes ``amount`` of every group; ``"global"`` ranks all
+            channels together (importances normalized per group), so groups with many
+            unimportant channels lose more. A group is never pruned to zero channels.
+        round_to: keep channel counts at multiples of this (e.g. 8 for tensor cores or
+            SIMD widths); rounding keeps fewer channels, never more. A group smaller than
+            ``round_to`` is left as it is.
+        ignore: more layers whose output channels are kept, by name: the layer's FQN in
+            the uploaded model (``"block1.conv1"``) or its weight's (``"block1.conv1.weight"``).
+            The layers that produce the model's outputs (the classifier head) are always
+            kept.
+
+    Example:
+        ``{"method": "prune.structured", "params": {"amount": 0.5, "importance": "l1",
+        "round_to": 8}}``
+    """
+
+    amount: float = Field(
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "Fraction of channels removed (0 < amount < 1): of every coupled group "
+            "(scope 'local') or of all channels together (scope 'global')."
+        ),
+    )
+    importance: ImportanceName = Field(
+        default="l1",
+        description=(
+            "Channel ranking: 'l1'/'l2' weight norm, 'taylor' |w·grad| (needs labelled "
+            "train or calibration data), 'bn_scale' BatchNorm |gamma|, 'random' baseline."
+        ),
+    )
+    scope: Literal["local", "global"] = Field(
+        default="local",
+        description=(
+            "'local': prune `amount` of every group; 'global': one ranking over all "
+            "channels, so groups with unimportant channels lose more."
+        ),
+    )
+    round_to: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep channel counts at multiples of this (e.g. 8); rounds down.",
+    )
+    ignore: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Layers whose output channels are kept, by FQN ('block1.conv1' or "
+            "'block1.conv1.weight'). Output layers (the classifier head) are always kept."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """An importance strategy: how to build torch-pruning's ``Importance``, and what it needs.
+
+    Attributes:
+        build: returns a fresh ``torch_pruning`` importance object.
+        needs_gradients: ranks with ``weight.grad``: a labelled dataset must be run first.
+        needs_batch_norm: only ranks groups that contain a BatchNorm.
+    """
+
+    build: Callable[[], Any]
+    needs_gradients: bool = False
+    needs_batch_norm: bool = False
+
+
+def _criteria() -> dict[str, Criterion]:
+    import torch_pruning as tp
+
+    imp = tp.importance
+    return {
+        "l1": Criterion(lambda: imp.GroupMagnitudeImportance(p=1)),
+        "l2": Criterion(lambda: imp.GroupMagnitudeImportance(p=2)),
+        "taylor": Criterion(imp.GroupTaylorImportance, needs_gradients=True),
+        "bn_scale": Criterion(imp.BNScaleImportance, needs_batch_norm=True),
+        "random": Criterion(imp.RandomImportance),
+    }
+
+
+def prune_structured(
+    model: LoadedModel, params: StructuredPruneParams, ctx: StepContext
+) -> LoadedModel:
+    """Remove the least important channels of every prunable group; returns a new model."""
+    import torch
+
+    from worker.lifting import lift, relower
+
+    criterion = _criteria()[params.importance]
+    lifted = lift(model)
+    ctx.progress(0.05)
+    example, trace_feeds = example_inputs(model, ctx)
+    if criterion.needs_batch_norm and not _has_batch_norm(lifted):
+        raise InvalidParamsError(
+            "importance='bn_scale' ranks channels by the |gamma| of their BatchNorm, and "
+            "this model has none; use 'l1', 'l2' or 'taylor'",
+            step=ctx.method,
+        )
+    if criterion.needs_gradients:
+        accumulate_gradients(model, lifted, ctx, span=(0.05, 0.3))
+    ctx.progress(0.3)
+    keep = ignored_layers(lifted, params.ignore, ctx)
+    before = channel_counts(lifted)
+    params_before = count_parameters(lifted)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the 'random' baseline is reproducible
+        prune_groups(
+            lifted,
+            criterion.build(),
+            example,
+            amount=params.amount,
+            global_scope=params.scope == "global",
+            round_to=params.round_to,
+            keep=keep,
+            ctx=ctx,
+            span=(0.3, 0.8),
+        )
+    for param in lifted.parameters():
+        param.grad = None
+    after = channel_counts(lifted)
+    report_pruning(ctx, before, after, params_before, count_parameters(lifted))
+    pruned = relower(model, lifted, example_inputs=trace_feeds)
+    ctx.progress(1.0)
+    return pruned
+
+
+# --------------------------------------------------------------------------------------
+# Shared with prune.activation
+
+
+def example_inputs(model: LoadedModel, ctx: StepContext) -> tuple[Any, dict[str, np.ndarray]]:
+    """``((args, kwargs), feeds)`` to trace the lifted module with and to re-export with.
+
+    A few calibration samples when given (sized to a static batch), else inputs generated
+    from the signature with batch 2 (so a dynamic batch dim stays dynamic).
+    """
+    import numpy as np
+
+    from worker.data import fit_dataset
+    from worker.formats import cast_feeds, generate_inputs, pt2_example_args
+
+    dataset = ctx.datasets.get("calibration")
+    batch = model.static_batch or 2
+    feeds: dict[str, np.ndarray]
+    if dataset is not None:
+        fitted = fit_dataset(model, "calibration", dataset.head(batch))
+        feeds = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in fitted.items()}
+    else:
+        feeds = generate_inputs(model, batch=batch)
+    feeds = cast_feeds(model, feeds)
+    return pt2_example_args(model, feeds), feeds
+
+
+def call_with(module: nn.Module, example: Any) -> Any:
+    """torch-pruning's ``forward_fn``: call the lifted module with ``(args, kwargs)``."""
+    args, kwargs = example
+    return module(*args, **kwargs)
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def accumulate_gradients(
+    model: LoadedModel, lifted: nn.Module, ctx: StepContext, *, span: tuple[float, float]
+) -> None:
+    """Sum the supervised loss gradients of up to 512 labelled samples into ``.grad``.
+
+    Uses the ``train`` dataset if it has labels, else the ``calibration`` one.
+
+    Raises:
+        InvalidParamsError: neither is given with labels.
+    """
+    import torch
+
+    from worker.data import fit_dataset
+    from worker.training import model_forward, supervised_loss
+
+    role = next(
+        (
+            r
+            for r in ("train", "calibration")
+            if getattr(ctx.datasets.get(r), "labels", None) is not None
+        ),
+        None,
+    )
+    if role is None:
+        given = sorted(r for r in ("train", "calibration") if r in ctx.datasets)
+        raise InvalidParamsError(
+            "importance='taylor' ranks channels by |weight x gradient of the loss| and needs "
+            "labelled data: pass a train or calibration dataset with a 'labels' array"
+            + (f" (the {' and '.join(given)} dataset has no labels)" if given else ""),
+            step=ctx.method,
+        )
+    dataset = ctx.datasets[role].head(512)
+    feeds = fit_dataset(model, role, dataset)
+    labels = dataset.labels
+    assert labels is not None
+    forward = model_forward(model)
+    batch = model.static_batch or 64
+    count = dataset.num_samples - (dataset.num_samples % batch if model.static_batch else 0)
+    if count == 0:
+        raise DatasetMismatchError(
+            f"the {role} dataset has fewer samples than the model's static batch ({batch})",
+            step=ctx.method,
+        )
+    lifted.zero_grad(set_to_none=True)
+    lifted.eval()
+    steps = range(0, count, batch)
+    for i, first in enumerate(steps):
+        rows = slice(first, min(first + batch, count))
+        inputs = {k: torch.from_numpy(v[rows]) for k, v in feeds.items()}
+        target = torch.from_numpy(labels[rows])
+        supervised_loss(forward(lifted, inputs), target).backward()
+        ctx.progress(span[0] + (span[1] - span[0]) * (i + 1) / len(steps))
+    ctx.log(f"gradients for the taylor importance from {count} {role} samples")
+
+
+def output_layers(lifted: nn.Module) -> list[str]:
+    """The layers whose outputs reach a model output through layer-free ops only."""
+    import torch
+
+    if not isinstance(lifted, torch.fx.GraphModule):
+        return []
+    output = next(n for n in lifted.graph.nodes if n.op == "output")
+    stack = list(output.all_input_nodes)
+    seen: set[torch.fx.Node] = set()
+    heads: list[str] = []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            heads.append(str(node.target))
+        else:
+            stack.extend(node.all_input_nodes)
+    return sorted(set(heads))
+
+
+def ignored_layers(lifted: nn.Module, names: tuple[str, ...], ctx: StepContext) -> list[Any]:
+    """The layers whose output channels are kept: the output layers and those in ``ignore``.
+
+    Parameters outside layers (e.g. a per-channel scale) are pruned along with the
+    channels they are coupled to (torch-pruning takes their last non-singleton dim).
+
+    Raises:
+        InvalidParamsError: a name in ``ignore`` is not a layer of the model.
+    """
+    from worker.lifting import lifted_name
+
+    layers = dict(lifted.named_children())
+    unknown = [n for n in names if lifted_name(n) not in layers]
+    if unknown:
+        known = ", ".join(sorted(layers))
+        raise InvalidParamsError(
+            f"ignore names {unknown}, which are not layers of this model; its layers are "
+            f"(dots in the uploaded names read as '_'): {known}",
+            step=ctx.method,
+        )
+    heads = output_layers(lifted)
+    kept = sorted({*heads, *(lifted_name(n) for n in names)})
+    ctx.log(f"kept unpruned (output and ignored layers): {', '.join(kept)}")
+    return [layers[name] for name in kept]
+
+
+def prune_groups(
+    lifted: nn.Module,
+    importance: Any,
+    example: Any,
+    *,
+    amount: float,
+    global_scope: bool,
+    round_to: int | None,
+    keep: list[Any],
+    ctx: StepContext,
+    span: tuple[float, float],
+) -> int:
+    """Rank and remove channels with torch-pruning, reporting progress per group.
+
+    Returns:
+        The number of groups pruned.
+
+    Raises:
+        InvalidParamsError: nothing could be pruned.
+    """
+    import torch
+    import torch_pruning as tp
+
+    pruner = tp.pruner.BasePruner(
+        lifted,
+        example,
+        importance=importance,
+        global_pruning=global_scope,
+        pruning_ratio=amount,
+        ignored_layers=keep,
+        round_to=round_to,
+        forward_fn=call_with,
+        unwrapped_parameters=_loose_parameters(lifted),
+    )
+    ctx.progress(span[0] + (span[1] - span[0]) * 0.3)
+    groups = 0
+    for group in pruner.step(interactive=True) or ():
+        group.prune()
+        groups += 1
+        # the number of groups is not known up front: approach the end asymptotically
+        ctx.progress(span[0] + (span[1] - span[0]) * (1.0 - 0.7 / (groups + 1)))
+    if groups == 0:
+        raise InvalidParamsError(
+            "no channel could be pruned: every prunable layer feeds a model output, is "
+            "ignored, is too small for round_to, has no importance under this criterion, or "
+            "is coupled to an operation squish cannot lift into a layer (it lifts Linear, "
+            "Conv1d/2d, BatchNorm and LayerNorm)",
+            step=ctx.method,
+        )
+    try:
+        with torch.no_grad():
+            call_with(lifted, example)
+    except RuntimeError as exc:  # shapes that disagree after pruning
+        raise MethodFailedError(
+            "the pruned model no longer runs: a tensor coupled to the pruned channels is "
+            "used by an operation squish cannot lift into a layer (it lifts Linear, "
+            "Conv1d/2d, BatchNorm and LayerNorm); keep the layers around it with 'ignore'. "
+            f"torch said: {str(exc).splitlines()[0]}",
+            step=ctx.method,
+        ) from exc
+    ctx.progress(span[1])
+    return groups
+
+
+def _loose_parameters(lifted: nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
+    """Parameters outside layers, each with the dim torch-pruning cuts when its channels
+    go: the last dim larger than 1 (a ``[1, C, 1, 1]`` scale, a ``[C]`` bias)."""
+    from torch import nn
+
+    layer_types = (
+        nn.Linear,
+        nn.modules.conv._ConvNd,
+        nn.modules.batchnorm._BatchNorm,
+        nn.LayerNorm,
+    )
+    owned = {id(p) for m in lifted.modules() if isinstance(m, layer_types) for p in m.parameters()}
+    loose = []
+    for param in lifted.parameters():
+        dims = [i for i, size in enumerate(param.shape) if size > 1]
+        if id(param) not in owned and dims:
+            loose.append((param, dims[-1]))
+    return loose
+
+
+def channel_counts(lifted: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every Linear and Conv layer, by layer name."""
+    from torch import nn
+
+    counts = {}
+    for name, module in lifted.named_children():
+        if isinstance(module, nn.Linear):
+            counts[name] = module.out_features
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            counts[name] = module.out_channels
+    return counts
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def report_pruning(
+    ctx: StepContext,
+    before: dict[str, int],
+    after: dict[str, int],
+    params_before: int,
+    params_after: int,
+) -> None:
+    changed = {name: [before[name], after[name]] for name in before if after[name] != before[name]}
+    ctx.log(
+        f"removed channels from {len(changed)} of {len(before)} layers; parameters "
+        f"{params_before} -> {params_after} ({1 - params_after / params_before:.1%} fewer)",
+        data={"channels": changed, "parameters": [params_before, params_after]},
+    )
+
+
+METHOD = Method(
+    name="prune.structured",
+    summary=(
+        "Structured pruning with torch-pruning: remove whole channels/neurons "
+        "(l1, l2, taylor, bn_scale or random importance), so tensors and MACs shrink."
+    ),
+    params=StructuredPruneParams,
+    formats=frozenset({"pt2"}),
+    handler=prune_structured,
+    datasets_optional=frozenset({"calibration", "train"}),
+    # the pruning is CPU tensor work with the same code path on either queue's workers
+    devices=frozenset({"cpu", "gpu"}),
+)

@@ -1,0 +1,398 @@
+"""``quantize.static``: post-training int8 with calibrated activation ranges.
+
+Weights and activations are both int8/uint8; the activation ranges are measured once,
+on the ``calibration`` dataset, instead of at every call (``quantize.dynamic``).
+
+- pt2: torchao's PT2E flow with ``X86InductorQuantizer`` in static mode
+  (``prepare_pt2e`` inserts observers, the calibration batches run through it,
+  ``convert_pt2e`` folds the weights to int8 constants and writes the activation
+  scales into quantize/dequantize pairs). The graph is re-exported with the upload's
+  dynamic dims; fp32 weights the graph no longer reads are dropped, so the file holds
+  int8 weights only (about a quarter of fp32). torchao's x86 quantizer quantizes
+  weights per channel and activations as uint8; other choices are refused for pt2.
+  Run eagerly, these are reference ops (dequantize, fp32 kernel); ``torch.compile``
+  with freezing lowers them to int8 kernels.
+- onnx: ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimization,
+  which ORT recommends before quantizing) and ``quantize_static`` in QDQ format, with
+  minmax, percentile or entropy calibration. ONNX Runtime's CPU provider fuses the QDQ
+  pairs into int8 kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import TYPE_CHECKING, Literal, Self
+
+import numpy as np
+from pydantic import Field, ValidationInfo, model_validator
+
+from worker.errors import DatasetMismatchError, UnsupportedError
+from worker.methods.base import Method, MethodParams
+
+if TYPE_CHECKING:
+    from worker.context import StepContext
+    from worker.data import Dataset
+    from worker.formats import LoadedModel
+
+CalibrationMethod = Literal["minmax", "histogram", "percentile", "entropy"]
+_CALIBRATION_BY_FORMAT: dict[str, tuple[str, ...]] = {
+    "pt2": ("histogram", "minmax"),
+    "onnx": ("minmax", "percentile", "entropy"),
+}
+
+
+class StaticQuantizeParams(MethodParams):
+    """Static post-training quantization: int8 weights and activations, calibrated.
+
+    Needs a ``calibration`` dataset: a few hundred representative inputs (no labels
+    needed) from which the activation ranges are measured once.
+
+    Args:
+        per_channel: one weight scale per output channel (more accurate) instead of one
+            per tensor. pt2 (torchao's x86 quantizer) is per channel only.
+        calibrate_method: how activation ranges are chosen from the calibration data.
+            ``"minmax"``: the observed min and max; ``"histogram"`` (pt2 only): torchao's
+            histogram observer, the range that minimizes the quantization error;
+            ``"percentile"`` (onnx only): clip at ``percentile``; ``"entropy"`` (onnx
+            only): the range that minimizes the KL divergence. Default: ``histogram``
+            for pt2, ``minmax`` for onnx.
+        percentile: with ``calibrate_method="percentile"``, the percentile of absolute
+            activation values kept unclipped.
+        activation_type: ``"uint8"`` (asymmetric, what x86 int8 kernels want) or
+            ``"int8"`` (symmetric; ARM and GPU targets). pt2: uint8 only.
+        weight_type: ``"int8"`` or ``"uint8"`` (onnx only). pt2: int8 only.
+        reduce_range: use 7 bits of range, which x86 CPUs without VNNI need to avoid
+            overflow in u8 x s8 kernels (pt2: activations, onnx: weights).
+        max_samples: at most this many calibration samples are used.
+        batch_size: calibration batch size (a model with a fixed batch uses its own).
+
+    Example:
+        ``{"method": "quantize.static", "params": {"calibrate_method": "entropy"}}``
+    """
+
+    per_channel: bool = Field(
+        default=True,
+        description=(
+            "One weight scale per output channel (true) or per tensor (false; onnx only)."
+        ),
+    )
+    calibrate_method: CalibrationMethod | None = Field(
+        default=None,
+        description=(
+            "Activation range from the calibration data: 'minmax'; 'histogram' (pt2 only, "
+            "minimizes the quantization error); 'percentile' or 'entropy' (onnx only). "
+            "Default: histogram for pt2, minmax for onnx."
+        ),
+    )
+    percentile: float = Field(
+        default=99.999,
+        gt=90.0,
+        le=100.0,
+        description="With calibrate_method='percentile': the percentile kept unclipped.",
+    )
+    activation_type: Literal["uint8", "int8"] = Field(
+        default="uint8",
+        description="Activation type: uint8 (x86 kernels) or int8 (onnx only).",
+    )
+    weight_type: Literal["int8", "uint8"] = Field(
+        default="int8", description="Weight type: int8, or uint8 (onnx only)."
+    )
+    reduce_range: bool = Field(
+        default=False,
+        description=(
+            "7 bits of range, for x86 CPUs without VNNI (pt2: activations, onnx: weights)."
+        ),
+    )
+    max_samples: int = Field(
+        default=512, ge=1, le=100_000, description="At most this many calibration samples."
+    )
+    batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Calibration batch size (a fixed batch wins)."
+    )
+
+    @model_validator(mode="after")
+    def _supported_by_backend(self, info: ValidationInfo) -> Self:
+        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        if fmt is None:
+            return self
+        problem = unsupported_reason(self, fmt)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def calibration(self, fmt: str) -> str:
+        """The calibration method, the backend's default filled in."""
+        return self.calibrate_method or _CALIBRATION_BY_FORMAT[fmt][0]
+
+
+def unsupported_reason(params: StaticQuantizeParams, fmt: str) -> str | None:
+    """Why ``fmt``'s backend cannot do what ``params`` ask, or None."""
+    if fmt == "pt2":
+        if not params.per_channel:
+            return (
+                "per_channel=false is not supported for pt2 models: torchao's x86 quantizer "
+                "quantizes weights per channel only; use per_channel=true, or an onnx model"
+            )
+        if params.activation_type != "uint8" or params.weight_type != "int8":
+            return (
+                "pt2 models are quantized with uint8 activations and int8 weights (torchao's "
+                "x86 quantizer); use activation_type='uint8' and weight_type='int8', or an "
+                "onnx model"
+            )
+    allowed = _CALIBRATION_BY_FORMAT.get(fmt)
+    if allowed and params.calibrate_method is not None and params.calibrate_method not in allowed:
+        return (
+            f"calibrate_method={params.calibrate_method!r} is not available for {fmt} models; "
+            f"use one of {', '.join(allowed)}"
+        )
+    return None
+
+
+def quantize_static(
+    model: LoadedModel, params: StaticQuantizeParams, ctx: StepContext
+) -> LoadedModel:
+    """Quantize weights and activations to 8 bits, activation ranges from calibration."""
+    problem = unsupported_reason(params, model.format)
+    if problem:
+        raise UnsupportedError(problem, step=ctx.method)
+    dataset = ctx.datasets.get("calibration")
+    if dataset is None:
+        raise DatasetMismatchError(
+            "quantize.static needs a 'calibration' dataset of representative inputs",
+            step=ctx.method,
+        )
+    batches = calibration_batches(model, dataset, params.max_samples, params.batch_size)
+    if model.format == "onnx":
+        return _quantize_onnx(model, params, batches, ctx)
+    return _quantize_pt2(model, params, batches, ctx)
+
+
+def calibration_batches(
+    model: LoadedModel,
+    dataset: Dataset,
+    max_samples: int,
+    batch_size: int,
+    role: str = "calibration",
+) -> list[dict[str, np.ndarray]]:
+    """The first ``max_samples`` samples, fitted to the model's inputs, in batches.
+
+    A model whose batch dim is fixed gets batches of exactly that size (the last one
+    filled up by repeating samples); otherwise batches of ``batch_size``, at least 2
+    samples each so that a dynamic batch dim is not specialized when traced.
+    """
+    from worker.data import fit_dataset
+
+    feeds = fit_dataset(model, role, dataset.head(max_samples))
+    total = len(next(iter(feeds.values())))
+    size = model.static_batch or max(2, min(batch_size, total))
+    batches = []
+    for start in range(0, total, size):
+        rows = min(size, total - start)
+        if model.static_batch is not None or rows < 2:
+            rows = size if model.static_batch is not None else 2
+            index = np.arange(start, start + rows) % total  # fill up by repeating samples
+        else:
+            index = np.arange(start, start + rows)
+        batches.append({k: np.ascontiguousarray(v[index]) for k, v in feeds.items()})
+    return batches
+
+
+def _quantize_pt2(
+    model: LoadedModel,
+    params: StaticQuantizeParams,
+    batches: list[dict[str, np.ndarray]],
+    ctx: StepContext,
+) -> LoadedModel:
+    import dataclasses
+
+    import torch
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    from worker.formats import pt2_example_args, reexport_pt2
+
+    assert model.program is not None
+    config = get_default_x86_inductor_quantization_config(reduce_range=params.reduce_range)
+    method = params.calibration("pt2")
+    if method == "minmax":
+        assert config.input_activation is not None
+        spec = dataclasses.replace(
+            config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12)
+        )
+        config = dataclasses.replace(config, input_activation=spec, output_activation=spec)
+    quantizer = X86InductorQuantizer().set_global(config)
+    prepared = prepare_pt2e(model.program.module(), quantizer)
+    ctx.progress(0.1)
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            args, kwargs = pt2_example_args(model, batch)
+            prepared(*args, **kwargs)
+            ctx.progress(0.1 + 0.6 * (index + 1) / len(batches))
+    converted = convert_pt2e(prepared)
+    int8 = _int8_weights(converted)
+    if not int8:
+        raise UnsupportedError(
+            "torchao's x86 static quantizer found no Linear or Conv layer to quantize",
+            step=ctx.method,
+        )
+    ctx.progress(0.8)
+    # Traced with inputs generated from the signature: the saved program keeps its
+    # example inputs, and calibration data has no business inside the artifact.
+    quantized = reexport_pt2(converted, model)
+    assert quantized.program is not None
+    leftover = _float_weight_matrices(quantized.program)
+    ctx.log(
+        f"quantized {len(int8)} weight tensors to int8 and the activations to uint8 with "
+        f"torchao (PT2E, x86 static), calibrated ({method}) on "
+        f"{sum(len(next(iter(b.values()))) for b in batches)} samples",
+        data={"float_weight_matrices_left": leftover, "reduce_range": params.reduce_range},
+    )
+    ctx.progress(1.0)
+    return quantized
+
+
+def _int8_weights(module: object) -> list[str]:
+    import torch
+
+    names = []
+    for node in module.graph.nodes:  # type: ignore[attr-defined]
+        if node.op != "get_attr":
+            continue
+        value = module
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.int8:
+            names.append(str(node.target))
+    return names
+
+
+def _float_weight_matrices(program: object) -> list[str]:
+    """Float tensors of rank >= 2 still in the program (quantization left them float)."""
+    tensors = {**program.state_dict, **program.constants}  # type: ignore[attr-defined]
+    return sorted(
+        name
+        for name, t in tensors.items()
+        if hasattr(t, "is_floating_point") and t.is_floating_point() and t.ndim >= 2
+    )
+
+
+def _quantize_onnx(
+    model: LoadedModel,
+    params: StaticQuantizeParams,
+    batches: list[dict[str, np.ndarray]],
+    ctx: StepContext,
+) -> LoadedModel:
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+    )
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from worker.formats import load_onnx_proto, onnx_model_from_proto
+
+    assert model.proto is not None
+    source = ctx.work_dir / f"step{ctx.step}_float.onnx"
+    prepared = ctx.work_dir / f"step{ctx.step}_prepared.onnx"
+    target = ctx.work_dir / f"step{ctx.step}_static_int8.onnx"
+    onnx.save(model.proto, str(source))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(source), str(prepared))
+        quant_input = prepared
+    except Exception as exc:  # ORT's pre-processing is advice; quantizing works without it
+        ctx.log(
+            f"ONNX Runtime's quant_pre_process failed ({type(exc).__name__}: {exc}); "
+            "quantizing the model as uploaded",
+            "warning",
+        )
+        quant_input = source
+    ctx.progress(0.1)
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.index = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.index >= len(batches):
+                return None
+            batch = batches[self.index]
+            self.index += 1
+            ctx.progress(0.1 + 0.7 * self.index / len(batches))
+            return batch
+
+    method = params.calibration("onnx")
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    extra = {"CalibPercentile": params.percentile} if method == "percentile" else {}
+    with contextlib.redirect_stdout(io.StringIO()):  # ORT prints calibration progress
+        ort_quantize_static(
+            quant_input,
+            target,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=params.per_channel,
+            reduce_range=params.reduce_range,
+            activation_type=types[params.activation_type],
+            weight_type=types[params.weight_type],
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[method],
+            extra_options=extra,
+        )
+    ctx.progress(0.85)
+    proto = load_onnx_proto(target)
+    for path in (source, prepared, target):
+        path.unlink(missing_ok=True)
+    quantized_weights = _onnx_quantized_weights(proto)
+    if not quantized_weights:
+        raise UnsupportedError(
+            "ONNX Runtime found no layer with constant weights to quantize statically "
+            "(it handles MatMul, Gemm, Conv and more)",
+            step=ctx.method,
+        )
+    ctx.log(
+        f"quantized {len(quantized_weights)} weight tensors to {params.weight_type} with ONNX "
+        f"Runtime (QDQ, {method} calibration on "
+        f"{sum(len(next(iter(b.values()))) for b in batches)} samples)",
+        data={"per_channel": params.per_channel, "activation_type": params.activation_type},
+    )
+    ctx.progress(1.0)
+    return onnx_model_from_proto(proto)
+
+
+def _onnx_quantized_weights(proto: object) -> list[str]:
+    """8-bit initializers that a DequantizeLinear turns back into a layer's weights."""
+    import onnx
+
+    graph = proto.graph  # type: ignore[attr-defined]
+    eight_bit = {
+        t.name
+        for t in graph.initializer
+        if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 1
+    }
+    return sorted(
+        node.input[0]
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in eight_bit
+    )
+
+
+METHOD = Method(
+    name="quantize.static",
+    summary="Static post-training int8: weights and calibrated activations (PT2E / ORT QDQ).",
+    params=StaticQuantizeParams,
+    formats=frozenset({"pt2", "onnx"}),
+    handler=quantize_static,
+    datasets_required=frozenset({"calibration"}),
+    devices=frozenset({"cpu"}),
+)
