@@ -32,9 +32,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 DATASET_ROLES = ("calibration", "train", "eval")
-MODEL_FORMATS = ("pt2", "onnx")
+MODEL_FORMATS = ("pt2", "onnx", "hf")
 DATA_SUFFIXES = (".npz", ".safetensors", ".jsonl")
-MODEL_SUFFIXES = {".pt2": "pt2", ".onnx": "onnx"}
+MODEL_SUFFIXES = {".pt2": "pt2", ".onnx": "onnx", ".zip": "hf"}
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 

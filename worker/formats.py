@@ -1421,6 +1421,11 @@ def _drop_unused_state(module: torch.nn.Module) -> None:
     if not isinstance(module, torch.fx.GraphModule):
         return
     used = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
+    for node in module.graph.nodes:  # a called layer's own weights are used too
+        if node.op == "call_module":
+            layer = module.get_submodule(str(node.target))
+            owned = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+            used.update(f"{node.target}.{name}" for name in owned)
     state = [name for name, _ in module.named_parameters()] + [
         name for name, _ in module.named_buffers()
     ]

@@ -92,7 +92,7 @@ def relower(
     from worker.formats import reexport_pt2
 
     module.eval()
-    return reexport_pt2(_keep_layer_state(module), model, example_inputs)
+    return reexport_pt2(module, model, example_inputs)
 
 
 # --------------------------------------------------------------------------------------
@@ -499,33 +499,3 @@ def _copy_state(source: nn.Module, root: nn.Module, target: str) -> None:
 
 # --------------------------------------------------------------------------------------
 # Re-lowering
-
-
-def _keep_layer_state(module: nn.Module) -> nn.Module:
-    """A GraphModule whose graph also reads the state of every submodule it calls.
-
-    :func:`worker.formats.reexport_pt2` first drops the parameters and buffers no
-    ``get_attr`` node reads (fp32 weights a quantizer replaced by int8 constants), which
-    would also drop the weights a called layer owns; unused reads of them keep them.
-    """
-    import torch
-
-    if not isinstance(module, torch.fx.GraphModule):
-        return module
-    called = {str(n.target) for n in module.graph.nodes if n.op == "call_module"}
-    if not called:
-        return module
-    graph = torch.fx.Graph()
-    graph._codegen = module.graph._codegen  # the pytree in/out specs of the signature
-    graph.output(graph.graph_copy(module.graph, {}))
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
-    for name in sorted(called):
-        layer = module.get_submodule(name)
-        state = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
-        for attr in state:
-            with graph.inserting_after(anchor):
-                graph.get_attr(f"{name}.{attr}")
-    kept = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-    kept.train(module.training)
-    return kept

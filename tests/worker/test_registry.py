@@ -33,6 +33,11 @@ EXAMPLES = {
         "ignore": ["0"],
     },
     "prune.semi_structured": {"layers": ["0."], "min_features": 32},
+    "quantize.static": {"calibrate_method": "entropy", "max_samples": 256},
+    "quantize.half": {"dtype": "bf16"},
+    "quantize.weight_only": {"bits": 4, "group_size": 32, "symmetric": False},
+    "quantize.qat": {"weight_bits": 4, "group_size": 64, "epochs": 2, "patience": 1},
+    "quantize.binary": {"mode": "ternary", "epochs": 3, "keep_first_last": False},
 }
 
 
