@@ -17,6 +17,16 @@ REPO = Path(__file__).resolve().parents[2]
 # A valid params dict for every method; a new method must add one here.
 EXAMPLES = {
     "prune.magnitude": {"amount": 0.3, "scope": "global", "layers": ["0."], "include_bias": True},
+    "finetune": {"epochs": 2, "lr": 0.001, "batch_size": 16, "l1": 1e-5, "l2": 1e-4, "patience": 2},
+    "distill": {
+        "temperature": 4.0,
+        "alpha": 0.7,
+        "epochs": 3,
+        "features": [{"student": "layer1.0.conv1", "teacher": "layer1.0.conv1", "weight": 0.5}],
+        "teacher_model_id": "mdl_t",
+        "student_model_id": "mdl_s",
+    },
+    "lowrank": {"energy": 0.95, "min_features": 8},
     "quantize.dynamic": {"dtype": "int8", "per_channel": False, "symmetric": True},
     "prune.structured": {
         "amount": 0.5,
@@ -103,3 +113,18 @@ def test_bad_quantize_params_are_refused() -> None:
 def test_unknown_method_lists_the_known_ones() -> None:
     with pytest.raises(UnknownMethodError, match=r"prune\.magnitude"):
         get_method("prune.telepathic")
+
+
+def test_iterative_magnitude_example_round_trips() -> None:
+    method = get_method("prune.magnitude")
+    example = {
+        "amount": 0.8,
+        "scope": "global",
+        "steps": 3,
+        "epochs_per_step": 2,
+        "lr": 0.001,
+        "batch_size": 64,
+    }
+    params = method.params.model_validate(example)
+    assert method.params.model_validate(params.model_dump()) == params
+    assert "train" in method.requires(params)
