@@ -1,12 +1,16 @@
 """Run the service benchmarks, print one markdown table, write ``benchmarks/out/service.json``.
 
     python -m benchmarks.run                 # everything (make bench), ~5 minutes
-    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e (repeatable)
+    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | engine (repeatable)
     python -m benchmarks.run --quick         # smoke run with small sizes
 
 Every figure is measured in this run. A benchmark that cannot run (PostgreSQL or Redis
 missing, a process that fails) is reported with ``met = no`` and the reason, and the
 command exits 1; targets that are missed do not change the exit status.
+
+``engine`` (:mod:`benchmarks.engine`, ~8 minutes) runs the compression engine in-process
+on three models, side by side with the libraries called directly; it prints its own
+table and writes ``benchmarks/out/engine.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
 from benchmarks import service as sb
 
 OUT = Path(__file__).resolve().parent / "out" / "service.json"
-BENCHMARKS = ("upload", "pickup", "get", "e2e")
+BENCHMARKS = ("upload", "pickup", "get", "e2e", "engine")
+ENGINE_OUT = OUT.parent / "engine.json"
 
 # Issue targets.
 UPLOAD_MB_S = 200.0
@@ -352,6 +357,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r.attempt("e2e", lambda: sb.bench_e2e(target_s=e2e_seconds))
         _e2e_rows(r)
+
+    engine_failed = False
+    if "engine" in selected:
+        from benchmarks import engine as eb
+
+        res = r.attempt("engine", eb.bench_engine)
+        if res is None:
+            engine_failed = True
+        else:
+            r.results.pop("engine", None)  # its own JSON file
+            print("## compression engine\n")
+            print(print_table(res["rows"]))
+            print(f"\n{len(res['rows'])} engine rows; {res['seconds']:.0f} s; JSON: {ENGINE_OUT}\n")
+            ENGINE_OUT.parent.mkdir(parents=True, exist_ok=True)
+            ENGINE_OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
+            engine_failed = bool(res["errors"])
+            for name, error in res["errors"].items():
+                r.errors[f"engine {name}"] = error
+        if selected == {"engine"}:
+            return 1 if engine_failed else 0
 
     total_s = time.perf_counter() - started
     table = print_table(r.rows)
