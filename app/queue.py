@@ -29,6 +29,7 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         return {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
+            "control_folder": str(settings.broker_dir / "control"),
             "store_processed": False,
             "polling_interval": settings.broker_poll_interval_s,
         }

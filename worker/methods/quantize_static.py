@@ -305,7 +305,9 @@ def _quantize_onnx(
     target = ctx.work_dir / f"step{ctx.step}_static_int8.onnx"
     onnx.save(model.proto, str(source))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        # ORT writes temporary files (shape inference of large models) into the current
+        # directory: keep them in this step's scratch folder.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(ctx.work_dir):
             quant_pre_process(str(source), str(prepared))
         quant_input = prepared
     except Exception as exc:  # ORT's pre-processing is advice; quantizing works without it
