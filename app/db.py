@@ -80,10 +80,14 @@ def get_sessionmaker() -> sessionmaker[Session]:
 
 
 @lru_cache
+def get_read_engine() -> Engine:
+    """The engine in autocommit mode: a read costs one round trip, no BEGIN/COMMIT."""
+    return get_engine().execution_options(isolation_level="AUTOCOMMIT")
+
+
+@lru_cache
 def get_read_sessionmaker() -> sessionmaker[Session]:
-    """Sessions in autocommit mode: a read costs one round trip, no BEGIN/COMMIT."""
-    engine = get_engine().execution_options(isolation_level="AUTOCOMMIT")
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    return sessionmaker(bind=get_read_engine(), expire_on_commit=False)
 
 
 @contextmanager
@@ -107,3 +111,4 @@ def reset_engine() -> None:
     get_engine.cache_clear()
     get_sessionmaker.cache_clear()
     get_read_sessionmaker.cache_clear()
+    get_read_engine.cache_clear()

@@ -8,7 +8,6 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
-from app.db import session_scope
 from app.deps import SessionDep, StoreDep, TenantDep
 from app.errors import NotFound, Unprocessable
 from app.files import stream_object
@@ -58,9 +57,9 @@ def list_jobs(
 def get_job(job_id: str, tenant_id: TenantDep) -> Response:
     """Poll a job: status, progress, stage, metrics and artifacts."""
     # The polling hot path: one thread hop, one autocommit query, serialized once.
-    with session_scope(read_only=True) as session:
-        out = service.to_out(*service.get_job_with_artifacts(session, tenant_id, job_id))
-    return Response(out.model_dump_json(), media_type="application/json")
+    return Response(
+        service.poll_job(tenant_id, job_id).model_dump_json(), media_type="application/json"
+    )
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import new_id, utcnow
+from app.db import get_read_engine, new_id, utcnow
 from app.errors import Conflict, NotFound, Unprocessable, describe, validation_errors
 from app.jobs import lifecycle
 from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
@@ -191,19 +192,29 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def get_job_with_artifacts(
-    session: Session, tenant_id: str, job_id: str
-) -> tuple[Job, list[Artifact]]:
-    """The job and its artifacts in one round trip (the polling hot path)."""
-    rows = session.execute(
-        select(Job, Artifact)
-        .outerjoin(Artifact, Artifact.job_id == Job.id)
-        .where(Job.id == job_id, Job.tenant_id == tenant_id)
-        .order_by(Artifact.name)
-    ).all()
+_JOB = Job.__table__
+_ARTIFACT = Artifact.__table__
+_ARTIFACT_FIELDS = ("name", "filename", "media_type", "size_bytes", "sha256")
+
+
+def poll_job(tenant_id: str, job_id: str) -> JobOut:
+    """`GET /v1/jobs/{id}`, the polling hot path: one autocommit Core query, no ORM objects."""
+    stmt = (
+        select(_JOB, *[_ARTIFACT.c[f].label(f"artifact_{f}") for f in _ARTIFACT_FIELDS])
+        .select_from(_JOB.outerjoin(_ARTIFACT, _ARTIFACT.c.job_id == _JOB.c.id))
+        .where(_JOB.c.id == job_id, _JOB.c.tenant_id == tenant_id)
+        .order_by(_ARTIFACT.c.name)
+    )
+    with get_read_engine().connect() as conn:
+        rows = conn.execute(stmt).all()
     if not rows:
         raise NotFound(f"No job {job_id!r}.")
-    return rows[0][0], [artifact for _, artifact in rows if artifact is not None]
+    artifacts = [
+        SimpleNamespace(**{f: getattr(row, f"artifact_{f}") for f in _ARTIFACT_FIELDS})
+        for row in rows
+        if row.artifact_name is not None
+    ]
+    return to_out(cast(Job, rows[0]), cast(list[Artifact], artifacts))
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
