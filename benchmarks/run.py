@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--load-generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
-        "--e2e-seconds", type=float, default=None, help="in-process target (default 12, quick 2)"
+        "--e2e-seconds", type=float, default=None, help="in-process target (default 15, quick 2)"
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     pickup_jobs = args.pickup_jobs or (5 if quick else 20)
     duration = args.duration or (3.0 if quick else 10.0)
     api_workers = [int(w) for w in args.api_workers.split(",") if w.strip()]
-    e2e_seconds = args.e2e_seconds or (2.0 if quick else 12.0)
+    e2e_seconds = args.e2e_seconds or (2.0 if quick else 15.0)
 
     r = Runner()
     started = time.perf_counter()
