@@ -340,6 +340,45 @@ def train(
     return history
 
 
+def fit_supervised(
+    model: LoadedModel,
+    module: torch.nn.Module,
+    data: TrainingData,
+    ctx: StepContext,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    patience: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`train` of a pipeline model on its labelled data with :func:`supervised_loss`.
+
+    The model's batch plan and forward, the train and eval arrays of ``data``; ``options``
+    go to :func:`train` (``extra_loss``, ``weight_decay``, ``progress_range``, ...).
+    """
+    size, drop_last = batch_plan(model, batch_size, ctx)
+    history = train(
+        module,
+        inputs=data.inputs,
+        labels=data.labels,
+        loss_fn=supervised_loss,
+        epochs=epochs,
+        lr=lr,
+        batch_size=size,
+        ctx=ctx,
+        eval_inputs=data.eval_inputs,
+        eval_labels=data.eval_labels,
+        patience=patience,
+        forward=model_forward(model),
+        drop_last=drop_last,
+        **options,
+    )
+    if patience is not None and data.eval_inputs is None:
+        ctx.log("patience ignored: early stopping needs a labelled eval dataset", "warning")
+    return history
+
+
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     seen: set[int] = set()
     params = []

@@ -76,45 +76,30 @@ class FinetuneParams(MethodParams):
 def finetune(model: LoadedModel, params: FinetuneParams, ctx: StepContext) -> LoadedModel:
     """Train the model on ``train``; returns the re-exported, fine-tuned model."""
     from worker.lifting import lift, relower
-    from worker.training import (
-        batch_plan,
-        model_forward,
-        supervised_loss,
-        trace_inputs,
-        train,
-        training_data,
-    )
+    from worker.training import fit_supervised, trace_inputs, training_data
 
     data = training_data(model, ctx, labels_required=True)
     module = lift(model)
     ctx.progress(0.05)
-    batch_size, drop_last = batch_plan(model, params.batch_size, ctx)
     weights = regularized_weights(module)
     l1 = params.l1
 
     def l1_penalty(_: torch.nn.Module) -> torch.Tensor:
         return l1 * sum(w.abs().sum() for w in weights)  # type: ignore[return-value]
 
-    history = train(
+    history = fit_supervised(
+        model,
         module,
-        inputs=data.inputs,
-        labels=data.labels,
-        loss_fn=supervised_loss,
+        data,
+        ctx,
         epochs=params.epochs,
         lr=params.lr,
-        batch_size=batch_size,
-        ctx=ctx,
-        eval_inputs=data.eval_inputs,
-        eval_labels=data.eval_labels,
+        batch_size=params.batch_size,
         patience=params.patience,
         extra_loss=l1_penalty if l1 > 0 else None,
         weight_decay=params.l2,
-        forward=model_forward(model),
         progress_range=(0.05, 0.9),
-        drop_last=drop_last,
     )
-    if params.patience is not None and data.eval_inputs is None:
-        ctx.log("patience ignored: early stopping needs a labelled eval dataset", "warning")
     tuned = relower(model, module, example_inputs=trace_inputs(model, data.inputs))
     summary = {k: v for k, v in history.items() if k != "train_loss"}
     summary["final_train_loss"] = history["train_loss"][-1]

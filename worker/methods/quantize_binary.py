@@ -128,24 +128,18 @@ def quantize_binary(
 def _train(
     model: LoadedModel, module: torch.nn.Module, params: BinaryQuantizeParams, ctx: StepContext
 ) -> None:
-    from worker.training import batch_plan, model_forward, supervised_loss, train, training_data
+    from worker.training import fit_supervised, training_data
 
     data = training_data(model, ctx, labels_required=True)
-    batch_size, drop_last = batch_plan(model, params.batch_size, ctx)
-    history = train(
+    history = fit_supervised(
+        model,
         module,
-        inputs=data.inputs,
-        labels=data.labels,
-        loss_fn=supervised_loss,
+        data,
+        ctx,
         epochs=params.epochs,
         lr=params.lr,
-        batch_size=batch_size,
-        ctx=ctx,
-        eval_inputs=data.eval_inputs,
-        eval_labels=data.eval_labels,
-        forward=model_forward(model),
+        batch_size=params.batch_size,
         progress_range=(0.05, 0.85),
-        drop_last=drop_last,
     )
     ctx.log(
         f"trained {history['epochs_run']} epochs through the {params.mode} quantizer "

@@ -90,28 +90,19 @@ def quantize_qat(model: LoadedModel, params: QATParams, ctx: StepContext) -> Loa
 def _fit(
     model: LoadedModel, module: torch.nn.Module, params: QATParams, data: Any, ctx: StepContext
 ) -> dict[str, Any]:
-    from worker.training import batch_plan, model_forward, supervised_loss, train
+    from worker.training import fit_supervised
 
-    batch_size, drop_last = batch_plan(model, params.batch_size, ctx)
-    history = train(
+    return fit_supervised(
+        model,
         module,
-        inputs=data.inputs,
-        labels=data.labels,
-        loss_fn=supervised_loss,
+        data,
+        ctx,
         epochs=params.epochs,
         lr=params.lr,
-        batch_size=batch_size,
-        ctx=ctx,
-        eval_inputs=data.eval_inputs,
-        eval_labels=data.eval_labels,
+        batch_size=params.batch_size,
         patience=params.patience,
-        forward=model_forward(model),
         progress_range=(0.1, 0.85),
-        drop_last=drop_last,
     )
-    if params.patience is not None and data.eval_inputs is None:
-        ctx.log("patience ignored: early stopping needs a labelled eval dataset", "warning")
-    return history
 
 
 def _qat_pt2e(model: LoadedModel, params: QATParams, data: Any, ctx: StepContext) -> LoadedModel:
