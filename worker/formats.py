@@ -1133,7 +1133,7 @@ def _pt2_weight_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
     for name, t in others.items():
         if isinstance(t, torch.Tensor) and t.dtype in (torch.int8, torch.uint8):
             weights[name] = t
-    return weights
+    return _decode_packed_weights(weights, others)
 
 
 def _hf_weight_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
@@ -1143,10 +1143,36 @@ def _hf_weight_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {
         name: p.detach() for name, p in model.module.named_parameters(remove_duplicate=True)
     }
-    for name, buf in model.module.named_buffers(remove_duplicate=True):
+    buffers = dict(model.module.named_buffers(remove_duplicate=True))
+    for name, buf in buffers.items():
         if buf.dtype in (torch.int8, torch.uint8):
             weights[name] = buf
-    return weights
+    return _decode_packed_weights(weights, buffers)
+
+
+def _decode_packed_weights(
+    weights: dict[str, torch.Tensor], buffers: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Each packed 1/2/4-bit weight (a ``packed`` buffer of :class:`worker.packing.PackedLayer`
+    with its ``packed_layout`` beside it) replaced by the logical weight it decodes to, so
+    parameters and sparsity count weights, not bytes; the file size stays the packed size."""
+    import torch
+
+    from worker.packing import PACKED_SUFFIX, decode_packed, layout_name
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        layout = buffers.get(layout_name(name) or "")
+        if tensor.dtype != torch.uint8 or not isinstance(layout, torch.Tensor):
+            out[name] = tensor
+            continue
+        prefix = name[: -len(PACKED_SUFFIX)]
+        scale, offset = buffers.get(prefix + "scale"), buffers.get(prefix + "offset")
+        if not isinstance(scale, torch.Tensor) or not isinstance(offset, torch.Tensor):
+            out[name] = tensor
+            continue
+        out[prefix + "weight"] = decode_packed(tensor, scale, offset, layout)
+    return out
 
 
 _ONNX_QUANT_METADATA_INPUTS: dict[str, tuple[int, ...]] = {
@@ -1418,6 +1444,8 @@ def reexport_pt2(
 def _drop_unused_state(module: torch.nn.Module) -> None:
     import torch
 
+    from worker.packing import layout_name
+
     if not isinstance(module, torch.fx.GraphModule):
         return
     used = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
@@ -1429,6 +1457,8 @@ def _drop_unused_state(module: torch.nn.Module) -> None:
     state = [name for name, _ in module.named_parameters()] + [
         name for name, _ in module.named_buffers()
     ]
+    # a packed layer's layout is read by squish's metrics, not by the graph: kept with it
+    used.update(layout for name in list(used) if (layout := layout_name(name)) is not None)
     for name in state:
         if name in used:
             continue

@@ -110,6 +110,8 @@ class _Layer(NamedTuple):
 def _lift_program(model: LoadedModel) -> fx.GraphModule:
     import torch
 
+    from worker.packing import layout_name
+
     assert model.program is not None
     source = model.program.module()
     graph = source.graph
@@ -162,6 +164,15 @@ def _lift_program(model: LoadedModel) -> fx.GraphModule:
         else:
             _copy_state(source, root, str(read.target))
     lifted = torch.fx.GraphModule(root, graph, class_name="LiftedModule")
+    # A packed layer's layout is read by squish's metrics, not by the graph: neither
+    # ``source`` nor the GraphModule keeps it on its own.
+    program_state = model.program.state_dict
+    for read in reads:
+        layout = layout_name(str(read.target))
+        if layout is not None and layout in program_state:
+            owner_path, _, attr = layout.rpartition(".")
+            owner = lifted.get_submodule(owner_path) if owner_path else lifted
+            owner.register_buffer(attr, program_state[layout].clone())
     lifted.eval()
     for param in lifted.parameters():
         param.requires_grad_(param.is_floating_point())

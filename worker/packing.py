@@ -9,6 +9,9 @@ kept as
   the codes of the weight flattened in row-major order (``ceil(numel * bits / 8)`` bytes);
 - ``scale`` and ``offset``: float32, broadcast over the weight viewed as
   ``[out_channels, groups, group_size]``;
+- ``packed_layout``: int64 ``[bits, groups, *weight_shape]``, unused at run time: it lets
+  a reader of the file (squish's metrics: parameters, sparsity) decode the logical weight
+  (:func:`decode_packed`) without the module;
 
 and decoded at run time as ``weight = (code - offset) * scale`` with bitwise shifts and
 ands, so ``torch.export.load(...).module()`` runs it with no custom op. The encodings:
@@ -80,8 +83,9 @@ class PackedLayer(nn.Module):
     """A Linear or Conv1d/Conv2d layer whose weight is stored packed (see the module doc).
 
     Attributes (buffers): ``packed`` (uint8), ``scale`` and ``offset`` (float32, shapes
-    broadcastable to ``[out_channels, groups, group_size]``), and the float ``bias``
-    parameter when the layer has one.
+    broadcastable to ``[out_channels, groups, group_size]``), ``packed_layout`` (int64,
+    ``[bits, groups, *weight_shape]``), and the float ``bias`` parameter when the layer
+    has one.
     """
 
     packed: torch.Tensor
@@ -121,6 +125,9 @@ class PackedLayer(nn.Module):
         self.register_buffer("packed", pack_codes(codes, bits))
         self.register_buffer("scale", scale.detach().to(torch.float32).clone())
         self.register_buffer("offset", offset.detach().to(torch.float32).clone())
+        self.register_buffer(
+            "packed_layout", torch.tensor([bits, groups, *self.weight_shape], dtype=torch.int64)
+        )
         self.bias = (
             torch.nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
             if bias is not None
@@ -147,6 +154,31 @@ class PackedLayer(nn.Module):
             f"{self.kind}, weight={list(self.weight_shape)}, bits={self.bits}, "
             f"groups={self.grouped_shape[1]}, packed_bytes={self.packed.numel()}"
         )
+
+
+# The buffers of one packed layer share a prefix: ``<layer>.packed``, ``<layer>.scale``, ...
+# (``<layer>_packed`` once a program is unflattened into a GraphModule).
+PACKED_SUFFIX = "packed"
+LAYOUT_SUFFIX = "packed_layout"
+
+
+def layout_name(packed_name: str) -> str | None:
+    """The name of the ``packed_layout`` buffer beside a ``packed`` buffer, or None if
+    ``packed_name`` is not one."""
+    if not packed_name.endswith(PACKED_SUFFIX):
+        return None
+    return packed_name[: -len(PACKED_SUFFIX)] + LAYOUT_SUFFIX
+
+
+def decode_packed(
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, layout: torch.Tensor
+) -> torch.Tensor:
+    """The float32 weight a :class:`PackedLayer`'s buffers encode (as its forward decodes it)."""
+    bits, groups, *shape = (int(v) for v in layout.tolist())
+    _check_bits(bits)
+    numel = math.prod(shape)
+    codes = unpack_codes(packed, bits, numel).reshape(shape[0], groups, -1)
+    return ((codes.to(torch.float32) - offset) * scale).reshape(shape)
 
 
 def layer_kind(layer: torch.nn.Module) -> tuple[str, dict[str, Any]] | None:

@@ -231,3 +231,29 @@ def test_training_needs_train_data(files, tmp_path: Path) -> None:
     unlabelled = {"train": Dataset({"inputs": np.zeros((8, 64), np.float32)}, None, 8)}
     with pytest.raises(Exception, match="labels"):
         apply(load_model(files["pt2"], "pt2"), {"epochs": 1}, tmp_path, unlabelled)
+
+
+def test_metrics_count_logical_weights_of_packed_layers(files, tmp_path: Path) -> None:
+    """parameters / sparsity count the decoded weights, not the packed bytes, also after
+    the program is lifted and exported again by a later step."""
+    import torch
+
+    from worker.formats import inspect_model
+    from worker.lifting import lift, relower
+    from worker.metrics import weight_counts
+
+    original = inspect_model(files["pt2"], "pt2")["parameters"]
+    params = {"mode": "ternary", "epochs": 0, "keep_first_last": False}
+    model = apply(load_model(files["pt2"], "pt2"), params, tmp_path)
+    out = tmp_path / "ternary.pt2"
+    save_model(model, out)
+    state = torch.export.load(str(out)).state_dict
+    zeros = sum(
+        int((decoded(state, layer, 2, shape) == 0).sum()) for layer, shape in MLP_LAYERS.items()
+    )
+    assert inspect_model(out, "pt2")["parameters"] == original
+    counts = weight_counts(load_model(out, "pt2"))
+    assert counts["parameters"] == original
+    assert counts["parameters"] - counts["nonzero_parameters"] == zeros > 0
+    again = relower(model, lift(model))
+    assert weight_counts(again) == counts

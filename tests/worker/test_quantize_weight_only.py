@@ -114,6 +114,10 @@ def test_pt2_int4_is_packed_two_per_byte_and_decodes_to_torchaos_values(
         codes = unpack_codes(packed[name], 4, out_f * in_f).reshape(out_f, in_f // 32, 32)
         decoded = (codes.float() - state[f"{name}.offset"]) * state[f"{name}.scale"]
         assert torch.equal(decoded.reshape(out_f, in_f), expected)
+    # parameters count the logical int4 weights (and biases), not the packed bytes
+    from worker.formats import inspect_model
+
+    assert inspect_model(out, "pt2")["parameters"] == inspect_model(wide["pt2"], "pt2")["parameters"]
     x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
     assert cosine(run(out, "pt2", x), run(wide["pt2"], "pt2", x)) >= 0.99
 
