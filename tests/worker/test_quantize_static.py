@@ -269,3 +269,29 @@ def test_runs_in_a_pipeline_with_measured_accuracy(files, tmp_path: Path) -> Non
     assert metrics["compressed"]["accuracy"] >= metrics["original"]["accuracy"] - 0.01
     assert metrics["ratios"]["size"] > 2.5
     assert load_dataset(files["eval"]).num_samples == 450
+
+
+def test_reduce_range_default_is_on_for_onnx_u8s8_only() -> None:
+    params = METHOD.validate_params({})
+    assert params.use_reduce_range("onnx") is True  # u8 x s8: safe on x86 without VNNI
+    assert params.use_reduce_range("pt2") is False
+    assert METHOD.validate_params({"activation_type": "int8"}).use_reduce_range("onnx") is False
+    assert METHOD.validate_params({"reduce_range": False}).use_reduce_range("onnx") is False
+    assert METHOD.validate_params({"reduce_range": True}).use_reduce_range("pt2") is True
+
+
+def test_onnx_default_keeps_the_residual_concat_cnn_accurate(tmp_path: Path) -> None:
+    """The digits CNN (residual blocks, BatchNorm, concatenated branches) in ONNX Runtime:
+    with the defaults, int8 stays within 1 point of fp32 on any x86 CPU (u8 x s8 kernels
+    without VNNI saturate with full-range weights: measured 90.7 % vs 96.9 % on AVX2)."""
+    from tests import factories_cnn
+
+    src = factories_cnn.cnn_onnx(tmp_path / "cnn.onnx")
+    x_train, _, x_test, y_test = factories_cnn.digits_images()
+    calibration = Dataset({"input": x_train}, None, len(x_train))
+    model = apply(load_model(src, "onnx"), {}, tmp_path, calibration)
+    out = tmp_path / "cnn_int8.onnx"
+    save_model(model, out)
+    fp32 = accuracy(src, "onnx", x_test, y_test)
+    assert fp32 >= 0.95
+    assert accuracy(out, "onnx", x_test, y_test) >= fp32 - 0.01

@@ -63,7 +63,11 @@ class StaticQuantizeParams(MethodParams):
             ``"int8"`` (symmetric; ARM and GPU targets). pt2: uint8 only.
         weight_type: ``"int8"`` or ``"uint8"`` (onnx only). pt2: int8 only.
         reduce_range: use 7 bits of range, which x86 CPUs without VNNI need to avoid
-            overflow in u8 x s8 kernels (pt2: activations, onnx: weights).
+            overflow in u8 x s8 kernels (pt2: activations, onnx: weights). Default
+            (null): on for onnx with uint8 activations and int8 weights, so the artifact
+            stays accurate on any x86 CPU (measured on the digits CNN on an AVX2 CPU:
+            90.7 % without, 96.0 % with, 96.0 % in fp32); off otherwise (pt2 runs
+            reference kernels eagerly).
         max_samples: at most this many calibration samples are used.
         batch_size: calibration batch size (a model with a fixed batch uses its own).
 
@@ -98,10 +102,12 @@ class StaticQuantizeParams(MethodParams):
     weight_type: Literal["int8", "uint8"] = Field(
         default="int8", description="Weight type: int8, or uint8 (onnx only)."
     )
-    reduce_range: bool = Field(
-        default=False,
+    reduce_range: bool | None = Field(
+        default=None,
         description=(
-            "7 bits of range, for x86 CPUs without VNNI (pt2: activations, onnx: weights)."
+            "7 bits of range, for x86 CPUs without VNNI (pt2: activations, onnx: weights). "
+            "null: on for onnx with uint8 activations and int8 weights (u8 x s8 kernels "
+            "overflow on x86 CPUs without VNNI), off otherwise."
         ),
     )
     max_samples: int = Field(
@@ -124,6 +130,12 @@ class StaticQuantizeParams(MethodParams):
     def calibration(self, fmt: str) -> str:
         """The calibration method, the backend's default filled in."""
         return self.calibrate_method or _CALIBRATION_BY_FORMAT[fmt][0]
+
+    def use_reduce_range(self, fmt: str) -> bool:
+        """``reduce_range``, the default filled in (see the field)."""
+        if self.reduce_range is not None:
+            return self.reduce_range
+        return fmt == "onnx" and (self.activation_type, self.weight_type) == ("uint8", "int8")
 
 
 def unsupported_reason(params: StaticQuantizeParams, fmt: str) -> str | None:
@@ -217,7 +229,9 @@ def _quantize_pt2(
     from worker.formats import pt2_example_args, reexport_pt2
 
     assert model.program is not None
-    config = get_default_x86_inductor_quantization_config(reduce_range=params.reduce_range)
+    config = get_default_x86_inductor_quantization_config(
+        reduce_range=params.use_reduce_range("pt2")
+    )
     method = params.calibration("pt2")
     if method == "minmax":
         assert config.input_activation is not None
@@ -250,7 +264,10 @@ def _quantize_pt2(
         f"quantized {len(int8)} weight tensors to int8 and the activations to uint8 with "
         f"torchao (PT2E, x86 static), calibrated ({method}) on "
         f"{sum(len(next(iter(b.values()))) for b in batches)} samples",
-        data={"float_weight_matrices_left": leftover, "reduce_range": params.reduce_range},
+        data={
+            "float_weight_matrices_left": leftover,
+            "reduce_range": params.use_reduce_range("pt2"),
+        },
     )
     ctx.progress(1.0)
     return quantized
@@ -341,7 +358,7 @@ def _quantize_onnx(
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=params.per_channel,
-            reduce_range=params.reduce_range,
+            reduce_range=params.use_reduce_range("onnx"),
             activation_type=types[params.activation_type],
             weight_type=types[params.weight_type],
             calibrate_method={
@@ -366,7 +383,11 @@ def _quantize_onnx(
         f"quantized {len(quantized_weights)} weight tensors to {params.weight_type} with ONNX "
         f"Runtime (QDQ, {method} calibration on "
         f"{sum(len(next(iter(b.values()))) for b in batches)} samples)",
-        data={"per_channel": params.per_channel, "activation_type": params.activation_type},
+        data={
+            "per_channel": params.per_channel,
+            "activation_type": params.activation_type,
+            "reduce_range": params.use_reduce_range("onnx"),
+        },
     )
     ctx.progress(1.0)
     return onnx_model_from_proto(proto)
