@@ -117,7 +117,9 @@ def test_pt2_int4_is_packed_two_per_byte_and_decodes_to_torchaos_values(
     # parameters count the logical int4 weights (and biases), not the packed bytes
     from worker.formats import inspect_model
 
-    assert inspect_model(out, "pt2")["parameters"] == inspect_model(wide["pt2"], "pt2")["parameters"]
+    assert (
+        inspect_model(out, "pt2")["parameters"] == inspect_model(wide["pt2"], "pt2")["parameters"]
+    )
     x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
     assert cosine(run(out, "pt2", x), run(wide["pt2"], "pt2", x)) >= 0.99
 
