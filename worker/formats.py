@@ -999,16 +999,36 @@ def onnx_model_from_proto(proto: onnx.ModelProto) -> LoadedModel:
 # Saving and inspecting
 
 
+def _save_pt2_without_data(program: torch.export.ExportedProgram, path: Path) -> None:
+    """``torch.export.save`` with the program's example inputs replaced by zeros of the
+    same shapes and dtypes: a re-export traces with a few real samples (train or
+    calibration data), and the user's data has no business inside the artifact."""
+    import torch
+    from torch.utils import _pytree
+
+    examples = program.example_inputs
+    if examples is not None:
+        program.example_inputs = _pytree.tree_map(
+            lambda v: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v, examples
+        )
+    try:
+        torch.export.save(program, str(path))
+    finally:
+        if examples is not None:
+            program.example_inputs = examples
+
+
 def save_model(model: LoadedModel, path: Path) -> None:
-    """Write the model: pt2 with ``torch.export.save``, onnx as one file with ``onnx.save``,
-    hf as a zip of the ``save_pretrained`` folder (safetensors weights, tokenizer)."""
+    """Write the model: pt2 with ``torch.export.save`` (example inputs zeroed), onnx as one
+    file with ``onnx.save``, hf as a zip of the ``save_pretrained`` folder (safetensors
+    weights, tokenizer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if model.format == "pt2":
         import torch
 
         assert model.program is not None
-        torch.export.save(model.program, str(path))
+        _save_pt2_without_data(model.program, path)
     elif model.format == "onnx":
         import onnx
 

@@ -258,6 +258,7 @@ def run_pipeline(
     log.progress(_P_MEASURED_COMPRESSED, "evaluate")
     _evaluate(artifact, spec.output_format, evaluation, metrics, log)
     metrics["ratios"] = _ratios(metrics["original"], metrics["compressed"])
+    _warn_about_the_result(metrics, spec.output_format, log)
     if last_is_artifact:
         step_records[-1].update(_step_view(metrics["compressed"], spec.iterations))
         if "fidelity" in metrics:
@@ -542,6 +543,50 @@ def _evaluate(
     except UnsupportedError as exc:
         metrics["original"].pop("accuracy", None)
         log.log(f"accuracy not measured: {exc.message}", "warning")
+
+
+# Below these, the job's events carry a warning (the figures themselves are in metrics).
+SLOWER_THAN = 0.95  # speedup (original p50 / compressed p50)
+LOW_COSINE = 0.95
+LOW_TOP1_AGREEMENT = 0.9
+
+
+def _warn_about_the_result(metrics: dict[str, Any], artifact_format: str, log: Reporter) -> None:
+    """Say plainly when the compressed model is slower than the original or its outputs
+    moved far from the original's."""
+    original, compressed = metrics["original"], metrics["compressed"]
+    for key, speedup in metrics["ratios"].get("speedup", {}).items():
+        if speedup >= SLOWER_THAN:
+            continue
+        hint = ""
+        if artifact_format == "pt2":
+            hint = (
+                "; eager PyTorch runs int8/fp16 weights through reference kernels: for CPU "
+                "speed ask for output_format 'onnx' (ONNX Runtime's int8 kernels)"
+            )
+        log.log(
+            f"the compressed model is slower than the original at {key.replace('_', ' ')}: "
+            f"p50 {compressed['latency_ms'][key]['p50']:.3f} ms vs "
+            f"{original['latency_ms'][key]['p50']:.3f} ms ({speedup:.2f}x){hint}",
+            "warning",
+            data={"batch": key, "speedup": speedup},
+        )
+    fidelity = metrics.get("fidelity", {})
+    cosine, top1 = fidelity.get("cosine_similarity"), fidelity.get("top1_agreement")
+    if (cosine is not None and cosine < LOW_COSINE) or (
+        top1 is not None and top1 < LOW_TOP1_AGREEMENT
+    ):
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in (("cosine", cosine), ("top-1 agreement", top1)) if v is not None
+        )
+        log.log(
+            f"the compressed model's outputs differ strongly from the original's ({shown}): "
+            "metrics.steps shows which step cost it; a gentler setting (quantize.dynamic "
+            "instead of quantize.static, per_channel, a smaller amount) or a training step "
+            "(distill, finetune) after it may recover it",
+            "warning",
+            data=fidelity,
+        )
 
 
 def _ratios(original: dict[str, Any], compressed: dict[str, Any]) -> dict[str, Any]:

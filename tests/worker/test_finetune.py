@@ -78,6 +78,10 @@ def test_finetune_improves_accuracy_and_l1_pushes_weights_to_zero(
         results[name] = (factories.digits_accuracy(program.module()), near_zero_fraction(program))
         x = torch.from_numpy(factories.digits_arrays()[2][:3])
         assert program.module()(x).shape == (3, 10)  # the batch dim is still dynamic
+        # re-exported with a few train samples, saved without them
+        (example,), _ = program.example_inputs
+        assert example.shape[1] == 64 and not example.any()
+        assert tuned.program.example_inputs[0][0].any()  # type: ignore[union-attr]
 
     # Bound: three epochs of fine-tuning lift the one-epoch model by at least 5 points.
     assert results["plain"][0] >= before + 0.05

@@ -148,3 +148,31 @@ def test_cancellation_stops_the_pipeline(files, tmp_path: Path) -> None:
     with pytest.raises(JobCancelled):
         run_pipeline(files["onnx"], "onnx", spec("onnx"), {}, tmp_path / "work", reporter)
     assert not (tmp_path / "work" / "model.onnx").exists()
+
+
+def test_a_slower_or_broken_result_is_said_plainly(files, tmp_path: Path) -> None:
+    """torchao int8 in eager PyTorch is several times slower than fp32 (reference kernels),
+    and 95 % magnitude pruning wrecks the MLP: both land in the events as warnings."""
+    reporter = RecordingReporter()
+    steps = [("prune.magnitude", {"amount": 0.95}), ("quantize.dynamic", {})]
+    result = run_pipeline(
+        files["pt2"], "pt2", spec("pt2", steps), {"eval": files["eval"]}, tmp_path, reporter
+    )
+    warnings = [line for line in reporter.logs if line["level"] == "warning"]
+    slower = [w for w in warnings if "slower than the original" in w["message"]]
+    assert {w["data"]["batch"] for w in slower} == {
+        k for k, v in result.metrics["ratios"]["speedup"].items() if v < 0.95
+    }
+    assert slower and all("output_format 'onnx'" in w["message"] for w in slower)
+    assert result.metrics["fidelity"]["top1_agreement"] < 0.9
+    assert any("differ strongly" in w["message"] for w in warnings)
+
+
+def test_a_faithful_faster_result_raises_no_warning(files, tmp_path: Path) -> None:
+    reporter = RecordingReporter()
+    steps = [("quantize.dynamic", {})]
+    result = run_pipeline(
+        files["onnx"], "onnx", spec("onnx", steps), {"eval": files["eval"]}, tmp_path, reporter
+    )
+    assert result.metrics["fidelity"]["top1_agreement"] >= 0.95
+    assert not [line for line in reporter.logs if "differ strongly" in line["message"]]
