@@ -1025,8 +1025,6 @@ def save_model(model: LoadedModel, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if model.format == "pt2":
-        import torch
-
         assert model.program is not None
         _save_pt2_without_data(model.program, path)
     elif model.format == "onnx":

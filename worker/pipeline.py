@@ -577,7 +577,9 @@ def _warn_about_the_result(metrics: dict[str, Any], artifact_format: str, log: R
         top1 is not None and top1 < LOW_TOP1_AGREEMENT
     ):
         shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in (("cosine", cosine), ("top-1 agreement", top1)) if v is not None
+            f"{k} {v:.4f}"
+            for k, v in (("cosine", cosine), ("top-1 agreement", top1))
+            if v is not None
         )
         log.log(
             f"the compressed model's outputs differ strongly from the original's ({shown}): "
