@@ -774,6 +774,11 @@ def run_engine(root: Path) -> EngineBench:
         )
     for label, steps, roles in [
         ("quantize.static (ORT QDQ) → onnx", [("quantize.static", {})], ("eval", "calibration")),
+        (
+            "quantize.static op_types MatMul, Gemm → onnx",
+            [("quantize.static", {"op_types": ["MatMul", "Gemm"]})],
+            ("eval", "calibration"),
+        ),
         ("quantize.weight_only 8 bit → onnx", [("quantize.weight_only", {"bits": 8})], ("eval",)),
     ]:
         variants.append(bench.squish(lm, "hf", label, steps, output_format="onnx", roles=roles))

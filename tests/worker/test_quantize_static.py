@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tests import factories
 from worker.context import NullReporter, StepContext
 from worker.data import Dataset, load_dataset
-from worker.errors import DatasetMismatchError, InvalidParamsError
+from worker.errors import DatasetMismatchError, InvalidParamsError, UnsupportedError
 from worker.formats import load_model, save_model
 from worker.methods import quantize_static
 from worker.pipeline import PipelineSpec, run_pipeline
@@ -245,6 +245,11 @@ def test_backend_limits_are_refused_with_what_to_change() -> None:
         METHOD.validate_params({"calibrate_method": "histogram"}, "onnx")
     with pytest.raises(ValidationError, match="activation_type='uint8'"):
         METHOD.validate_params({"activation_type": "int8"}, "pt2")
+    with pytest.raises(ValidationError, match="op_types is for onnx models"):
+        METHOD.validate_params({"op_types": ["MatMul"]}, "pt2")
+    with pytest.raises(ValidationError, match="cannot quantize Erf statically; op_types takes"):
+        METHOD.validate_params({"op_types": ["MatMul", "Erf"]}, "onnx")
+    assert METHOD.validate_params({"op_types": ["Gemm", "Gemm"]}, "onnx").op_types == ("Gemm",)
     for bad in ({"max_samples": 0}, {"percentile": 50}, {"calibrate_method": "magic"}):
         with pytest.raises(ValidationError):
             METHOD.validate_params(bad)
@@ -295,3 +300,71 @@ def test_onnx_default_keeps_the_residual_concat_cnn_accurate(tmp_path: Path) -> 
     fp32 = accuracy(src, "onnx", x_test, y_test)
     assert fp32 >= 0.95
     assert accuracy(out, "onnx", x_test, y_test) >= fp32 - 0.01
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_with_a_short_last_batch(files, tmp_path: Path, method: str) -> None:
+    """40 samples in batches of 32: ONNX Runtime's histogram calibrators stack every
+    batch's activations, so the last batch is filled up to 32 by repeating samples."""
+    x_train, _, x_test, y_test = factories.digits_arrays()
+    calibration = Dataset({"input": x_train[:40]}, None, 40)
+    onnx_model = load_model(files["onnx"], "onnx")
+    batches = quantize_static.calibration_batches(onnx_model, calibration, 512, 32)
+    assert [len(b["input"]) for b in batches] == [32, 32]
+    params = {"calibrate_method": method, "batch_size": 32}
+    model = apply(onnx_model, params, tmp_path, calibration)
+    out = tmp_path / "static.onnx"
+    save_model(model, out)
+    assert (
+        accuracy(out, "onnx", x_test, y_test)
+        >= accuracy(files["onnx"], "onnx", x_test, y_test) - 0.02
+    )
+
+
+def test_op_types_limit_what_onnx_runtime_quantizes(
+    files, tmp_path: Path, digits_calibration: Dataset
+) -> None:
+    import onnx
+
+    def ops(params: dict) -> list[str]:
+        model = apply(load_model(files["onnx"], "onnx"), params, tmp_path, digits_calibration)
+        assert model.proto is not None
+        return [n.op_type for n in model.proto.graph.node]
+
+    assert {n.op_type for n in onnx.load(str(files["onnx"])).graph.node} >= {"Gemm", "Relu"}
+    every = ops({"max_samples": 64})
+    gemm_only = ops({"max_samples": 64, "op_types": ["Gemm", "MatMul"]})
+    # Every type: the Relus are quantized too, folded into the uint8 ranges of the QDQ
+    # pairs; Gemm only: the Relus stay float ops between dequantize and quantize.
+    assert "Relu" not in every and gemm_only.count("Relu") == 2
+    assert every.count("Gemm") == gemm_only.count("Gemm") == 3
+    assert gemm_only.count("QuantizeLinear") > every.count("QuantizeLinear") >= 3
+    with pytest.raises(UnsupportedError, match="no layer with constant weights"):
+        ops({"max_samples": 64, "op_types": ["Relu"]})
+
+
+def test_entropy_on_an_unbinnable_tensor_says_what_to_change(tmp_path: Path) -> None:
+    """An attention-style mask filled with the float32 minimum spans more than float32
+    holds: ONNX Runtime's entropy calibrator cannot bin it. Refused with the methods that
+    work (as on MiniLM's ONNX export); minmax and percentile quantize the same model."""
+    import torch
+    from torch import nn
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = (x[:, :1] > 1.0).float() * torch.finfo(torch.float32).min
+            return self.b(torch.softmax(self.a(x) + mask, dim=-1))
+
+    torch.manual_seed(0)
+    src = factories.export_onnx(Masked().eval(), torch.randn(4, 8), tmp_path / "masked.onnx")
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    calibration = Dataset({"input": x}, None, 64)
+    with pytest.raises(UnsupportedError, match="use calibrate_method 'minmax' or 'percentile'"):
+        apply(load_model(src, "onnx"), {"calibrate_method": "entropy"}, tmp_path, calibration)
+    for method in ("minmax", "percentile"):
+        params = {"calibrate_method": method}
+        assert apply(load_model(src, "onnx"), params, tmp_path, calibration).proto is not None
