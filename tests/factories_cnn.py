@@ -102,29 +102,8 @@ def _trained_state(epochs: int) -> dict[str, torch.Tensor]:
 
 
 def _train(epochs: int) -> dict[str, torch.Tensor]:
-    import torch
-    from torch import nn
-
     x_train, y_train, _, _ = digits_images()
-    model = cnn()
-    batch = 64
-    steps = epochs * -(-len(x_train) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), batch):
-            idx = order[i : i + batch]
-            opt.zero_grad()
-            loss_fn(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-            schedule.step()
-    model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return factories.fit_classifier(cnn(), x_train, y_train, epochs=epochs, weight_decay=1e-3)
 
 
 def train_digits_cnn(epochs: int = 4) -> nn.Module:
