@@ -559,10 +559,11 @@ def _warn_about_the_result(metrics: dict[str, Any], artifact_format: str, log: R
         if speedup >= SLOWER_THAN:
             continue
         hint = ""
-        if artifact_format == "pt2":
+        if artifact_format in ("pt2", "hf"):
             hint = (
-                "; eager PyTorch runs int8/fp16 weights through reference kernels: for CPU "
-                "speed ask for output_format 'onnx' (ONNX Runtime's int8 kernels)"
+                "; eager PyTorch runs quantized (int8, fp16 on CPU) weights through "
+                "reference kernels: for CPU speed ask for output_format 'onnx' (ONNX "
+                "Runtime's int8 kernels)"
             )
         log.log(
             f"the compressed model is slower than the original at {key.replace('_', ' ')}: "
