@@ -544,9 +544,10 @@ HF_SAVE_HINT = (
     "Save it with `model.save_pretrained(folder, safe_serialization=True)` and "
     "`tokenizer.save_pretrained(folder)`, then zip the folder."
 )
-_HF_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib")
-_HF_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-_HF_OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".keras", ".gguf")
+# What an hf zip may not hold; the worker's loader (worker.formats) applies the same lists.
+HF_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib")
+HF_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+HF_OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".keras", ".gguf")
 _HF_TOKENIZER_FILES = frozenset(
     {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
      "sentencepiece.bpe.model", "tokenizer.model"}
@@ -602,14 +603,14 @@ def _check_hf_name(info: zipfile.ZipInfo) -> None:
     if info.flag_bits & 0x1:
         raise _bad_hf(f"the zip member {name!r} is encrypted")
     lower = parts[-1].lower()
-    if lower.endswith(_HF_CODE_SUFFIXES):
+    if lower.endswith(HF_CODE_SUFFIXES):
         raise Rejected(
             f"the model folder contains code ({name}). squish never runs code from an upload "
             "(trust_remote_code is always off): upload a model whose architecture is part of "
             "the transformers library, without .py files",
             title="Remote code refused",
         )
-    if not info.is_dir() and lower.endswith(_HF_PICKLE_SUFFIXES):
+    if not info.is_dir() and lower.endswith(HF_PICKLE_SUFFIXES):
         raise Rejected(
             f"the model folder contains {name}, a pickled PyTorch file. It was NOT unpickled: "
             "unpickling an upload can run arbitrary code, so squish never does. Save the "
@@ -617,7 +618,7 @@ def _check_hf_name(info: zipfile.ZipInfo) -> None:
             + HF_SAVE_HINT,
             title=PICKLE_TITLE,
         )
-    if not info.is_dir() and lower.endswith(_HF_OTHER_WEIGHT_SUFFIXES):
+    if not info.is_dir() and lower.endswith(HF_OTHER_WEIGHT_SUFFIXES):
         raise _bad_hf(
             f"the model folder contains {name}, weights in a format other than safetensors "
             f"(TensorFlow, Flax or GGUF); squish loads PyTorch safetensors weights. {HF_SAVE_HINT}"

@@ -45,6 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.sniff import (  # the upload check's lists: code, pickles and other weights refused
+    HF_CODE_SUFFIXES,
+    HF_MAX_MEMBERS,
+    HF_OTHER_WEIGHT_SUFFIXES,
+    HF_PICKLE_SUFFIXES,
+)
 from worker.errors import EngineError, InvalidModelError, ModelRunError, UnsupportedError
 
 if TYPE_CHECKING:
@@ -533,7 +539,6 @@ def _onnx_all_initializers(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]
 # --------------------------------------------------------------------------------------
 # Hugging Face (hf): a zipped Transformers model folder
 
-HF_MAX_MEMBERS = 10_000
 HF_MAX_JSON_BYTES = 64 << 20
 HF_MAX_EXTRA_FILE_BYTES = 1 << 20
 HF_SEQUENCE_HINT = 16
@@ -541,10 +546,6 @@ HF_SAVE_HELP = (
     "save the model with model.save_pretrained(folder) (safetensors weights) and "
     "tokenizer.save_pretrained(folder), then zip the folder"
 )
-# Files that could run code if anything imported or unpickled them: never accepted.
-_HF_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib")
-_HF_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-_HF_OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".keras", ".gguf")
 # What save_pretrained (model and tokenizer) writes itself; not kept as extra files.
 _HF_WRITTEN_BY_SAVE = frozenset(
     {
@@ -642,14 +643,14 @@ def _check_hf_member(info: zipfile.ZipInfo) -> None:
     if info.flag_bits & 0x1:
         raise InvalidModelError(f"the zip member {name!r} is encrypted", step="load")
     lower = parts[-1].lower()
-    if lower.endswith(_HF_CODE_SUFFIXES):
+    if lower.endswith(HF_CODE_SUFFIXES):
         raise InvalidModelError(
             f"the model folder contains code ({name}); squish never runs code from an upload "
             "(trust_remote_code is off): upload a model whose architecture is part of the "
             "transformers library, without .py files",
             step="load",
         )
-    if lower.endswith(_HF_PICKLE_SUFFIXES):
+    if lower.endswith(HF_PICKLE_SUFFIXES):
         raise InvalidModelError(
             f"the model folder contains {name}, a pickled PyTorch file; squish never unpickles "
             "uploads because that can run arbitrary code. Save the weights as safetensors: "
@@ -657,7 +658,7 @@ def _check_hf_member(info: zipfile.ZipInfo) -> None:
             "pytorch_model.bin / *.pt / *.pkl files",
             step="load",
         )
-    if lower.endswith(_HF_OTHER_WEIGHT_SUFFIXES):
+    if lower.endswith(HF_OTHER_WEIGHT_SUFFIXES):
         raise InvalidModelError(
             f"the model folder contains {name}, weights in a format other than safetensors; "
             f"{HF_SAVE_HELP}",
@@ -899,7 +900,7 @@ def save_hf_model(model: LoadedModel, path: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
         written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        unsafe = [n for n in written if n.lower().endswith(_HF_PICKLE_SUFFIXES + _HF_CODE_SUFFIXES)]
+        unsafe = [n for n in written if n.lower().endswith(HF_PICKLE_SUFFIXES + HF_CODE_SUFFIXES)]
         if unsafe or not any(n.endswith(".safetensors") for n in written):
             raise UnsupportedError(
                 f"save_pretrained did not write plain safetensors weights (wrote {written}); "
