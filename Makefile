@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -23,9 +23,15 @@ run: $(STAMP)
 	$(BIN)/squish serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS)
+
+# The quick loop: no real worker processes, no external services.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not services" -x $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	scripts/check-large-files
+	$(BIN)/lint-imports
 	$(BIN)/ruff check app worker squish tests benchmarks migrations
 	$(BIN)/ruff format --check app worker squish tests benchmarks migrations
 	$(BIN)/mypy

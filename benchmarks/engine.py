@@ -376,14 +376,15 @@ def squish_quality(metrics: dict[str, Any], kind: str) -> float | None:
 def direct_ort_dynamic(src: Path, dst: Path, *, per_channel=True, reduce_range=True) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        src,
-        dst,
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        weight_type=QuantType.QInt8,
-        extra_options={"WeightSymmetric": True},
-    )
+    with contextlib.chdir(dst.parent):  # ONNX Runtime writes its temporary files to the cwd
+        quantize_dynamic(
+            src,
+            dst,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+            extra_options={"WeightSymmetric": True},
+        )
     return dst
 
 
@@ -398,7 +399,9 @@ def direct_ort_static(src: Path, dst: Path, calib: np.ndarray, input_name: str) 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = dst.with_name(dst.stem + "_pre.onnx")
-    with _quiet():
+    # ONNX Runtime writes temporary files (sym_shape_infer_temp.onnx, *.data) to the cwd:
+    # keep them in the scratch folder, as the worker does.
+    with _quiet(), contextlib.chdir(dst.parent):
         quant_pre_process(str(src), str(prepared))
     batches = [calib[i : i + 32] for i in range(0, min(len(calib), 512), 32)]
 
@@ -410,7 +413,7 @@ def direct_ort_static(src: Path, dst: Path, calib: np.ndarray, input_name: str) 
             b = next(self.it, None)
             return None if b is None else {input_name: b}
 
-    with _quiet():
+    with _quiet(), contextlib.chdir(dst.parent):
         quantize_static(
             prepared,
             dst,

@@ -22,88 +22,27 @@ prunes the program, converts it, and quantizes the ONNX model with ONNX Runtime.
 other step must accept the input format; a quantization step followed by a PyTorch step
 runs in PyTorch, and if the quantized program then cannot be converted the job fails
 with a message that says to move the quantization to the end. The API applies the same
-rule at ``POST /v1/jobs`` (this module is torch-free at import), so such a spec is a 422.
+rule at ``POST /v1/jobs``: the policy itself is :mod:`worker.spec`'s (``step_formats``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker.contract import conversion_problem
 from worker.errors import EngineError, UnsupportedError
+from worker.spec import format_problem, runs_after_conversion, step_formats
 
 if TYPE_CHECKING:
     import torch
 
     from worker.context import Reporter
     from worker.formats import LoadedModel
-    from worker.methods.base import Method
 
-CONVERSIONS = frozenset({("pt2", "onnx"), ("hf", "onnx")})
 _CHECK_SAMPLES = 8
-
-
-def conversion_problem(input_format: str, output_format: str) -> str | None:
-    """Why ``input_format`` cannot be delivered as ``output_format``; None when it can."""
-    if input_format == output_format or (input_format, output_format) in CONVERSIONS:
-        return None
-    targets = sorted({out for src, out in CONVERSIONS if src == input_format})
-    can = (
-        f"{input_format} models convert to {', '.join(targets)} only"
-        if targets
-        else (f"{input_format} models are not converted")
-    )
-    return (
-        f"output_format {output_format!r} cannot be produced from a {input_format} model "
-        f"({can}); omit output_format or set it to {input_format!r}"
-        + (f" or {targets[0]!r}" if targets else "")
-    )
-
-
-def runs_after_conversion(method: Method, output_format: str) -> bool:
-    """Whether a trailing step of this method runs on the converted model."""
-    return method.name.startswith("quantize.") and output_format in method.formats
-
-
-def step_formats(input_format: str, output_format: str, methods: Sequence[Method]) -> list[str]:
-    """The format of the model each step receives (see the module docstring).
-
-    The steps after the conversion point get ``output_format``; with no conversion, or
-    no trailing ONNX-side quantization, every step gets ``input_format``.
-    """
-    count = len(methods)
-    point = count
-    if input_format != output_format:
-        while point > 0 and runs_after_conversion(methods[point - 1], output_format):
-            point -= 1
-    return [input_format] * point + [output_format] * (count - point)
-
-
-def format_problem(method: Method, fmt: str, input_format: str, output_format: str) -> str | None:
-    """Why ``method`` cannot take a ``fmt`` model in this job, with what to change."""
-    if fmt in method.formats:
-        return None
-    message = (
-        f"{method.name} does not accept {fmt} models "
-        f"(it accepts {', '.join(sorted(method.formats))})"
-    )
-    onnx_side = method.name.startswith("quantize.") and "onnx" in method.formats
-    if onnx_side and input_format != "onnx" and (input_format, "onnx") in CONVERSIONS:
-        if output_format == "onnx":
-            message += (
-                "; with output_format 'onnx' it runs on the converted ONNX model when it "
-                "comes after every step that is not an ONNX Runtime quantization: move it "
-                "to the end of the pipeline"
-            )
-        else:
-            message += (
-                "; set output_format to 'onnx' to convert the model and run it in ONNX "
-                "Runtime at the end of the pipeline"
-            )
-    return message
 
 
 def convert(
@@ -360,3 +299,12 @@ def _max_abs_error(
         diff = np.abs(ref.astype(np.float64) - np.asarray(got, dtype=np.float64))
         worst = max(worst, float(diff.max()) if diff.size else 0.0)
     return worst
+
+
+__all__ = [
+    "conversion_problem",
+    "convert",
+    "format_problem",
+    "runs_after_conversion",
+    "step_formats",
+]

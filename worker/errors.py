@@ -7,6 +7,8 @@ method that cannot apply, a cancelled job) is an :class:`EngineError` with a sta
 
 from __future__ import annotations
 
+from worker.contract import ErrorCode
+
 
 class EngineError(Exception):
     """Base of the engine's expected failures.
@@ -17,7 +19,7 @@ class EngineError(Exception):
         step: the pipeline stage it happened in (``"load"``, a method name, ...), if known.
     """
 
-    code: str = "engine_error"
+    code: ErrorCode = ErrorCode.internal_error
 
     def __init__(self, message: str, *, step: str | None = None) -> None:
         super().__init__(message)
@@ -28,46 +30,93 @@ class EngineError(Exception):
         return self.message if self.step is None else f"{self.step}: {self.message}"
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"code": self.code, "message": self.message, "step": self.step}
+        return {"code": str(self.code), "message": self.message, "step": self.step}
 
 
 class InvalidModelError(EngineError):
     """The model file is broken, unsafe, or not in the format it claims."""
 
-    code = "invalid_model"
+    code = ErrorCode.invalid_model
 
 
 class DatasetMismatchError(EngineError):
     """A dataset is unreadable or does not fit the model's input signature."""
 
-    code = "dataset_mismatch"
+    code = ErrorCode.dataset_mismatch
 
 
 class UnsupportedError(EngineError):
     """The request is well formed but this engine cannot do it (yet)."""
 
-    code = "unsupported"
+    code = ErrorCode.unsupported
 
 
 class InvalidParamsError(EngineError):
     """A method's parameters are valid on their own but do not fit this model."""
 
-    code = "invalid_params"
+    code = ErrorCode.invalid_params
 
 
 class MethodFailedError(EngineError):
     """A method's library (torchao, ONNX Runtime, ...) failed on this model."""
 
-    code = "method_failed"
+    code = ErrorCode.method_failed
 
 
 class ModelRunError(EngineError):
     """The model raised an error while running on the given inputs."""
 
-    code = "model_run_failed"
+    code = ErrorCode.model_run_failed
 
 
 class JobCancelled(EngineError):
     """The job was cancelled; raised from a progress report so work stops promptly."""
 
-    code = "cancelled"
+    code = ErrorCode.cancelled
+
+
+class ModelDeletedError(EngineError):
+    """The model, or a model a step names, was deleted before the job ran."""
+
+    code = ErrorCode.model_deleted
+
+
+class WorkerLostError(EngineError):
+    """Every attempt's worker died before finishing the job."""
+
+    code = ErrorCode.worker_lost
+
+
+class InfrastructureError(EngineError):
+    """Storage or the database failed on every attempt."""
+
+    code = ErrorCode.infrastructure
+
+
+class InternalError(EngineError):
+    """A bug: anything the engine did not expect."""
+
+    code = ErrorCode.internal_error
+
+
+_BY_CODE: dict[ErrorCode, type[EngineError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidModelError,
+        DatasetMismatchError,
+        UnsupportedError,
+        InvalidParamsError,
+        MethodFailedError,
+        ModelRunError,
+        JobCancelled,
+        ModelDeletedError,
+        WorkerLostError,
+        InfrastructureError,
+        InternalError,
+    )
+}
+
+
+def error_for(code: ErrorCode, message: str, *, step: str | None = None) -> EngineError:
+    """The engine error of ``code``; every :class:`ErrorCode` has exactly one class."""
+    return _BY_CODE[code](message, step=step)

@@ -51,6 +51,8 @@ from app.sniff import (  # the upload check's lists: code, pickles and other wei
     HF_OTHER_WEIGHT_SUFFIXES,
     HF_PICKLE_SUFFIXES,
 )
+from worker.contract import FORMATS as CONTRACT_FORMATS
+from worker.contract import ModelFormat, values
 from worker.errors import EngineError, InvalidModelError, ModelRunError, UnsupportedError
 
 if TYPE_CHECKING:
@@ -58,8 +60,8 @@ if TYPE_CHECKING:
     import torch
     from torch.export import ExportedProgram
 
-FORMATS = ("pt2", "onnx", "hf")
-FILE_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "hf": ".zip"}
+FORMATS = values(ModelFormat)
+FILE_SUFFIX = {str(fmt): facts.suffix for fmt, facts in CONTRACT_FORMATS.items()}
 HF_TASKS = ("sequence-classification", "feature-extraction")
 
 EXPORT_HELP = (

@@ -20,34 +20,26 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from worker.context import NullReporter, RecordingReporter, Reporter, ScaledReporter, StepContext
-from worker.convert import conversion_problem, convert, format_problem, step_formats
+from worker.contract import DatasetRole, values
+from worker.convert import convert
 from worker.data import Dataset, fit_dataset, load_dataset
-from worker.errors import (
-    EngineError,
-    InvalidParamsError,
-    JobCancelled,
-    MethodFailedError,
-    UnsupportedError,
-)
+from worker.errors import EngineError, JobCancelled, MethodFailedError, UnsupportedError, error_for
 from worker.formats import (
     FILE_SUFFIX,
-    FORMATS,
     LoadedModel,
     Runtime,
     generate_inputs,
     load_model,
     save_model,
 )
-from worker.methods import get_method
-from worker.methods.base import Method, MethodParams, UnknownMethodError
 from worker.metrics import (
     accuracy,
     compare_outputs,
@@ -56,9 +48,9 @@ from worker.metrics import (
     pool_token_outputs,
     run_loaded,
 )
+from worker.spec import CheckedPipeline, DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
 
-DATASET_ROLES = ("calibration", "train", "eval")
-DEVICES = ("cpu", "gpu")
+DATASET_ROLES = values(DatasetRole)
 FIDELITY_BATCH = 32
 GENERATED_SAMPLES = 8
 STEP_WARMUP = 1
@@ -155,13 +147,11 @@ def run_pipeline(
     work_dir.mkdir(parents=True, exist_ok=True)
     log = RecordingReporter(inner=reporter)
     started = time.monotonic()
-    _check_spec(model_format, spec, datasets)
-    methods, step_fmts = _resolve_steps(model_format, spec, datasets)
+    checked = _resolve(model_format, spec, datasets)
+    methods = [(step.method, step.params) for step in checked.steps]
     converting = spec.output_format != model_format
     # The index of the first step that gets the converted model (len(methods): none does).
-    convert_at = len(methods)
-    if converting and spec.output_format in step_fmts:
-        convert_at = step_fmts.index(spec.output_format)
+    convert_at = checked.convert_at
     # The artifact is the last step's model unless the conversion comes after that step.
     last_is_artifact = bool(methods) and not (converting and convert_at == len(methods))
 
@@ -175,6 +165,7 @@ def run_pipeline(
     log.progress(_P_LOADED, "load_datasets")
 
     loaded_data = _load_datasets(datasets, model)
+    _resolve(model_format, spec, loaded_data)  # now that labels are known
     feeds_by_role = {role: fit_dataset(model, role, ds) for role, ds in loaded_data.items()}
     measure_inputs = _measure_inputs(model, feeds_by_role, log)
     evaluation = _Evaluation.choose(model, Path(model_path), spec, feeds_by_role, loaded_data, log)
@@ -279,66 +270,36 @@ def run_pipeline(
     return PipelineResult(artifact, spec.output_format, metrics, report_path)
 
 
-def _check_spec(model_format: str, spec: PipelineSpec, datasets: dict[str, Path]) -> None:
-    if model_format not in FORMATS:
-        raise UnsupportedError(
-            f"unknown model format {model_format!r}; supported: {', '.join(FORMATS)}",
-            step="validate",
-        )
-    problem = conversion_problem(model_format, spec.output_format)
-    if problem is not None:
-        raise UnsupportedError(problem, step="validate")
-    if spec.device not in DEVICES:
-        raise UnsupportedError(f"unknown device {spec.device!r}; use cpu or gpu", step="validate")
-    if not spec.batch_sizes or any(b < 1 for b in spec.batch_sizes):
-        raise UnsupportedError("batch_sizes must be positive integers", step="validate")
-    if spec.warmup < 0 or spec.iterations < 1:
-        raise UnsupportedError("warmup must be >= 0 and iterations >= 1", step="validate")
-    unknown = sorted(set(datasets) - set(DATASET_ROLES))
-    if unknown:
-        raise UnsupportedError(
-            f"unknown dataset roles {unknown}; use {', '.join(DATASET_ROLES)}", step="validate"
-        )
+def _resolve(
+    model_format: str,
+    spec: PipelineSpec,
+    datasets: Mapping[str, Path | Dataset],
+) -> CheckedPipeline:
+    """:func:`worker.spec.resolve_pipeline` on this spec; the first problem's error if any.
 
-
-def _resolve_steps(
-    model_format: str, spec: PipelineSpec, datasets: dict[str, Path]
-) -> tuple[list[tuple[Method, MethodParams]], list[str]]:
-    """Each step's method and validated params, and the format of the model it gets."""
-    found = []
-    for name, raw_params in spec.steps:
-        try:
-            found.append((get_method(name), raw_params))
-        except UnknownMethodError as exc:
-            raise InvalidParamsError(str(exc), step="validate") from exc
-    step_fmts = step_formats(model_format, spec.output_format, [m for m, _ in found])
-    resolved = []
-    for index, ((method, raw_params), fmt) in enumerate(zip(found, step_fmts, strict=True)):
-        where = f"step {index + 1} ({method.name})"
-        problem = format_problem(method, fmt, model_format, spec.output_format)
-        if problem is not None:
-            raise UnsupportedError(f"{where}: {problem}", step="validate")
-        if spec.device not in method.devices:
-            raise UnsupportedError(
-                f"{where}: {method.name} does not run on {spec.device} "
-                f"(it runs on {', '.join(sorted(method.devices))})",
-                step="validate",
-            )
-        try:
-            params = method.validate_params(raw_params or {}, fmt)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise InvalidParamsError(f"{where}: {problems}", step="validate") from exc
-        missing = sorted(method.requires(params) - set(datasets))
-        if missing:
-            raise InvalidParamsError(
-                f"{where}: {method.name} needs datasets {missing}", step="validate"
-            )
-        resolved.append((method, params))
-    return resolved, step_fmts
+    Called before the datasets are loaded (paths: only their presence is known) and again
+    after (whether each has labels).
+    """
+    infos = {
+        role: DatasetInfo(has_labels=ds.labels is not None)
+        if isinstance(ds, Dataset)
+        else DatasetInfo()
+        for role, ds in datasets.items()
+    }
+    request = PipelineRequest(
+        model_format=model_format,
+        steps=spec.steps,
+        output_format=spec.output_format,
+        device=spec.device,
+        datasets=infos,
+        batch_sizes=spec.batch_sizes,
+        warmup=spec.warmup,
+        iterations=spec.iterations,
+    )
+    try:
+        return resolve_pipeline(request)
+    except SpecError as exc:
+        raise error_for(exc.problems[0].code, str(exc), step="validate") from None
 
 
 def _convert(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from worker.contract import Device, ErrorCode, JobStatus, ModelFormat, RuntimeName
+from worker.spec import MAX_BATCH_SIZE, MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP
 
 
 class Strict(BaseModel):
@@ -24,10 +27,8 @@ class DatasetRefs(Strict):
 
 
 class Target(Strict):
-    device: Literal["cpu", "gpu"] = Field(
-        "cpu", description="Routes the job to the cpu or gpu queue."
-    )
-    runtime: Literal["torch", "onnxruntime"] | None = Field(
+    device: Device = Field(Device.cpu, description="Routes the job to the cpu or gpu queue.")
+    runtime: RuntimeName | None = Field(
         None, description="Runtime the artifact is measured in; follows output_format when omitted."
     )
 
@@ -36,17 +37,17 @@ class Evaluate(Strict):
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1],
         min_length=1,
-        max_length=8,
+        max_length=MAX_BATCH_SIZES,
         description="Batch sizes whose latency is measured.",
     )
-    warmup: int = Field(3, ge=0, le=100, description="Untimed runs before timing.")
-    iterations: int = Field(20, ge=1, le=10_000, description="Timed runs per batch size.")
+    warmup: int = Field(3, ge=0, le=MAX_WARMUP, description="Untimed runs before timing.")
+    iterations: int = Field(20, ge=1, le=MAX_ITERATIONS, description="Timed runs per batch size.")
 
     @field_validator("batch_sizes")
     @classmethod
     def _sizes(cls, value: list[int]) -> list[int]:
-        if any(size < 1 or size > 1024 for size in value):
-            raise ValueError("each batch size must be between 1 and 1024")
+        if any(size < 1 or size > MAX_BATCH_SIZE for size in value):
+            raise ValueError(f"each batch size must be between 1 and {MAX_BATCH_SIZE}")
         return sorted(set(value))
 
 
@@ -55,7 +56,7 @@ class JobCreate(Strict):
     pipeline: list[StepIn] = Field(min_length=1, max_length=20)
     datasets: DatasetRefs = Field(default_factory=DatasetRefs)
     target: Target = Field(default_factory=Target)
-    output_format: Literal["pt2", "onnx", "hf"] | None = Field(
+    output_format: ModelFormat | None = Field(
         None,
         description=(
             "Format of the compressed model; default: the model's. A pt2 or hf model can "
@@ -76,7 +77,7 @@ class ArtifactOut(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
+    code: ErrorCode
     message: str
     step: str | None = None
 
@@ -84,7 +85,7 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str
     model_id: str | None
-    status: str
+    status: JobStatus
     progress: float
     stage: str | None
     queue: str

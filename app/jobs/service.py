@@ -7,22 +7,18 @@ import json
 from types import SimpleNamespace
 from typing import Any, cast
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import get_read_engine, new_id, utcnow
-from app.errors import Conflict, NotFound, Unprocessable, describe, validation_errors
+from app.errors import Conflict, NotFound, Unprocessable, describe
 from app.jobs import lifecycle
 from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
 from app.queue import RUN_JOB, send_after_commit
-from worker.convert import conversion_problem, format_problem, step_formats
-from worker.methods import get_method
-from worker.methods.base import UnknownMethodError
-
-RUNTIME_OF_FORMAT = {"pt2": "torch", "onnx": "onnxruntime", "hf": "torch"}
+from worker.contract import DatasetFormat, InspectionStatus
+from worker.spec import DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
 
 
 def _error(loc: list[Any], msg: str) -> Unprocessable:
@@ -38,95 +34,67 @@ def get_model(session: Session, tenant_id: str, model_id: str) -> MLModel:
 
 
 def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[str, Any]:
-    """Resolve references and validate every step against its method; 422 says what to change."""
+    """Resolve references and check the spec with the engine's own check; 422 says what to change."""
     model = get_model(session, tenant_id, body.model_id)
-    if model.inspection_status == "failed":
+    if model.inspection_status == InspectionStatus.failed:
         raise _error(["model_id"], f"the model could not be loaded: {model.inspection_error}")
 
     datasets: dict[str, str] = {}
+    infos: dict[str, DatasetInfo] = {}
     for role, dataset_id in body.datasets.model_dump().items():
         if dataset_id is None:
             continue
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.tenant_id != tenant_id:
             raise NotFound(f"No dataset {dataset_id!r} (datasets.{role}).")
-        if dataset.format == "jsonl" and model.format != "hf":
-            raise _error(
-                ["datasets", role],
-                "text (.jsonl) datasets need a Hugging Face (hf) model, whose tokenizer turns "
-                f"them into inputs; this model is {model.format}: use .npz or .safetensors",
-            )
         datasets[role] = dataset_id
-
-    output_format = body.output_format or model.format
-    problem = conversion_problem(model.format, output_format)
-    if problem is not None:
-        raise _error(["output_format"], problem)
-    runtime = RUNTIME_OF_FORMAT[output_format]
-    if body.target.runtime is not None and body.target.runtime != runtime:
-        raise _error(
-            ["target", "runtime"],
-            f"a {output_format} artifact runs in {runtime}; set target.runtime to {runtime!r} or omit it",
+        infos[role] = DatasetInfo(
+            format=DatasetFormat(dataset.format), has_labels=(dataset.info or {}).get("has_labels")
         )
 
-    methods = []
-    for index, step in enumerate(body.pipeline):
-        try:
-            methods.append(get_method(step.method))
-        except UnknownMethodError as exc:
-            raise _error(["pipeline", index, "method"], str(exc)) from None
-    # With a conversion, trailing ONNX Runtime quantization steps get the converted model.
-    formats = step_formats(model.format, output_format, methods)
+    request = PipelineRequest(
+        model_format=model.format,
+        steps=[(step.method, step.params) for step in body.pipeline],
+        output_format=body.output_format,
+        device=body.target.device,
+        runtime=body.target.runtime,
+        datasets=infos,
+        batch_sizes=body.evaluate.batch_sizes,
+        warmup=body.evaluate.warmup,
+        iterations=body.evaluate.iterations,
+    )
+    try:
+        checked = resolve_pipeline(request)
+    except SpecError as exc:
+        errors = [problem.to_dict() for problem in exc.problems]
+        raise Unprocessable(str(exc), title="Invalid job spec", errors=errors) from None
 
     steps = []
     models: dict[str, str] = {}
-    for index, (step, method, fmt) in enumerate(zip(body.pipeline, methods, formats, strict=True)):
-        try:
-            params = method.validate_params(step.params, fmt)
-        except ValidationError as exc:
-            errors = validation_errors(list(exc.errors()))
-            for err in errors:
-                err["loc"] = ["pipeline", index, "params", *err["loc"]]
-            raise Unprocessable(
-                f"{step.method}: " + describe(errors), title="Invalid job spec", errors=errors
-            ) from None
-        format_refusal = format_problem(method, fmt, model.format, output_format)
-        if format_refusal is not None:
-            raise _error(["pipeline", index, "method"], format_refusal)
-        if body.target.device not in method.devices:
-            raise _error(
-                ["target", "device"],
-                f"{step.method} does not run on {body.target.device} (it runs on {', '.join(sorted(method.devices))})",
-            )
-        missing = sorted(method.requires(params) - datasets.keys())
-        if missing:
-            raise _error(
-                ["datasets", missing[0]],
-                f"{step.method} needs a {missing[0]} dataset; upload one and pass its id in datasets.{missing[0]}",
-            )
-        dumped = params.model_dump(mode="json")
-        for ref in method.model_refs:
+    for index, step in enumerate(checked.steps):
+        dumped = step.params.model_dump(mode="json")
+        for ref in step.method.model_refs:
             ref_id = dumped.get(ref)
             if ref_id is None:
                 continue
             referenced = session.get(MLModel, ref_id)
             if referenced is None or referenced.tenant_id != tenant_id:
                 raise NotFound(f"No model {ref_id!r} (pipeline[{index}].params.{ref}).")
-            if referenced.inspection_status == "failed":
+            if referenced.inspection_status == InspectionStatus.failed:
                 raise _error(
                     ["pipeline", index, "params", ref],
                     f"model {ref_id} could not be loaded: {referenced.inspection_error}",
                 )
             models[ref_id] = referenced.format
-        steps.append({"method": step.method, "params": dumped})
+        steps.append({"method": step.method.name, "params": dumped})
 
     return {
         "model_id": model.id,
         "pipeline": steps,
         "datasets": datasets,
         "models": models,
-        "target": {"device": body.target.device, "runtime": runtime},
-        "output_format": output_format,
+        "target": {"device": body.target.device, "runtime": str(checked.runtime)},
+        "output_format": str(checked.output_format),
         "evaluate": body.evaluate.model_dump(),
         "webhook_url": str(body.webhook_url) if body.webhook_url else None,
     }

@@ -3,9 +3,10 @@
 from app.orm.api_key import ApiKey
 from app.orm.artifact import Artifact
 from app.orm.dataset import Dataset
-from app.orm.job import Job, JobStatus
+from app.orm.job import Job
 from app.orm.job_event import JobEvent
 from app.orm.model import MLModel
 from app.orm.tenant import Tenant
+from worker.contract import JobStatus
 
 __all__ = ["ApiKey", "Artifact", "Dataset", "Job", "JobEvent", "JobStatus", "MLModel", "Tenant"]

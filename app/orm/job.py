@@ -1,23 +1,12 @@
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, UTCDateTime, utcnow
-
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+from worker.contract import JobStatus, values
 
 
 class Job(Base):
@@ -31,7 +20,17 @@ class Job(Base):
     model_id: Mapped[str | None] = mapped_column(
         ForeignKey("model.id", ondelete="SET NULL"), nullable=True, index=True
     )
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued, index=True)
+    status: Mapped[JobStatus] = mapped_column(
+        SqlEnum(
+            JobStatus,
+            native_enum=False,
+            length=16,
+            values_callable=values,
+            validate_strings=True,
+        ),
+        default=JobStatus.queued,
+        index=True,
+    )
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(100), nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+
+from worker.contract import DatasetRole
 
 if TYPE_CHECKING:
     from worker.context import StepContext
@@ -19,7 +21,28 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def context_format(info: ValidationInfo) -> str | None:
+    """The model format a step's params are validated for (``Method.validate_params``)."""
+    context = info.context
+    return context.get("format") if isinstance(context, dict) else None
+
+
+@dataclass(frozen=True)
+class DataNeed:
+    """Data a step cannot run without: a dataset of one of ``roles``, labelled if asked.
+
+    ``DataNeed(("train", "calibration"), labelled=True, why="…")`` reads "a train or
+    calibration dataset with labels"; :func:`worker.spec.check_pipeline` checks it at
+    ``POST /v1/jobs`` (from the dataset's inspection) and in the engine (once loaded).
+    """
+
+    roles: tuple[DatasetRole, ...]
+    labelled: bool = False
+    why: str = ""
+
+
 Handler = Callable[["LoadedModel", Any, "StepContext"], "LoadedModel"]
+NeedsFor = Callable[[Any], Iterable["DataNeed | str"]]
 
 
 @dataclass(frozen=True)
@@ -37,9 +60,12 @@ class Method:
         handler: ``(model, params, ctx) -> model``; imports torch lazily.
         model_refs: names of params fields that hold the id of another uploaded model
             (e.g. ``teacher_model_id``); the API checks them and the worker fetches them.
-        datasets_for: ``(validated params) -> dataset roles`` that a step needs because of
-            its params (e.g. ``prune.magnitude`` with ``steps > 1`` fine-tunes on
-            ``train``); :meth:`requires` adds them to ``datasets_required``.
+        datasets_for: ``(validated params) -> roles or DataNeeds`` that a step needs
+            because of its params (e.g. ``prune.magnitude`` with ``steps > 1`` fine-tunes on
+            ``train``); :meth:`needs` adds them to ``datasets_required``.
+        post_conversion: with an ``output_format`` the model converts to, a trailing
+            run of such steps gets the converted model (ONNX Runtime quantization), see
+            :func:`worker.spec.step_formats`.
     """
 
     name: str
@@ -51,12 +77,23 @@ class Method:
     datasets_optional: frozenset[str] = frozenset()
     devices: frozenset[str] = frozenset({"cpu", "gpu"})
     model_refs: tuple[str, ...] = ()
-    datasets_for: Callable[[Any], frozenset[str]] | None = None
+    datasets_for: NeedsFor | None = None
+    post_conversion: bool = False
+
+    def needs(self, params: MethodParams) -> list[DataNeed]:
+        """The data a step with these (validated) params cannot run without."""
+        extra = self.datasets_for(params) if self.datasets_for is not None else ()
+        needs = [DataNeed((DatasetRole(role),)) for role in sorted(self.datasets_required)]
+        for need in extra:
+            if isinstance(need, DataNeed):
+                needs.append(need)
+            elif need not in self.datasets_required:
+                needs.append(DataNeed((DatasetRole(need),)))
+        return needs
 
     def requires(self, params: MethodParams) -> frozenset[str]:
-        """Dataset roles a step with these (validated) params cannot run without."""
-        extra = self.datasets_for(params) if self.datasets_for is not None else frozenset()
-        return self.datasets_required | extra
+        """Dataset roles each of which a step with these params cannot run without."""
+        return frozenset(n.roles[0] for n in self.needs(params) if len(n.roles) == 1)
 
     def validate_params(self, params: Mapping[str, Any], fmt: str | None = None) -> MethodParams:
         """Validate a step's params; with ``fmt``, also refuse what that format's backend lacks.

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import InvalidParamsError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ class MagnitudePruneParams(MethodParams):
 
     @model_validator(mode="after")
     def _trainable_format(self, info: ValidationInfo) -> Self:
-        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        fmt = context_format(info)
         if fmt == "onnx" and self.steps > 1:
             raise ValueError(
                 "steps > 1 fine-tunes the model between pruning rounds, and onnx models "

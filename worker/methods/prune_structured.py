@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from worker.contract import DatasetRole
 from worker.errors import DatasetMismatchError, InvalidParamsError, MethodFailedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import DataNeed, Method, MethodParams
 
 if TYPE_CHECKING:
     import numpy as np
@@ -433,6 +434,13 @@ def report_pruning(
     )
 
 
+def _datasets_for(params: StructuredPruneParams) -> list[DataNeed]:
+    if params.importance != "taylor":
+        return []
+    why = "importance 'taylor' ranks channels by |weight x gradient of the loss|"
+    return [DataNeed((DatasetRole.train, DatasetRole.calibration), labelled=True, why=why)]
+
+
 METHOD = Method(
     name="prune.structured",
     summary=(
@@ -443,6 +451,7 @@ METHOD = Method(
     formats=frozenset({"pt2"}),
     handler=prune_structured,
     datasets_optional=frozenset({"calibration", "train"}),
+    datasets_for=_datasets_for,
     # the pruning is CPU tensor work with the same code path on either queue's workers
     devices=frozenset({"cpu", "gpu"}),
 )

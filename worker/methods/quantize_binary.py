@@ -256,4 +256,5 @@ METHOD = Method(
     datasets_optional=frozenset({"train", "eval"}),
     datasets_for=_datasets_for,
     devices=frozenset({"cpu", "gpu"}),
+    post_conversion=True,
 )

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import UnsupportedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,7 +77,7 @@ class DynamicQuantizeParams(MethodParams):
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
-        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        fmt = context_format(info)
         if fmt == "pt2" and not self.symmetric:
             raise ValueError(
                 "symmetric=false is not supported for pt2 models: torchao's x86 quantizer "
@@ -229,4 +229,5 @@ METHOD = Method(
     handler=quantize_dynamic,
     datasets_optional=frozenset({"calibration"}),
     devices=frozenset({"cpu"}),
+    post_conversion=True,
 )

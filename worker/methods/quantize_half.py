@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal, Self
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import UnsupportedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,7 @@ class HalfPrecisionParams(MethodParams):
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
-        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        fmt = context_format(info)
         if fmt == "onnx" and self.dtype == "bf16":
             raise ValueError(ONNX_BF16_REFUSAL)
         return self
@@ -259,4 +259,5 @@ METHOD = Method(
     formats=frozenset({"pt2", "onnx", "hf"}),
     handler=quantize_half,
     devices=frozenset({"cpu", "gpu"}),
+    post_conversion=True,
 )

@@ -243,4 +243,5 @@ METHOD = Method(
     datasets_required=frozenset({"train"}),
     datasets_optional=frozenset({"eval"}),
     devices=frozenset({"cpu"}),
+    post_conversion=True,
 )

@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from worker.errors import DatasetMismatchError, UnsupportedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
     from worker.context import StepContext
@@ -147,7 +147,7 @@ class StaticQuantizeParams(MethodParams):
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
-        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        fmt = context_format(info)
         if fmt is None:
             return self
         problem = unsupported_reason(self, fmt)
@@ -490,4 +490,5 @@ METHOD = Method(
     handler=quantize_static,
     datasets_required=frozenset({"calibration"}),
     devices=frozenset({"cpu"}),
+    post_conversion=True,
 )

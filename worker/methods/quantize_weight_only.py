@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal, Self
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import UnsupportedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,7 @@ class WeightOnlyQuantizeParams(MethodParams):
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
-        fmt = (info.context or {}).get("format") if isinstance(info.context, dict) else None
+        fmt = context_format(info)
         problem = unsupported_reason(self, fmt) if fmt is not None else None
         if problem:
             raise ValueError(problem)
@@ -262,4 +262,5 @@ METHOD = Method(
     formats=frozenset({"pt2", "onnx"}),
     handler=quantize_weight_only,
     devices=frozenset({"cpu", "gpu"}),
+    post_conversion=True,
 )
