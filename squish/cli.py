@@ -27,15 +27,24 @@ import click
 from squish import __version__
 from squish.client import DEFAULT_URL, Client
 from squish.errors import ApiError, JobCancelled, JobError, JobFailed, SquishError, WaitTimeout
+from worker.contract import (
+    FORMATS,
+    DatasetFormat,
+    DatasetRole,
+    JobStatus,
+    ModelFormat,
+    format_of_suffix,
+    values,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-DATASET_ROLES = ("calibration", "train", "eval")
-MODEL_FORMATS = ("pt2", "onnx", "hf")
-DATA_SUFFIXES = (".npz", ".safetensors", ".jsonl")
-MODEL_SUFFIXES = {".pt2": "pt2", ".onnx": "onnx", ".zip": "hf"}
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+DATASET_ROLES = values(DatasetRole)
+MODEL_FORMATS = values(ModelFormat)
+DATA_SUFFIXES = tuple(f".{fmt}" for fmt in values(DatasetFormat))
+MODEL_SUFFIXES = {facts.suffix: str(fmt) for fmt, facts in FORMATS.items()}
+JOB_STATUSES = values(JobStatus)
 
 
 # -- the group ---------------------------------------------------------------------
@@ -203,6 +212,11 @@ def _limited(items: Iterator[dict[str, Any]], limit: int | None) -> Iterator[dic
     return islice(items, limit) if limit is not None else items
 
 
+def _suffix_format(path: Path) -> str | None:
+    fmt = format_of_suffix(path.name)
+    return None if fmt is None else str(fmt)
+
+
 def _looks_like_path(value: str, suffixes: Iterable[str]) -> bool:
     return os.sep in value or "/" in value or value.lower().endswith(tuple(suffixes))
 
@@ -337,12 +351,12 @@ def detect_format(path: Path, explicit: str | None) -> str:
     """The model format: ``--format`` when given, else from the suffix (``.pt2``, ``.onnx``)."""
     if explicit:
         return explicit
-    fmt = MODEL_SUFFIXES.get(path.suffix.lower())
+    fmt = format_of_suffix(path.name)
     if fmt is None:
         raise click.UsageError(
             f"cannot tell the format of {path.name}: name it .pt2 or .onnx, or pass --format"
         )
-    return fmt
+    return str(fmt)
 
 
 class _CompressCommand(click.Command):
@@ -552,9 +566,7 @@ def _model_id_or_upload(
     path = Path(value)
     if path.is_file():
         click.echo(f"uploading {path.name} ({_fmt_bytes(path.stat().st_size)})", err=True)
-        model = client.upload_model(
-            path, name=name, format=model_format or MODEL_SUFFIXES.get(path.suffix.lower())
-        )
+        model = client.upload_model(path, name=name, format=model_format or _suffix_format(path))
         return str(model["id"])
     if _looks_like_path(value, MODEL_SUFFIXES):
         raise click.BadParameter(f"no such file: {value}", param_hint="'MODEL'")

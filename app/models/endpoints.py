@@ -20,15 +20,9 @@ from app.pagination import MAX_LIMIT, Page, paginate
 from app.queue import INSPECT_MODEL, send
 from app.sniff import check_model_file
 from app.uploads import ReceivedForm
+from worker.contract import format_facts
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-MEDIA_TYPES = {
-    "pt2": "application/zip",
-    "onnx": "application/octet-stream",
-    "hf": "application/zip",
-}
-FILE_EXTENSIONS = {"pt2": "pt2", "onnx": "onnx", "hf": "zip"}
 
 
 def _get(session: SessionDep, tenant_id: str, model_id: str) -> MLModel:
@@ -92,9 +86,10 @@ def download_model(
 ) -> StreamingResponse:
     """Download the uploaded file (HTTP Range supported)."""
     model = _get(session, tenant_id, model_id)
-    filename = f"{model.id}.{FILE_EXTENSIONS[model.format]}"
+    facts = format_facts(model.format)
+    filename = f"{model.id}{facts.suffix}"
     return stream_object(
-        request, store, model.storage_key, model.size_bytes, MEDIA_TYPES[model.format], filename
+        request, store, model.storage_key, model.size_bytes, facts.media_type, filename
     )
 
 
