@@ -3,13 +3,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.contract import DatasetFormat
+
 
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     name: str
-    format: str
+    format: DatasetFormat
     size_bytes: int
     sha256: str
     created_at: datetime

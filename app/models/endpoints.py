@@ -20,7 +20,7 @@ from app.pagination import MAX_LIMIT, Page, paginate
 from app.queue import INSPECT_MODEL, send
 from app.sniff import check_model_file
 from app.uploads import ReceivedForm
-from worker.contract import format_facts
+from worker.contract import InspectionStatus, format_facts
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -53,7 +53,7 @@ async def upload_model(
         size_bytes=accepted.size,
         sha256=accepted.sha256,
         storage_key=accepted.storage_key,
-        inspection_status="pending",
+        inspection_status=InspectionStatus.pending,
         inspection_sent_at=utcnow(),
     )
     await anyio.to_thread.run_sync(insert_uploaded, model, store)

@@ -3,16 +3,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.contract import InspectionStatus, ModelFormat
+
 
 class ModelOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     name: str
-    format: str
+    format: ModelFormat
     size_bytes: int
     sha256: str
     created_at: datetime
-    inspection_status: str
+    inspection_status: InspectionStatus
     inspection_error: str | None
     info: dict[str, Any] | None
