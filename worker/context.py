@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from worker.contract import LogLevel
+
 if TYPE_CHECKING:
     from worker.data import Dataset
     from worker.formats import LoadedModel
@@ -21,7 +23,7 @@ class Reporter(Protocol):
 
     def progress(self, fraction: float, stage: str | None = None) -> None: ...
 
-    def log(self, message: str, level: str = "info", data: dict | None = None) -> None: ...
+    def log(self, message: str, level: str = LogLevel.info, data: dict | None = None) -> None: ...
 
 
 class NullReporter:
@@ -30,7 +32,7 @@ class NullReporter:
     def progress(self, fraction: float, stage: str | None = None) -> None:
         return None
 
-    def log(self, message: str, level: str = "info", data: dict | None = None) -> None:
+    def log(self, message: str, level: str = LogLevel.info, data: dict | None = None) -> None:
         return None
 
 
@@ -50,8 +52,9 @@ class RecordingReporter:
         if self.inner is not None:
             self.inner.progress(fraction, stage)
 
-    def log(self, message: str, level: str = "info", data: dict | None = None) -> None:
-        entry: dict = {"level": level, "message": message}
+    def log(self, message: str, level: str = LogLevel.info, data: dict | None = None) -> None:
+        level = LogLevel(level)  # an unknown level fails here, loudly
+        entry: dict = {"level": level.value, "message": message}
         if data:
             entry["data"] = data
         self.logs.append(entry)
@@ -72,7 +75,7 @@ class ScaledReporter:
         fraction = min(max(fraction, 0.0), 1.0)
         self.inner.progress(self.start + (self.end - self.start) * fraction, self.stage or stage)
 
-    def log(self, message: str, level: str = "info", data: dict | None = None) -> None:
+    def log(self, message: str, level: str = LogLevel.info, data: dict | None = None) -> None:
         self.inner.log(message, level, data)
 
 
@@ -131,5 +134,5 @@ class StepContext:
         overall = self.progress_start + (self.progress_end - self.progress_start) * fraction_of_step
         self.reporter.progress(overall, self.method)
 
-    def log(self, message: str, level: str = "info", data: dict | None = None) -> None:
+    def log(self, message: str, level: str = LogLevel.info, data: dict | None = None) -> None:
         self.reporter.log(message, level, data)
