@@ -1,3 +1,5 @@
+"""Alembic environment: migrations run against SQUISH_DATABASE_URL with the ORM's metadata."""
+
 from alembic import context
 
 import app.orm  # noqa: F401  (registers every table on Base.metadata)

@@ -1,3 +1,5 @@
+"""The dataset resource as clients read it."""
+
 from datetime import datetime
 from typing import Any
 

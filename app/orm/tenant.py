@@ -1,3 +1,5 @@
+"""A tenant: the unit of isolation; its keys see only its own rows."""
+
 from datetime import datetime
 
 from sqlalchemy import String

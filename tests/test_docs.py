@@ -1,0 +1,30 @@
+"""The README lists what clients and operators need, and stays true to the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.settings import Settings
+from worker.contract import ErrorCode
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_error_code_is_listed() -> None:
+    missing = [code.value for code in ErrorCode if f"`{code.value}`" not in README]
+    assert not missing, missing
+
+
+def test_every_setting_is_listed() -> None:
+    missing = [
+        f"SQUISH_{name.upper()}"
+        for name in Settings.model_fields
+        if f"SQUISH_{name.upper()}" not in README
+    ]
+    assert not missing, missing
+
+
+def test_every_linked_file_exists() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for target in ("docs/reference.md", "benchmarks/README.md"):
+        assert f"]({target}" in README and (root / target).is_file(), target
