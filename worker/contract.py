@@ -96,6 +96,8 @@ class ErrorCode(StrEnum):
     """The job was cancelled."""
     model_deleted = "model_deleted"
     """The model (or a model a step names) was deleted before the job ran."""
+    dataset_deleted = "dataset_deleted"
+    """A dataset the job names was deleted before the job ran."""
     worker_lost = "worker_lost"
     """Every attempt's worker died (killed, out of memory) before finishing."""
     infrastructure = "infrastructure"

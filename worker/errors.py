@@ -81,6 +81,12 @@ class ModelDeletedError(EngineError):
     code = ErrorCode.model_deleted
 
 
+class DatasetDeletedError(EngineError):
+    """A dataset the job names was deleted before the job ran."""
+
+    code = ErrorCode.dataset_deleted
+
+
 class WorkerLostError(EngineError):
     """Every attempt's worker died before finishing the job."""
 
@@ -110,6 +116,7 @@ _BY_CODE: dict[ErrorCode, type[EngineError]] = {
         ModelRunError,
         JobCancelled,
         ModelDeletedError,
+        DatasetDeletedError,
         WorkerLostError,
         InfrastructureError,
         InternalError,
