@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from worker.contract import Device, ErrorCode, JobStatus, ModelFormat, RuntimeName
+from worker.schemas import PipelineMetrics
 from worker.spec import MAX_BATCH_SIZE, MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP
 
 
@@ -93,7 +94,9 @@ class JobOut(BaseModel):
     worker: str | None = Field(None, description="host:pid of the worker running the job.")
     spec: dict[str, Any]
     error: JobError | None
-    metrics: dict[str, Any] | None
+    metrics: PipelineMetrics | None = Field(
+        description="What was measured, once the job has succeeded; a figure not measured is absent."
+    )
     artifacts: list[ArtifactOut]
     created_at: datetime
     started_at: datetime | None

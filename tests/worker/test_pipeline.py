@@ -12,6 +12,7 @@ from tests import factories
 from worker.context import NullReporter, RecordingReporter
 from worker.errors import DatasetMismatchError, JobCancelled, UnsupportedError
 from worker.pipeline import PipelineSpec, run_pipeline
+from worker.schemas import PipelineMetrics
 
 PRUNE_AND_QUANTIZE = [("prune.magnitude", {"amount": 0.5}), ("quantize.dynamic", {"dtype": "int8"})]
 MODEL_METRICS = {
@@ -70,6 +71,9 @@ def test_prune_then_quantize_end_to_end(files, tmp_path: Path, fmt: str) -> None
     )
     report = json.loads(result.report_path.read_text())
     assert report["metrics"] == json.loads(json.dumps(metrics))
+    # The stored JSON reads back through the API's model unchanged, as the typed result.
+    assert PipelineMetrics.model_validate(metrics) == result.measured
+    assert PipelineMetrics.model_validate(metrics).to_json() == metrics
     assert report["spec"]["output_format"] == fmt
     assert any("pruned 3 tensors" in line["message"] for line in report["log"])
     # Progress: monotonic, ends at 1, stages include each method.

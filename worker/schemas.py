@@ -1,0 +1,173 @@
+"""The metrics of a job (DESIGN §6) as typed models: their names are a client contract.
+
+Pydantic only (no torch, no numpy), so that the API can type ``JobOut.metrics`` with
+:class:`PipelineMetrics` and ``/openapi.json`` documents every figure, while the engine
+builds its result from the same models.
+
+A figure that was not measured is absent, never ``null``: every model here drops its
+unset fields when serialized (whatever the caller's ``exclude_none``), and its JSON Schema
+lists such a field as optional, not as nullable. Unknown keys are kept (a newer worker may
+write figures an older API does not know yet), so a stored row always reads back as it
+was written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic.json_schema import SkipJsonSchema
+
+from worker.contract import ModelFormat
+
+
+def _unset_is_not_null(schema: dict[str, Any]) -> None:
+    # An optional figure defaults to "absent"; a "default": null would say it reads as null.
+    for prop in schema.get("properties", {}).values():
+        if prop.get("default", ...) is None:
+            del prop["default"]
+
+
+class Figures(BaseModel):
+    """Base of the metric models: unset fields are left out, unknown keys kept."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_unset_is_not_null)
+
+    # No return annotation: with one, pydantic would document the serialized form as that
+    # type instead of as this model.
+    @model_serializer(mode="wrap")
+    def _absent_when_unmeasured(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: what a job stores in its `metrics` and writes to its report."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class Latency(Figures):
+    """Wall-clock time of one call with one batch, over the timed runs, in milliseconds."""
+
+    p50: float = Field(description="Median of the timed runs, ms.")
+    p95: float = Field(description="95th percentile of the timed runs, ms.")
+    mean: float = Field(description="Mean of the timed runs, ms.")
+
+
+class FileFigures(Figures):
+    """What is measured on a model file, after each step as for the original and the artifact."""
+
+    size_bytes: int | SkipJsonSchema[None] = Field(None, description="Bytes of the model file.")
+    size_bytes_gzip: int | SkipJsonSchema[None] = Field(
+        None, description="Bytes of the file compressed with gzip (level 6)."
+    )
+    parameters: int | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "Weights in the file's weight tensors (int8 and packed weights count as weights; "
+            "quantization scales and zero points do not)."
+        ),
+    )
+    nonzero_parameters: int | SkipJsonSchema[None] = Field(
+        None, description="Of `parameters`, those whose stored value is not zero."
+    )
+    sparsity: float | SkipJsonSchema[None] = Field(
+        None, description="1 - nonzero_parameters / parameters; absent without weight tensors."
+    )
+    macs: int | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "Multiply-accumulates of the matmul and convolution ops for one sample, counted "
+            "in the runtime where countable."
+        ),
+    )
+    latency_ms: dict[str, Latency] | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "By batch size (`batch_1`, `batch_32`, ...): latency on the worker's device in the "
+            "runtime of the file's format. A batch size the model cannot run is absent."
+        ),
+    )
+
+
+class ModelMetrics(FileFigures):
+    """`metrics.original` and `metrics.compressed`: one model file, fully measured."""
+
+    peak_memory_bytes: int | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "Host memory the model adds at its peak while loaded and run on the largest "
+            "batch, measured in a fresh process."
+        ),
+    )
+    accuracy: float | SkipJsonSchema[None] = Field(
+        None, description="Top-1 accuracy on the eval dataset; only with labelled eval data."
+    )
+
+
+class Fidelity(Figures):
+    """The compressed model's outputs against the original's, on the same inputs.
+
+    Token outputs (`[N, T, H]` with an `attention_mask`) are compared as sentence
+    embeddings, averaged over the tokens the mask keeps.
+    """
+
+    cosine_similarity: float = Field(
+        description="Mean over samples of the cosine between a sample's flattened outputs."
+    )
+    mse: float = Field(description="Mean squared error over all output elements.")
+    max_abs_error: float = Field(description="Largest absolute difference of an output element.")
+    top1_agreement: float | SkipJsonSchema[None] = Field(
+        None,
+        description="Share of samples whose argmax agrees; classifiers (`[N, C>1]`) only.",
+    )
+
+
+class Ratios(Figures):
+    """The original against the compressed model."""
+
+    size: float | SkipJsonSchema[None] = Field(
+        None, description="Original size_bytes / compressed size_bytes."
+    )
+    speedup: dict[str, float] | SkipJsonSchema[None] = Field(
+        None,
+        description="By batch size (`batch_1`, ...): original p50 latency / compressed p50.",
+    )
+
+
+class StepMetrics(FileFigures):
+    """`metrics.steps[]`: one step of the pipeline and its model as that step left it.
+
+    An intermediate model is timed with fewer runs (`latency_iterations`) and gets no
+    peak memory figure; the last step's entry is the artifact's measurement when the
+    artifact is that step's model.
+    """
+
+    method: str = Field(description="The method's registered name, e.g. 'prune.magnitude'.")
+    params: dict[str, Any] = Field(description="The step's parameters, normalized.")
+    seconds: float = Field(description="Wall-clock time the method took.")
+    format: ModelFormat = Field(
+        description="The format of the step's model ('onnx' for steps after the conversion)."
+    )
+    latency_iterations: int | SkipJsonSchema[None] = Field(
+        None, description="Timed runs per batch size behind this entry's latency_ms."
+    )
+    fidelity: Fidelity | SkipJsonSchema[None] = Field(
+        None, description="The step's model against the original."
+    )
+    accuracy: float | SkipJsonSchema[None] = Field(
+        None, description="Top-1 accuracy on the eval dataset; only with labelled eval data."
+    )
+
+
+class PipelineMetrics(Figures):
+    """A job's `metrics`: every figure measured, none estimated from the config."""
+
+    original: ModelMetrics = Field(description="The uploaded model, in its own runtime.")
+    compressed: ModelMetrics = Field(description="The artifact, in the runtime of its format.")
+    fidelity: Fidelity | SkipJsonSchema[None] = Field(
+        None, description="The artifact's outputs against the original's."
+    )
+    ratios: Ratios = Field(description="Original / compressed size and latency.")
+    steps: list[StepMetrics] | SkipJsonSchema[None] = Field(
+        None, description="One entry per pipeline step, in order."
+    )
