@@ -1,6 +1,8 @@
-"""The Celery app and the only two messages squish sends: "run job X", "inspect model Y".
+"""The Celery app and the only messages squish sends: "run job X", "inspect model Y",
+"deliver the webhook of job X".
 
-Messages carry ids only; the database holds the state. Torch-free: the API imports this.
+Messages carry ids only; the database holds the state, so a lost message is re-sent by the
+reaper and a duplicate one is harmless. Torch-free: the API imports this.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ log = logging.getLogger("squish.queue")
 
 RUN_JOB = "squish.run_job"
 INSPECT_MODEL = "squish.inspect_model"
+DELIVER_WEBHOOK = "squish.deliver_webhook"
 QUEUES = ("cpu", "gpu")
 
 
@@ -63,27 +66,33 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def send(task: str, obj_id: str, queue: str) -> bool:
-    """Send one message; False when the broker is unreachable (the reaper re-sends later)."""
+def send(task: str, obj_id: str, queue: str, *, countdown: float | None = None) -> bool:
+    """Send one message (run no sooner than `countdown` seconds from now, if given).
+
+    False when the broker is unreachable: the row is committed, the reaper re-sends later.
+    """
     try:
         get_celery().send_task(
             task,
             args=[obj_id],
             queue=queue,
+            countdown=countdown,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
         return True
-    except Exception:  # broker down: the row is committed, the reaper will re-send it
+    except Exception:  # broker down
         log.warning("could not send %s(%s) to queue %s", task, obj_id, queue, exc_info=True)
         return False
 
 
-def send_after_commit(session: Session, task: str, obj_id: str, queue: str) -> None:
+def send_after_commit(
+    session: Session, task: str, obj_id: str, queue: str, *, countdown: float | None = None
+) -> None:
     """Send only once the row that the message names is committed (never before)."""
 
     def _send(_session: Session) -> None:
-        send(task, obj_id, queue)
+        send(task, obj_id, queue, countdown=countdown)
 
     event.listen(session, "after_commit", _send, once=True)
 

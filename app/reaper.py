@@ -4,7 +4,10 @@
   it is queued again (up to `max_attempts`) or failed with `worker_lost`;
 - a job queued for longer than `requeue_after_s` may have lost its message: it is re-sent
   (a duplicate message is harmless, the claim is conditional);
-- a model still `pending` inspection after `requeue_after_s` gets its message re-sent.
+- a model still `pending` inspection after `requeue_after_s` gets its message re-sent;
+- a finished job whose webhook is owed but was neither delivered nor claimed for
+  `requeue_after_s` (its message was lost) gets its delivery re-sent, until the delivery
+  gives up (app/jobs/webhooks.py).
 
 It runs in every API process; the conditional updates make concurrent reapers safe.
 """
@@ -18,10 +21,11 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 
 from app.db import session_scope, utcnow
-from app.jobs import lifecycle
+from app.jobs import lifecycle, webhooks
 from app.orm import Job, JobStatus, MLModel
-from app.queue import INSPECT_MODEL, RUN_JOB, send
+from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, send
 from app.settings import Settings
+from worker.contract import InspectionStatus
 
 log = logging.getLogger("squish.reaper")
 
@@ -43,7 +47,7 @@ def sweep(settings: Settings) -> dict[str, int]:
         cutoff = now - timedelta(seconds=settings.requeue_after_s)
         waiting = session.execute(
             select(Job.id, Job.queue).where(
-                Job.status == JobStatus.queued.value,
+                Job.status == JobStatus.queued,
                 or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff),
             )
         ).all()
@@ -52,7 +56,7 @@ def sweep(settings: Settings) -> dict[str, int]:
             to_send.append((RUN_JOB, job_id, queue))
         pending = session.scalars(
             select(MLModel.id).where(
-                MLModel.inspection_status == "pending",
+                MLModel.inspection_status == InspectionStatus.pending,
                 or_(MLModel.inspection_sent_at.is_(None), MLModel.inspection_sent_at < cutoff),
             )
         ).all()
@@ -61,11 +65,19 @@ def sweep(settings: Settings) -> dict[str, int]:
                 update(MLModel).where(MLModel.id.in_(pending)).values(inspection_sent_at=now)
             )
         to_send.extend((INSPECT_MODEL, model_id, "cpu") for model_id in pending)
+        hooks = webhooks.resend_due(session, settings.requeue_after_s)
+        to_send.extend((DELIVER_WEBHOOK, job_id, queue) for job_id, queue in hooks)
     for task, obj_id, queue in to_send:  # after the commit, never before
         send(task, obj_id, queue)
-    if stale or waiting:
-        log.info("reaper: %d stale, %d re-sent, %d failed", len(stale), len(waiting), failed)
-    return {"stale": len(stale), "resent": len(waiting), "failed": failed}
+    if stale or waiting or hooks:
+        log.info(
+            "reaper: %d stale, %d re-sent, %d failed, %d webhooks re-sent",
+            len(stale),
+            len(waiting),
+            failed,
+            len(hooks),
+        )
+    return {"stale": len(stale), "resent": len(waiting), "failed": failed, "webhooks": len(hooks)}
 
 
 class Reaper(threading.Thread):

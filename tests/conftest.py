@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,4 +82,79 @@ def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[s
     with session_scope() as session:
         keys = {"alice": create_key(session, "alice"), "bob": create_key(session, "bob")}
     yield keys
+    reset_caches()
+
+
+def _admin_postgres_url() -> str:
+    """The shared server's maintenance database, as a libpq URL (for CREATE/DROP DATABASE)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(POSTGRES_URL).set(drivername="postgresql", database="postgres")
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A throwaway database on the shared PostgreSQL server for this test run, migrated.
+
+    Dropped at the end (WITH (FORCE): a test's stray connection must not keep it alive);
+    the server itself is shared and left running.
+    """
+    from sqlalchemy.engine import make_url
+
+    url = make_url(POSTGRES_URL)
+    require("PostgreSQL", port_open(url.host or "127.0.0.1", url.port or 5432), POSTGRES_URL)
+    import psycopg
+
+    name = "squish_test_" + secrets.token_hex(4)
+    with psycopg.connect(_admin_postgres_url(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database_url = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        from app.migrate import upgrade
+
+        upgrade(database_url)
+        yield database_url
+    finally:
+        with psycopg.connect(_admin_postgres_url(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _empty_tables() -> None:
+    from sqlalchemy import text
+
+    import app.orm  # noqa: F401  (registers every table)
+    from app.db import Base, get_engine
+
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    with get_engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)],
+)
+def db(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The embedded configuration on an empty, migrated database: SQLite, then PostgreSQL.
+
+    Yields the database URL; the broker and the object store are the embedded ones under
+    `tmp_path`. The PostgreSQL database is shared by the run and emptied before each test.
+    """
+    for name in list(os.environ):
+        if name.startswith("SQUISH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SQUISH_DATA_DIR", str(tmp_path / "data"))
+    if request.param == "postgresql":
+        monkeypatch.setenv("SQUISH_DATABASE_URL", request.getfixturevalue("postgres_database"))
+    reset_caches()
+    from app.migrate import upgrade
+    from app.settings import get_settings
+
+    if request.param == "postgresql":
+        _empty_tables()
+    else:
+        upgrade()
+    yield get_settings().database_url
     reset_caches()

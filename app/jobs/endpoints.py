@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
 from app.deps import SessionDep, StoreDep, TenantDep
 from app.errors import NotFound, Unprocessable
 from app.files import stream_object
-from app.jobs import events, service, webhooks
+from app.jobs import events, service
 from app.jobs.schemas import JobCreate, JobOut
 from app.orm import Artifact, Job, JobStatus
 from app.pagination import MAX_LIMIT, Page, paginate
@@ -47,7 +47,7 @@ def list_jobs(
     """List jobs, newest first, optionally only those with `status`."""
     stmt = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
-        stmt = stmt.where(Job.status == status.value)
+        stmt = stmt.where(Job.status == status)
     rows, next_cursor = paginate(session, stmt, Job.id, limit=limit, cursor=cursor)
     artifacts = service.artifacts_of(session, [j.id for j in rows])
     return Page(items=[service.to_out(j, artifacts[j.id]) for j in rows], next_cursor=next_cursor)
@@ -63,13 +63,10 @@ def get_job(job_id: str, tenant_id: TenantDep) -> Response:
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel_job(
-    job_id: str, session: SessionDep, tenant_id: TenantDep, background: BackgroundTasks
-) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobOut:
     """Cancel a queued or running job (a running one stops within seconds); 409 if finished."""
+    # The webhook, if any, is delivered by its own task, sent once this commits.
     job = service.cancel_job(session, tenant_id, job_id)
-    if job.spec.get("webhook_url"):
-        background.add_task(webhooks.deliver, job.id)
     return service.to_out(job, [])
 
 

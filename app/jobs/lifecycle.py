@@ -1,7 +1,10 @@
 """Job state transitions, each a conditional UPDATE so that racing parties cannot clobber.
 
-Used by the API (create, cancel), the worker task (claim, progress, finish) and the reaper
-(requeue, give up). None of these commit: the caller's unit of work does.
+Used by the API (create, cancel), the worker task (claim, progress, succeed, fail, release)
+and the reaper (requeue, give up). None of these commit: the caller's unit of work does.
+Every transition to a terminal state goes through :func:`_became_terminal`, which records
+the status event and, for a job with a `webhook_url`, owes its webhook (the delivery task
+is sent after the commit; see app/jobs/webhooks.py).
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.orm import Job, JobEvent, JobStatus
+from app.queue import DELIVER_WEBHOOK, send_after_commit
+from worker.contract import LogLevel
+from worker.errors import EngineError, WorkerLostError
 
-ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+ACTIVE = (JobStatus.queued, JobStatus.running)
+TERMINAL = tuple(status for status in JobStatus if status.terminal)
 
 
 def add_event(
@@ -24,10 +31,14 @@ def add_event(
     kind: str,
     message: str,
     *,
-    level: str = "info",
+    level: LogLevel = LogLevel.info,
     data: dict[str, Any] | None = None,
 ) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, level=level, message=message, data=data))
+
+
+def _changed(result: Any) -> bool:
+    return bool(result.rowcount == 1)
 
 
 def claim(session: Session, job_id: str, token: str) -> bool:
@@ -35,9 +46,9 @@ def claim(session: Session, job_id: str, token: str) -> bool:
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
         .values(
-            status=JobStatus.running.value,
+            status=JobStatus.running,
             worker=token,
             attempts=Job.attempts + 1,
             started_at=now,
@@ -45,14 +56,16 @@ def claim(session: Session, job_id: str, token: str) -> bool:
             stage="starting",
         )
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not _changed(result):
         return False
-    add_event(session, job_id, "status", "running", data={"status": "running", "worker": token})
+    add_event(
+        session, job_id, "status", "running", data={"status": JobStatus.running, "worker": token}
+    )
     return True
 
 
 def _owned(job_id: str, token: str) -> Any:
-    return (Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == token)
+    return (Job.id == job_id, Job.status == JobStatus.running, Job.worker == token)
 
 
 def heartbeat(session: Session, job_id: str, token: str) -> bool:
@@ -60,7 +73,7 @@ def heartbeat(session: Session, job_id: str, token: str) -> bool:
     result = session.execute(
         update(Job).where(*_owned(job_id, token)).values(heartbeat_at=utcnow())
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return _changed(result)
 
 
 def set_progress(
@@ -70,33 +83,45 @@ def set_progress(
     if stage is not None:
         values["stage"] = stage
     result = session.execute(update(Job).where(*_owned(job_id, token)).values(**values))
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return _changed(result)
 
 
-def finish(
-    session: Session,
-    job_id: str,
-    token: str,
-    status: JobStatus,
-    *,
-    metrics: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-) -> bool:
-    values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "error": error}
-    if status is JobStatus.succeeded:
-        values.update(progress=1.0, stage=None, metrics=metrics)
-    result = session.execute(update(Job).where(*_owned(job_id, token)).values(**values))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    message = status.value if error is None else f"{status.value}: {error.get('message', '')}"
-    add_event(
-        session,
-        job_id,
-        "status",
-        message,
-        level="error" if status is JobStatus.failed else "info",
-        data={"status": status.value, "error": error},
+def succeed(session: Session, job_id: str, token: str, metrics: dict[str, Any]) -> bool:
+    """running (ours) → succeeded; False when the job was cancelled or taken over meanwhile."""
+    result = session.execute(
+        update(Job)
+        .where(*_owned(job_id, token))
+        .values(
+            status=JobStatus.succeeded,
+            finished_at=utcnow(),
+            error=None,
+            progress=1.0,
+            stage=None,
+            metrics=metrics,
+        )
     )
+    if not _changed(result):
+        return False
+    _became_terminal(session, job_id, JobStatus.succeeded)
+    return True
+
+
+def fail(session: Session, job_id: str, token: str, error: EngineError) -> bool:
+    """running (ours) → failed with `error`, stored as its `to_dict()`: the one shape of a
+    job error. False when the job was cancelled or taken over meanwhile."""
+    return _fail(session, _owned(job_id, token), job_id, error)
+
+
+def _fail(session: Session, guard: Any, job_id: str, error: EngineError) -> bool:
+    stored = error.to_dict()
+    result = session.execute(
+        update(Job)
+        .where(*guard)
+        .values(status=JobStatus.failed, finished_at=utcnow(), error=stored)
+    )
+    if not _changed(result):
+        return False
+    _became_terminal(session, job_id, JobStatus.failed, error=stored)
     return True
 
 
@@ -105,17 +130,17 @@ def release(session: Session, job_id: str, token: str, reason: str) -> bool:
     result = session.execute(
         update(Job)
         .where(*_owned(job_id, token))
-        .values(status=JobStatus.queued.value, worker=None, stage=None, enqueued_at=utcnow())
+        .values(status=JobStatus.queued, worker=None, stage=None, enqueued_at=utcnow())
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not _changed(result):
         return False
     add_event(
         session,
         job_id,
         "status",
         f"queued again: {reason}",
-        level="warning",
-        data={"status": "queued", "reason": reason},
+        level=LogLevel.warning,
+        data={"status": JobStatus.queued, "reason": reason},
     )
     return True
 
@@ -124,18 +149,18 @@ def cancel(session: Session, job_id: str) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(status=JobStatus.cancelled.value, finished_at=utcnow())
+        .values(status=JobStatus.cancelled, finished_at=utcnow())
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not _changed(result):
         return False
-    add_event(session, job_id, "status", "cancelled", data={"status": "cancelled"})
+    _became_terminal(session, job_id, JobStatus.cancelled)
     return True
 
 
 def stale_running(session: Session, older_than: datetime) -> list[Job]:
     return list(
         session.scalars(
-            select(Job).where(Job.status == JobStatus.running.value, Job.heartbeat_at < older_than)
+            select(Job).where(Job.status == JobStatus.running, Job.heartbeat_at < older_than)
         )
     )
 
@@ -145,41 +170,46 @@ def recover_lost(session: Session, job: Job, max_attempts: int) -> str | None:
 
     Returns the queue to re-send to, or None when the job was failed (or moved on meanwhile).
     """
-    guard = (Job.id == job.id, Job.status == JobStatus.running.value, Job.worker == job.worker)
-    if job.attempts < max_attempts:
-        result = session.execute(
-            update(Job)
-            .where(*guard)
-            .values(status=JobStatus.queued.value, worker=None, stage=None, enqueued_at=utcnow())
+    guard = (Job.id == job.id, Job.status == JobStatus.running, Job.worker == job.worker)
+    if job.attempts >= max_attempts:
+        error = WorkerLostError(
+            f"the worker running this job stopped responding {job.attempts} times; giving up",
+            step=job.stage,
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            add_event(
-                session,
-                job.id,
-                "status",
-                f"worker {job.worker} stopped responding; retrying (attempt {job.attempts + 1} of {max_attempts})",
-                level="warning",
-                data={"status": "queued", "reason": "worker_lost"},
-            )
-            return job.queue
+        _fail(session, guard, job.id, error)
         return None
-    error = {
-        "code": "worker_lost",
-        "message": f"the worker running this job stopped responding {job.attempts} times; giving up",
-        "step": job.stage,
-    }
     result = session.execute(
         update(Job)
         .where(*guard)
-        .values(status=JobStatus.failed.value, finished_at=utcnow(), error=error)
+        .values(status=JobStatus.queued, worker=None, stage=None, enqueued_at=utcnow())
     )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
-        add_event(
-            session,
-            job.id,
-            "status",
-            f"failed: {error['message']}",
-            level="error",
-            data={"status": "failed", "error": error},
-        )
-    return None
+    if not _changed(result):
+        return None
+    add_event(
+        session,
+        job.id,
+        "status",
+        f"worker {job.worker} stopped responding; retrying (attempt {job.attempts + 1} of {max_attempts})",
+        level=LogLevel.warning,
+        data={"status": JobStatus.queued, "reason": "worker_lost"},
+    )
+    return job.queue
+
+
+def _became_terminal(
+    session: Session, job_id: str, status: JobStatus, *, error: dict[str, Any] | None = None
+) -> None:
+    message = status.value if error is None else f"{status.value}: {error['message']}"
+    add_event(
+        session,
+        job_id,
+        "status",
+        message,
+        level=LogLevel.error if status is JobStatus.failed else LogLevel.info,
+        data={"status": status, "error": error},
+    )
+    spec, queue = session.execute(select(Job.spec, Job.queue).where(Job.id == job_id)).one()
+    if spec.get("webhook_url"):
+        # Owed from now on: the task is sent after this commit, the reaper re-sends it if lost.
+        session.execute(update(Job).where(Job.id == job_id).values(webhook_next_at=utcnow()))
+        send_after_commit(session, DELIVER_WEBHOOK, job_id, queue)

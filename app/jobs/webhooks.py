@@ -1,62 +1,224 @@
-"""POST the finished job to its `webhook_url`, a few tries, and record what happened."""
+"""Webhooks: POST a finished job to its `webhook_url`, once, from their own task.
+
+A job that becomes terminal with a `webhook_url` owes a delivery (app/jobs/lifecycle.py
+stamps `webhook_next_at` and sends the delivery task after that commit). :func:`deliver`,
+which the task runs, claims the delivery with a conditional UPDATE, so two messages for
+one job POST once; POSTs; and records the outcome: delivered (`webhook_delivered_at`),
+tried again later with backoff, or given up after :data:`MAX_ATTEMPTS` tries or
+:data:`GIVE_UP_AFTER_S` after the job finished. The reaper re-sends a delivery whose
+message was lost (a restart, a broker outage, a worker killed mid-delivery):
+:func:`resend_due`.
+
+A worker killed after the POST but before recording it makes the delivery be tried again
+once its claim lapses (:data:`CLAIM_S`): a receiver sees each job at least once, and twice
+only after such a crash.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs.service import artifacts_of, to_out
 from app.orm import Job
+from app.queue import DELIVER_WEBHOOK, send_after_commit
+from worker.contract import LogLevel
 
 log = logging.getLogger("squish.webhooks")
 
-ATTEMPTS = 3
+MAX_ATTEMPTS = 8
 TIMEOUT_S = 5.0
+CLAIM_S = 60.0
+"""A claimed delivery not recorded within this is presumed dead and may be claimed again."""
+BACKOFF_S = 5.0
+BACKOFF_MAX_S = 600.0
+GIVE_UP_AFTER_S = 24 * 3600.0
+USER_AGENT = "squish-webhook/1"
 
 
-def deliver(job_id: str) -> bool:
-    """Deliver once per job (the `webhook_delivered_at` stamp makes this idempotent)."""
+class Delivery(StrEnum):
+    """What one run of :func:`deliver` did."""
+
+    delivered = "delivered"
+    retrying = "retrying"
+    given_up = "given_up"
+    skipped = "skipped"
+    """Nothing to do now: no webhook, already delivered, or another delivery holds it."""
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    url: str
+    body: dict[str, Any]
+    attempt: int
+    queue: str
+    finished_at: datetime | None
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait after the `attempt`-th failed try (1-based): 5, 10, 20, ... ≤ 10 min."""
+    return min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
+
+
+def deliver(job_id: str) -> Delivery:
+    """Run one delivery attempt of the job's webhook, if one is owed and due now."""
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or not job.spec.get("webhook_url") or job.webhook_delivered_at is not None:
-            return False
-        url = job.spec["webhook_url"]
-        payload = to_out(job, artifacts_of(session, [job.id])[job.id]).model_dump(mode="json")
-    body = {"event": f"job.{payload['status']}", "job": payload}
-    last = ""
-    for attempt in range(ATTEMPTS):
-        try:
-            response = httpx.post(
-                url, json=body, timeout=TIMEOUT_S, headers={"User-Agent": "squish-webhook/1"}
-            )
-            if response.status_code < 300:
-                with session_scope() as session:
-                    session.execute(
-                        update(Job).where(Job.id == job_id).values(webhook_delivered_at=utcnow())
-                    )
-                    lifecycle.add_event(
-                        session,
-                        job_id,
-                        "log",
-                        f"webhook delivered to {url} ({response.status_code})",
-                    )
-                return True
-            last = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.5 * 2**attempt)
+        claimed = _claim(session, job_id)
+    if claimed is None:
+        return Delivery.skipped
+    status_code, problem = _post(claimed)
     with session_scope() as session:
-        lifecycle.add_event(
-            session,
-            job_id,
-            "log",
-            f"webhook to {url} failed after {ATTEMPTS} tries: {last}",
-            level="warning",
+        if problem is None:
+            _record_delivered(session, job_id, claimed, status_code)
+            return Delivery.delivered
+        return _record_failed(session, job_id, claimed, problem)
+
+
+def _claim(session: Session, job_id: str) -> _Claimed | None:
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(lifecycle.TERMINAL),
+            Job.webhook_delivered_at.is_(None),
+            Job.webhook_next_at <= now,
+            Job.webhook_attempts < MAX_ATTEMPTS,
         )
-    log.warning("webhook for %s failed: %s", job_id, last)
-    return False
+        .values(
+            webhook_next_at=now + timedelta(seconds=CLAIM_S),
+            webhook_attempts=Job.webhook_attempts + 1,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get(Job, job_id)
+    assert job is not None
+    payload = to_out(job, artifacts_of(session, [job.id])[job.id]).model_dump(mode="json")
+    return _Claimed(
+        url=job.spec["webhook_url"],
+        body={"event": f"job.{payload['status']}", "job": payload},
+        attempt=job.webhook_attempts,
+        queue=job.queue,
+        finished_at=job.finished_at,
+    )
+
+
+def _post(claimed: _Claimed) -> tuple[int | None, str | None]:
+    """(status code, None) when the receiver took it; (status code or None, why) when not."""
+    try:
+        response = httpx.post(
+            claimed.url,
+            json=claimed.body,
+            timeout=TIMEOUT_S,
+            headers={"User-Agent": USER_AGENT},
+        )
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if response.status_code < 300:
+        return response.status_code, None
+    return response.status_code, f"HTTP {response.status_code}"
+
+
+def _record_delivered(
+    session: Session, job_id: str, claimed: _Claimed, status_code: int | None
+) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(webhook_delivered_at=utcnow(), webhook_next_at=None)
+    )
+    lifecycle.add_event(
+        session, job_id, "log", f"webhook delivered to {claimed.url} ({status_code})"
+    )
+
+
+def _record_failed(session: Session, job_id: str, claimed: _Claimed, problem: str) -> Delivery:
+    now = utcnow()
+    wait = backoff_s(claimed.attempt)
+    if claimed.attempt >= MAX_ATTEMPTS or _past_give_up(claimed.finished_at, now, wait):
+        why = f"failed after {claimed.attempt} tries: {problem}"
+        if not _give_up(session, _still_ours(job_id, claimed), job_id, why, claimed.url):
+            return Delivery.skipped
+        log.warning("webhook for %s given up: %s", job_id, problem)
+        return Delivery.given_up
+    result = session.execute(
+        update(Job)
+        .where(*_still_ours(job_id, claimed))
+        .values(webhook_next_at=now + timedelta(seconds=wait))
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return Delivery.skipped  # our claim lapsed and a later try owns the delivery now
+    lifecycle.add_event(
+        session,
+        job_id,
+        "log",
+        f"webhook to {claimed.url} failed (try {claimed.attempt} of {MAX_ATTEMPTS}): "
+        f"{problem}; trying again in {wait:.0f}s",
+        level=LogLevel.warning,
+    )
+    send_after_commit(session, DELIVER_WEBHOOK, job_id, claimed.queue, countdown=wait)
+    return Delivery.retrying
+
+
+def _still_ours(job_id: str, claimed: _Claimed) -> tuple[Any, ...]:
+    """No later try has claimed the delivery since ours, and it is not delivered."""
+    return (
+        Job.id == job_id,
+        Job.webhook_delivered_at.is_(None),
+        Job.webhook_attempts == claimed.attempt,
+    )
+
+
+def _past_give_up(finished_at: datetime | None, now: datetime, wait: float = 0.0) -> bool:
+    if finished_at is None:
+        return False
+    return now + timedelta(seconds=wait) > finished_at + timedelta(seconds=GIVE_UP_AFTER_S)
+
+
+def _give_up(session: Session, guard: tuple[Any, ...], job_id: str, why: str, url: str) -> bool:
+    result = session.execute(update(Job).where(*guard).values(webhook_next_at=None))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    lifecycle.add_event(
+        session, job_id, "log", f"webhook to {url} {why}; giving up", level=LogLevel.warning
+    )
+    return True
+
+
+def resend_due(session: Session, resend_after_s: float) -> list[tuple[str, str]]:
+    """Owed deliveries whose message seems lost: due for `resend_after_s` and not claimed.
+
+    Each is marked re-sent (due now again, so it is not picked before another interval) and
+    returned as `(job_id, queue)` for the caller to send after its commit; a delivery past
+    :data:`GIVE_UP_AFTER_S` is given up instead.
+    """
+    now = utcnow()
+    lapsed = (
+        Job.webhook_next_at < now - timedelta(seconds=resend_after_s),
+        Job.webhook_delivered_at.is_(None),
+        Job.status.in_(lifecycle.TERMINAL),
+    )
+    rows = session.execute(
+        select(Job.id, Job.queue, Job.finished_at, Job.spec).where(*lapsed)
+    ).all()
+    due: list[tuple[str, str]] = []
+    for job_id, queue, finished_at, spec in rows:
+        # Guarded by the same condition: a delivery that claimed it meanwhile keeps its claim.
+        guard = (Job.id == job_id, *lapsed)
+        if _past_give_up(finished_at, now):
+            _give_up(session, guard, job_id, "was not delivered in time", spec["webhook_url"])
+            continue
+        result = session.execute(update(Job).where(*guard).values(webhook_next_at=now))
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            due.append((job_id, queue))
+    return due

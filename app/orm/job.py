@@ -47,3 +47,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     webhook_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Webhook delivery (app/jobs/webhooks.py): POSTs tried, and when the next may start;
+    # NULL while none is owed (no webhook_url, not finished, delivered or given up).
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), nullable=True, index=True
+    )
