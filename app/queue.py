@@ -16,13 +16,14 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app.settings import Settings, get_settings
+from worker.contract import Device, values
 
 log = logging.getLogger("squish.queue")
 
 RUN_JOB = "squish.run_job"
 INSPECT_MODEL = "squish.inspect_model"
 DELIVER_WEBHOOK = "squish.deliver_webhook"
-QUEUES = ("cpu", "gpu")
+QUEUES = values(Device)  # target.device is the queue
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
-        task_default_queue="cpu",
+        task_default_queue=Device.cpu.value,
         task_acks_late=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,

@@ -25,7 +25,7 @@ from app.jobs import lifecycle, webhooks
 from app.orm import Job, JobStatus, MLModel
 from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, send
 from app.settings import Settings
-from worker.contract import InspectionStatus
+from worker.contract import Device, InspectionStatus
 
 log = logging.getLogger("squish.reaper")
 
@@ -64,7 +64,7 @@ def sweep(settings: Settings) -> dict[str, int]:
             session.execute(
                 update(MLModel).where(MLModel.id.in_(pending)).values(inspection_sent_at=now)
             )
-        to_send.extend((INSPECT_MODEL, model_id, "cpu") for model_id in pending)
+        to_send.extend((INSPECT_MODEL, model_id, Device.cpu) for model_id in pending)
         hooks = webhooks.resend_due(session, settings.requeue_after_s)
         to_send.extend((DELIVER_WEBHOOK, job_id, queue) for job_id, queue in hooks)
     for task, obj_id, queue in to_send:  # after the commit, never before

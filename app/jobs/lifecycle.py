@@ -59,7 +59,11 @@ def claim(session: Session, job_id: str, token: str) -> bool:
     if not _changed(result):
         return False
     add_event(
-        session, job_id, "status", "running", data={"status": JobStatus.running, "worker": token}
+        session,
+        job_id,
+        "status",
+        JobStatus.running,
+        data={"status": JobStatus.running, "worker": token},
     )
     return True
 
