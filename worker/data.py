@@ -7,12 +7,16 @@ tokenized once, when loaded, with the uploaded model's own tokenizer into the ar
 model takes (``input_ids``, ``attention_mask`` and, for BERT-like models,
 ``token_type_ids``), padded to the longest text of the file and truncated to
 ``max_length`` tokens, so from then on a text dataset is arrays like any other.
+
+What a dataset file may hold is :mod:`worker.safety.datasets`'s rule, the one the upload
+check applies: it runs before the arrays are read, and text is read through it.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,14 +24,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.errors import DatasetMismatchError, UnsupportedError
+from worker.safety import Unsafe
+from worker.safety.datasets import LABELS, SINGLE_INPUT, check_dataset, iter_jsonl
 
 if TYPE_CHECKING:
     from worker.formats import LoadedModel, TensorSpec
 
-LABELS_KEY = "labels"
-SINGLE_INPUT_KEY = "inputs"
+LABELS_KEY = LABELS
+SINGLE_INPUT_KEY = SINGLE_INPUT
 MAX_TEXT_TOKENS = 512
-_MAX_JSONL_LINE_BYTES = 16 << 20
+_SUFFIX_FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".jsonl": "jsonl"}
 
 
 @dataclass
@@ -73,33 +79,37 @@ def load_dataset(
         UnsupportedError: ``.jsonl`` without an hf model, or another format.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        arrays = _read_npz(path)
-    elif suffix == ".safetensors":
-        arrays = _read_safetensors(path)
-    elif suffix == ".jsonl":
-        return _load_jsonl(path, model, max_length)
-    else:
+    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
         raise UnsupportedError(
-            f"unknown dataset format {suffix or path.name!r}; use .npz or .safetensors "
+            f"unknown dataset format {path.suffix or path.name!r}; use .npz or .safetensors "
             "with an 'inputs' array (or several named inputs) and optional 'labels'",
             step="load_datasets",
         )
-    return _to_dataset(arrays, path.name)
+    if fmt == "jsonl":
+        return _load_jsonl(path, model, max_length)
+    with _refused(path):
+        check_dataset(path, fmt)  # the upload's rules, from the headers: nothing unpickled
+    arrays = _read_npz(path) if fmt == "npz" else _read_safetensors(path)
+    labels = arrays.pop(LABELS_KEY, None)
+    num_samples = len(next(iter(arrays.values())))
+    return Dataset(inputs=arrays, labels=labels, num_samples=num_samples)
+
+
+@contextlib.contextmanager
+def _refused(path: Path) -> Iterator[None]:
+    """A refusal by worker.safety's dataset rules, as the engine's DatasetMismatchError."""
+    try:
+        yield
+    except Unsafe as exc:
+        raise DatasetMismatchError(f"{path.name}: {exc.detail}", step="load_datasets") from None
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except ValueError as exc:  # object arrays need pickle, which is refused
-        raise DatasetMismatchError(
-            f"{path.name}: cannot read the .npz without unpickling ({exc}); "
-            "store plain numeric arrays",
-            step="load_datasets",
-        ) from exc
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise DatasetMismatchError(
             f"{path.name}: not a readable .npz file ({exc})", step="load_datasets"
         ) from exc
@@ -120,51 +130,12 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 def _read_jsonl(path: Path) -> tuple[list[str], list[int | str] | None]:
     texts: list[str] = []
     labels: list[int | str] = []
-    labelled: bool | None = None
-    with path.open("rb") as fh:
-        for number, raw in enumerate(iter(lambda: fh.readline(_MAX_JSONL_LINE_BYTES + 1), b""), 1):
-            if len(raw) > _MAX_JSONL_LINE_BYTES:
-                raise DatasetMismatchError(
-                    f"{path.name}: line {number} is longer than {_MAX_JSONL_LINE_BYTES} bytes",
-                    step="load_datasets",
-                )
-            if number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise DatasetMismatchError(
-                    f"{path.name}: line {number} is not valid UTF-8 JSON: {exc}",
-                    step="load_datasets",
-                ) from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DatasetMismatchError(
-                    f'{path.name}: line {number} must be a JSON object with a string "text" '
-                    'and an optional "label"',
-                    step="load_datasets",
-                )
-            label = record.get("label")
-            has_label = "label" in record
-            if labelled is None:
-                labelled = has_label
-            elif labelled != has_label:
-                raise DatasetMismatchError(
-                    f'{path.name}: line {number}: "label" must be on every line or on none',
-                    step="load_datasets",
-                )
-            if has_label:
-                if isinstance(label, bool) or not isinstance(label, int | str):
-                    raise DatasetMismatchError(
-                        f'{path.name}: line {number}: "label" must be an integer or a string',
-                        step="load_datasets",
-                    )
+    with _refused(path):
+        for text, label in iter_jsonl(path):
+            texts.append(text)
+            if label is not None:
                 labels.append(label)
-            texts.append(record["text"])
-    if not texts:
-        raise DatasetMismatchError(f"{path.name}: the dataset has no samples", step="load_datasets")
-    return texts, (labels if labelled else None)
+    return texts, (labels if labels else None)
 
 
 def _label_indices(name: str, labels: list[int | str], model: LoadedModel) -> np.ndarray:
@@ -235,42 +206,6 @@ def _load_jsonl(path: Path, model: LoadedModel | None, max_length: int | None) -
     arrays = {name: np.asarray(encoded[name], dtype=np.int64) for name in names}
     labels = None if raw_labels is None else _label_indices(path.name, raw_labels, model)
     return Dataset(inputs=arrays, labels=labels, num_samples=len(texts))
-
-
-def _to_dataset(arrays: dict[str, np.ndarray], name: str) -> Dataset:
-    labels = arrays.pop(LABELS_KEY, None)
-    if not arrays:
-        raise DatasetMismatchError(
-            f"{name}: no input arrays; store the inputs as 'inputs' (or one array per "
-            "named model input) and optional 'labels'",
-            step="load_datasets",
-        )
-    if SINGLE_INPUT_KEY in arrays and len(arrays) > 1:
-        others = sorted(k for k in arrays if k != SINGLE_INPUT_KEY)
-        raise DatasetMismatchError(
-            f"{name}: has both 'inputs' and named arrays {others}; use one or the other",
-            step="load_datasets",
-        )
-    shapes = {k: v.shape for k, v in arrays.items()}
-    if labels is not None:
-        shapes[LABELS_KEY] = labels.shape
-    distinct = {shape[0] if shape else None for shape in shapes.values()}
-    if None in distinct or len(distinct) != 1:
-        listed = ", ".join(f"{k}: {list(shape)}" for k, shape in shapes.items())
-        raise DatasetMismatchError(
-            f"{name}: every array needs the same leading (sample) axis; got {listed}",
-            step="load_datasets",
-        )
-    num_samples = distinct.pop()
-    if not num_samples:
-        raise DatasetMismatchError(f"{name}: the dataset has no samples", step="load_datasets")
-    for key, arr in arrays.items():
-        if arr.dtype.kind not in "biuf":
-            raise DatasetMismatchError(
-                f"{name}: array {key!r} has dtype {arr.dtype}; inputs must be numeric",
-                step="load_datasets",
-            )
-    return Dataset(inputs=arrays, labels=labels, num_samples=int(num_samples))
 
 
 def fit_dataset(model: LoadedModel, role: str, dataset: Dataset) -> dict[str, np.ndarray]:

@@ -3,22 +3,20 @@
 Three formats:
 
 - ``pt2``: a ``torch.export`` ExportedProgram saved with ``torch.export.save``. Uploads are
-  untrusted, and ``torch.export.load`` can unpickle (``torch.load(weights_only=False)``,
-  ``pickle.loads``, TorchScript object pickles), resolve ``torch.*`` callables as graph
+  untrusted, and ``torch.export.load`` can unpickle, resolve ``torch.*`` callables as graph
   targets, and ``sympy.sympify`` (``eval``) symbolic-shape strings. :func:`load_model`
-  therefore checks the archive first (no pickled payload, no custom or opaque object, no
-  AOTInductor shared library, no legacy layout, plain symbolic expressions only), loads it
-  with ``torch.load`` forced to ``weights_only=True`` and unpickling refused, and then
-  checks that every graph node calls an operator, never an arbitrary Python callable.
-- ``onnx``: a single self-contained ``.onnx`` file (external data is refused: its paths
-  would point at files on the worker).
+  therefore checks the archive first with :mod:`worker.safety.pt2` (the upload check's
+  rules: no pickled payload, no custom or opaque object, no compiled code, no legacy
+  layout, plain symbolic expressions only), loads it with ``torch.load`` forced to
+  ``weights_only=True`` and unpickling refused, and then checks that every graph node
+  calls an operator, never an arbitrary Python callable.
+- ``onnx``: a single self-contained ``.onnx`` file, checked by :mod:`worker.safety.onnx`
+  (external data is refused: its paths would point at files on the worker).
 - ``hf``: a zipped Hugging Face Transformers model folder (``config.json``, ``*.safetensors``
-  weights, tokenizer files), at the zip's root or in its single top folder. The zip is
-  checked member by member (no absolute or ``..`` paths, no links, CRCs verified, size
-  bounded), refused if it carries code (``*.py``, ``auto_map``) or pickled weights
-  (``pytorch_model.bin``, ``*.pt``, ``*.pkl``), extracted into a temporary folder and
-  loaded with ``AutoConfig`` and the Auto class of its architecture (sequence
-  classification or the base model, i.e. feature extraction) with
+  weights, tokenizer files), at the zip's root or in its single top folder, checked by
+  :mod:`worker.safety.hf` (member paths, code, pickles, config), extracted into a
+  temporary folder and loaded with ``AutoConfig`` and the Auto class of its architecture
+  (sequence classification or the base model, i.e. feature extraction) with
   ``trust_remote_code=False``, ``local_files_only=True`` and ``use_safetensors=True``.
   The architecture must be one transformers itself maps to the config's ``model_type``.
   Its inputs are ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the
@@ -33,8 +31,6 @@ nothing from here.
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import threading
 import zipfile
 from collections import Counter
@@ -45,15 +41,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.sniff import (  # the upload check's lists: code, pickles and other weights refused
-    HF_CODE_SUFFIXES,
-    HF_MAX_MEMBERS,
-    HF_OTHER_WEIGHT_SUFFIXES,
-    HF_PICKLE_SUFFIXES,
-)
 from worker.contract import FORMATS as CONTRACT_FORMATS
 from worker.contract import ModelFormat, values
 from worker.errors import EngineError, InvalidModelError, ModelRunError, UnsupportedError
+from worker.safety import EXPORT_HELP as EXPORT_HELP  # re-exported: callers import it here
+from worker.safety import HF_SAVE_HELP as HF_SAVE_HELP
+from worker.safety import NotThisFormat, Unsafe
+from worker.safety import hf as hf_safety
+from worker.safety import onnx as onnx_safety
+from worker.safety import pt2 as pt2_safety
 
 if TYPE_CHECKING:
     import onnx
@@ -63,11 +59,6 @@ if TYPE_CHECKING:
 FORMATS = values(ModelFormat)
 FILE_SUFFIX = {str(fmt): facts.suffix for fmt, facts in CONTRACT_FORMATS.items()}
 HF_TASKS = ("sequence-classification", "feature-extraction")
-
-EXPORT_HELP = (
-    "export the model with torch.export and upload the .pt2 file: "
-    "ep = torch.export.export(model, example_args); torch.export.save(ep, 'model.pt2')"
-)
 
 
 @dataclass(frozen=True)
@@ -171,39 +162,6 @@ def load_model(path: Path, fmt: str) -> LoadedModel:
     return onnx_model_from_proto(load_onnx_proto(path))
 
 
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-# torch writes symbolic shapes with sympy's srepr, e.g. "Mul(Integer(2), Symbol('s0',
-# positive=True, integer=True))", and reads them back with sympy.sympify, which evals.
-_ALLOWED_SYMPY_NAMES = frozenset(
-    {
-        # torch.utils._sympy.functions (the deserializer's sympify locals)
-        "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
-        "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow",
-        "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
-        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
-        # sympy atoms, arithmetic, relations and logic as srepr prints them
-        "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs",
-        "floor", "ceiling", "Piecewise", "ExprCondPair", "Equality", "Unequality",
-        "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Eq", "Ne", "Lt",
-        "Le", "Gt", "Ge", "And", "Or", "Not", "true", "false", "True", "False", "oo", "zoo",
-        "nan", "Infinity", "NegativeInfinity", "BooleanTrue", "BooleanFalse", "Half", "One",
-        "Zero", "NegativeOne", "precision",
-        # sympy assumption keywords
-        "algebraic", "antihermitian", "commutative", "complex", "composite", "even",
-        "extended_negative", "extended_nonnegative", "extended_nonpositive", "extended_nonzero",
-        "extended_positive", "extended_real", "finite", "hermitian", "imaginary", "infinite",
-        "integer", "irrational", "negative", "noninteger", "nonnegative", "nonpositive",
-        "nonzero", "odd", "polar", "positive", "prime", "rational", "real", "transcendental",
-        "zero",
-    }
-)  # fmt: skip
-_SYMBOL_NAME = re.compile(r"[a-z]{1,8}\d+")
-_EXPR_TOKEN = re.compile(
-    r"(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
-    r"|(?P<name>[A-Za-z_]\w*)"
-    r"|(?P<str>'[A-Za-z0-9_.+-]{0,64}')"
-    r"|(?P<op>\*\*|//|[-+*/%(),<>=!&|~^]|\s+)"
-)
 # Operators that touch the file system; a model has no business calling them.
 _DENIED_OPS = frozenset({"aten::from_file", "aten::_save", "aten::save"})
 _ALLOWED_OPERATOR_FNS = frozenset(
@@ -213,14 +171,14 @@ _ALLOWED_OPERATOR_FNS = frozenset(
         "lshift", "rshift", "matmul", "truth", "index",
     }
 )  # fmt: skip
-_MAX_JSON_BYTES = 1 << 30
 _load_lock = threading.Lock()
 
 
 def load_pt2_program(path: Path) -> ExportedProgram:
     """Load a ``.pt2`` upload without unpickling anything (see the module docstring)."""
     path = Path(path)
-    ops_used = _check_pt2_archive(path)
+    with _refused():
+        ops_used = pt2_safety.check_pt2_file(path)
     import torch
 
     if "quantized_decomposed" in ops_used:
@@ -240,164 +198,13 @@ def load_pt2_program(path: Path) -> ExportedProgram:
     return program
 
 
-def _check_pt2_archive(path: Path) -> set[str]:
-    """Refuse archives whose loading would unpickle or run code; return op namespaces used."""
-    with path.open("rb") as fh:
-        head = fh.read(4)
-    if head[:2] in _PICKLE_MAGIC:
-        raise InvalidModelError(
-            "this is a pickled PyTorch file (torch.save); squish never unpickles uploads "
-            f"because that can run arbitrary code. Instead, {EXPORT_HELP}",
-            step="load",
-        )
-    if not zipfile.is_zipfile(path):
-        raise InvalidModelError(
-            f"not a pt2 archive (not a zip file, or truncated); {EXPORT_HELP}", step="load"
-        )
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A refusal by one of worker.safety's checks, as the engine's InvalidModelError."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            prefixes = {n.split("/", 1)[0] for n in names}
-            if len(prefixes) != 1 or any("/" not in n for n in names):
-                raise InvalidModelError(
-                    f"not a torch.export archive (no single top-level folder); {EXPORT_HELP}",
-                    step="load",
-                )
-            prefix = prefixes.pop() + "/"
-            rel = {n[len(prefix) :]: n for n in names}
-            return _check_pt2_entries(zf, rel)
-    except zipfile.BadZipFile as exc:
-        raise InvalidModelError(f"the pt2 archive is corrupt: {exc}", step="load") from exc
-
-
-def _check_pt2_entries(zf: zipfile.ZipFile, rel: dict[str, str]) -> set[str]:
-    if "data.pkl" in rel or any(n.endswith("/data.pkl") for n in rel):
-        raise InvalidModelError(
-            "this is a pickled PyTorch file (torch.save), not a torch.export archive; "
-            f"squish never unpickles uploads because that can run arbitrary code. Instead, {EXPORT_HELP}",
-            step="load",
-        )
-    if "archive_format" not in rel or "archive_version" not in rel:
-        if "serialized_exported_program.json" in rel or "version" in rel:
-            raise InvalidModelError(
-                "this pt2 file uses the legacy (PyTorch ≤ 2.7) layout, which loads "
-                f"through pickle; re-save it with a current PyTorch: {EXPORT_HELP}",
-                step="load",
-            )
-        raise InvalidModelError(f"not a torch.export archive; {EXPORT_HELP}", step="load")
-    fmt = zf.read(rel["archive_format"]).decode(errors="replace").strip()
-    if fmt != "pt2":
-        raise InvalidModelError(f"archive_format is {fmt!r}, expected 'pt2'", step="load")
-    for name in rel:
-        if name.startswith(("data/aotinductor/", "data/mtia", "data/executorch/")) or name.endswith(
-            (".so", ".dll", ".dylib")
-        ):
-            raise InvalidModelError(
-                f"the archive contains compiled code ({name}); upload a plain torch.export "
-                "program (torch.export.save), not an AOTInductor package",
-                step="load",
-            )
-    models = [n for n in rel if n.startswith("models/") and n.endswith(".json")]
-    if not models:
-        raise InvalidModelError("the pt2 archive holds no exported program", step="load")
-    ops_used: set[str] = set()
-    for model_file in models:
-        model_name = model_file[len("models/") : -len(".json")]
-        for legacy in (f"data/weights/{model_name}.pt", f"data/constants/{model_name}.pt"):
-            if legacy in rel:
-                raise InvalidModelError(
-                    f"the archive stores {legacy} in the legacy pickled layout; re-save it "
-                    f"with a current PyTorch: {EXPORT_HELP}",
-                    step="load",
-                )
-        for kind in ("weights", "constants"):
-            config_name = f"data/{kind}/{model_name}_{kind}_config.json"
-            if config_name not in rel:
-                raise InvalidModelError(
-                    f"the pt2 archive is incomplete: {config_name} is missing", step="load"
-                )
-            _check_payload_config(kind, _read_json(zf, rel[config_name]))
-        program = _read_json(zf, rel[model_file])
-        _check_program_json(program, ops_used)
-    return ops_used
-
-
-def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
-    if zf.getinfo(name).file_size > _MAX_JSON_BYTES:
-        raise InvalidModelError(f"{name} in the archive is implausibly large", step="load")
-    try:
-        return json.loads(zf.read(name))
-    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
-        raise InvalidModelError(
-            f"{name} in the archive is not valid JSON: {exc}", step="load"
-        ) from exc
-
-
-def _check_payload_config(kind: str, config: Any) -> None:
-    entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        raise InvalidModelError(f"the {kind} config of the archive is malformed", step="load")
-    for fqn, meta in entries.items():
-        if not isinstance(meta, dict):
-            raise InvalidModelError(f"the {kind} config entry {fqn!r} is malformed", step="load")
-        if meta.get("use_pickle"):
-            raise InvalidModelError(
-                f"{kind[:-1]} {fqn!r} is stored as a pickle (use_pickle: true); squish never "
-                "unpickles uploads. Tensor subclasses and non-tensor objects cannot be "
-                "uploaded; export a model whose parameters and constants are plain tensors",
-                step="load",
-            )
-        path_name = str(meta.get("path_name", ""))
-        expected = "weight_" if kind == "weights" else "tensor_"
-        if not path_name.startswith(expected) or "/" in path_name or ".." in path_name:
-            raise InvalidModelError(
-                f"{kind[:-1]} {fqn!r} is a {path_name.split('_')[0] or 'unnamed'} object "
-                f"({path_name!r}), not a plain tensor; custom and opaque objects are "
-                "deserialized by unpickling and are refused",
-                step="load",
-            )
-        if not isinstance(meta.get("tensor_meta"), dict):
-            raise InvalidModelError(f"{kind[:-1]} {fqn!r} has no tensor metadata", step="load")
-
-
-def _check_program_json(node: Any, ops_used: set[str]) -> None:
-    """Walk the serialized program: symbolic expressions must be plain arithmetic."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key == "expr_str":
-                    _check_sym_expr(value)
-                elif key == "target" and isinstance(value, str):
-                    parts = value.split(".")
-                    if len(parts) > 2 and parts[:2] == ["torch", "ops"]:
-                        ops_used.add(parts[2])
-                if isinstance(value, dict | list):
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, dict | list))
-
-
-def _check_sym_expr(expr: Any) -> None:
-    """torch parses these with sympy.sympify, which evals; allow arithmetic on symbols only."""
-    if not isinstance(expr, str) or len(expr) > 10_000:
-        raise InvalidModelError(
-            "a symbolic shape expression in the archive is malformed", step="load"
-        )
-    pos = 0
-    for match in _EXPR_TOKEN.finditer(expr):
-        if match.start() != pos:
-            break
-        name = match.group("name")
-        if name is not None and not (name in _ALLOWED_SYMPY_NAMES or _SYMBOL_NAME.fullmatch(name)):
-            break
-        pos = match.end()
-    if pos != len(expr):
-        raise InvalidModelError(
-            f"refusing a symbolic shape expression that is not plain arithmetic: {expr[:80]!r}",
-            step="load",
-        )
+        yield
+    except Unsafe as exc:
+        raise InvalidModelError(exc.detail, step="load") from None
 
 
 class _NoUnpickling:
@@ -495,59 +302,19 @@ def _check_graph_targets(program: ExportedProgram) -> None:
 
 
 def load_onnx_proto(path: Path) -> onnx.ModelProto:
-    """Load a single-file ONNX model and check it."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise InvalidModelError(
-            f"not a readable ONNX model (corrupt or truncated?): {exc}", step="load"
-        ) from exc
-    if not proto.graph.node and not proto.graph.output:
-        raise InvalidModelError("not an ONNX model (the file holds no graph)", step="load")
-    for tensor in _onnx_all_initializers(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise InvalidModelError(
-                "the ONNX model keeps its weights in external data files; upload one "
-                "self-contained .onnx (torch.onnx.export(..., external_data=False))",
-                step="load",
-            )
-    try:
-        onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        raise InvalidModelError(f"the ONNX model is invalid: {exc}", step="load") from exc
-    return proto
-
-
-def _onnx_all_initializers(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    import onnx
-
-    graphs = [proto.graph]
-    while graphs:
-        graph = graphs.pop()
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(attr.graphs)
+    """Load a single-file ONNX model and check it (worker.safety's ONNX rules)."""
+    with _refused():
+        try:
+            return onnx_safety.check_onnx_file(path)
+        except NotThisFormat as exc:
+            raise onnx_safety.not_onnx(exc) from None
 
 
 # --------------------------------------------------------------------------------------
 # Hugging Face (hf): a zipped Transformers model folder
 
-HF_MAX_JSON_BYTES = 64 << 20
 HF_MAX_EXTRA_FILE_BYTES = 1 << 20
 HF_SEQUENCE_HINT = 16
-HF_SAVE_HELP = (
-    "save the model with model.save_pretrained(folder) (safetensors weights) and "
-    "tokenizer.save_pretrained(folder), then zip the folder"
-)
 # What save_pretrained (model and tokenizer) writes itself; not kept as extra files.
 _HF_WRITTEN_BY_SAVE = frozenset(
     {
@@ -557,10 +324,6 @@ _HF_WRITTEN_BY_SAVE = frozenset(
     }
 )  # fmt: skip
 _HF_EXTRA_SUFFIXES = (".json", ".txt", ".md")
-_HF_TOKENIZER_FILES = frozenset(
-    {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-     "sentencepiece.bpe.model", "tokenizer.model"}
-)  # fmt: skip
 
 
 def load_hf_model(path: Path) -> LoadedModel:
@@ -568,178 +331,36 @@ def load_hf_model(path: Path) -> LoadedModel:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="squish-hf-") as tmp:
-        folder = extract_hf_archive(Path(path), Path(tmp))
-        return load_hf_folder(folder)
+        folder, config = extract_hf_archive(Path(path), Path(tmp))
+        return load_hf_folder(folder, config)
 
 
-def extract_hf_archive(path: Path, dest: Path) -> Path:
-    """Check every member of the zip and extract it under ``dest``; returns the model folder.
+def extract_hf_archive(path: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """Check the zip (worker.safety's hf rules) and extract its folder under ``dest``.
+
+    Returns:
+        The extracted model folder and its config.json.
 
     Raises:
-        InvalidModelError: not a zip, a member with an unsafe path or type, code or pickled
-            weights, no ``config.json`` at the root or in a single top folder, a bad CRC.
+        InvalidModelError: what the check refused, or a member that cannot be extracted.
     """
     import shutil
-    import stat
 
-    if not zipfile.is_zipfile(path):
-        raise InvalidModelError(
-            f"an hf model is a zip of a Hugging Face model folder; this is not a zip file. "
-            f"{HF_SAVE_HELP}",
-            step="load",
-        )
-    archive_size = path.stat().st_size
+    with _refused():
+        archive = hf_safety.check_hf_file(path)
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = [i for i in zf.infolist() if not _hf_ignored(i.filename)]
-            if len(infos) > HF_MAX_MEMBERS:
-                raise InvalidModelError(
-                    f"the zip has more than {HF_MAX_MEMBERS} members", step="load"
-                )
-            files = [i for i in infos if not i.is_dir()]
-            total = 0
-            for info in files:
-                _check_hf_member(info)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise InvalidModelError(
-                        f"the zip member {info.filename!r} is a symbolic link; refused", step="load"
-                    )
-                total += info.file_size
-            if total > 16 * archive_size + (64 << 20):
-                raise InvalidModelError(
-                    f"the zip expands to {total} bytes from {archive_size}; refusing a zip bomb",
-                    step="load",
-                )
-            prefix = _hf_root(files)
             dest.mkdir(parents=True, exist_ok=True)
-            for info in files:
-                rel = info.filename[len(prefix) :]
-                target = dest.joinpath(*rel.split("/"))
+            for name in archive.members:
+                target = dest.joinpath(*name[len(archive.root) :].split("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, target.open("wb") as out:
+                with zf.open(name) as src, target.open("wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)  # zipfile checks the CRC at EOF
     except zipfile.BadZipFile as exc:
         raise InvalidModelError(f"the hf zip is corrupt: {exc}", step="load") from exc
     except (OSError, EOFError, NotImplementedError) as exc:
         raise InvalidModelError(f"the hf zip cannot be extracted: {exc}", step="load") from exc
-    return dest
-
-
-def _hf_ignored(name: str) -> bool:
-    """Finder and editor litter that zips of a folder often carry."""
-    return name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1] == ".DS_Store"
-
-
-def _check_hf_member(info: zipfile.ZipInfo) -> None:
-    name = info.filename
-    parts = name.split("/")
-    if (
-        name.startswith("/")
-        or "\\" in name
-        or re.match(r"^[A-Za-z]:", name)
-        or any(p in ("", ".", "..") for p in parts)
-    ):
-        raise InvalidModelError(
-            f"the zip member {name!r} has an absolute, empty or '..' path; refused", step="load"
-        )
-    if info.flag_bits & 0x1:
-        raise InvalidModelError(f"the zip member {name!r} is encrypted", step="load")
-    lower = parts[-1].lower()
-    if lower.endswith(HF_CODE_SUFFIXES):
-        raise InvalidModelError(
-            f"the model folder contains code ({name}); squish never runs code from an upload "
-            "(trust_remote_code is off): upload a model whose architecture is part of the "
-            "transformers library, without .py files",
-            step="load",
-        )
-    if lower.endswith(HF_PICKLE_SUFFIXES):
-        raise InvalidModelError(
-            f"the model folder contains {name}, a pickled PyTorch file; squish never unpickles "
-            "uploads because that can run arbitrary code. Save the weights as safetensors: "
-            "model.save_pretrained(folder, safe_serialization=True), and leave out "
-            "pytorch_model.bin / *.pt / *.pkl files",
-            step="load",
-        )
-    if lower.endswith(HF_OTHER_WEIGHT_SUFFIXES):
-        raise InvalidModelError(
-            f"the model folder contains {name}, weights in a format other than safetensors; "
-            f"{HF_SAVE_HELP}",
-            step="load",
-        )
-
-
-def _hf_root(files: list[zipfile.ZipInfo]) -> str:
-    """``""`` when config.json is at the zip's root, ``"top/"`` for a single top folder."""
-    names = {i.filename for i in files}
-    if "config.json" in names:
-        return ""
-    tops = {n.split("/", 1)[0] for n in names}
-    if len(tops) == 1 and all("/" in n for n in names):
-        top = tops.pop() + "/"
-        if top + "config.json" in names:
-            return top
-    raise InvalidModelError(
-        "the zip holds no Hugging Face model folder: config.json must be at its root or in "
-        f"its single top folder; {HF_SAVE_HELP}",
-        step="load",
-    )
-
-
-def _read_hf_json(path: Path) -> Any:
-    if path.stat().st_size > HF_MAX_JSON_BYTES:
-        raise InvalidModelError(f"{path.name} is implausibly large", step="load")
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidModelError(f"{path.name} is not valid JSON: {exc}", step="load") from exc
-
-
-def check_hf_folder(folder: Path) -> dict[str, Any]:
-    """Refuse what transformers could load code or pickles from; return config.json.
-
-    config.json must name an ``architectures`` class and a ``model_type``; no JSON file at
-    the folder's root may hold ``auto_map`` (a pointer to custom code); pre-quantized
-    models (``quantization_config``) are refused; weights must be ``*.safetensors``.
-    """
-    config = _read_hf_json(folder / "config.json")
-    if not isinstance(config, dict):
-        raise InvalidModelError("config.json is not a JSON object", step="load")
-    for json_file in sorted(folder.glob("*.json")):
-        doc = config if json_file.name == "config.json" else None
-        if doc is None and json_file.stat().st_size <= HF_MAX_JSON_BYTES:
-            doc = _read_hf_json(json_file)
-        if isinstance(doc, dict) and "auto_map" in doc:
-            raise InvalidModelError(
-                f"{json_file.name} has an auto_map, which points at custom model code; squish "
-                "never runs code from an upload: upload a model whose architecture is part "
-                "of the transformers library",
-                step="load",
-            )
-    if "quantization_config" in config:
-        raise InvalidModelError(
-            "config.json has a quantization_config: pre-quantized Hugging Face models are not "
-            "supported; upload the floating-point model and let squish quantize it",
-            step="load",
-        )
-    model_type = config.get("model_type")
-    architectures = config.get("architectures")
-    if not isinstance(model_type, str) or not model_type:
-        raise InvalidModelError("config.json has no model_type", step="load")
-    if (
-        not isinstance(architectures, list)
-        or not architectures
-        or not all(isinstance(a, str) for a in architectures)
-    ):
-        raise InvalidModelError(
-            'config.json has no architectures list (e.g. ["BertForSequenceClassification"]); '
-            "save the model with save_pretrained, which writes it",
-            step="load",
-        )
-    if not any(folder.glob("*.safetensors")):
-        raise InvalidModelError(
-            f"the model folder has no *.safetensors weights; {HF_SAVE_HELP}", step="load"
-        )
-    return config
+    return dest, archive.config
 
 
 def _hf_auto_class(model_type: str, architecture: str) -> tuple[str, Any]:
@@ -775,12 +396,11 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_hf_folder(folder: Path) -> LoadedModel:
+def load_hf_folder(folder: Path, config_json: dict[str, Any]) -> LoadedModel:
     """Load a checked, extracted model folder with transformers (no remote code, no hub)."""
     import transformers
 
     _quiet_transformers()
-    config_json = check_hf_folder(folder)
     architecture = config_json["architectures"][0]
     task, auto_class = _hf_auto_class(config_json["model_type"], architecture)
     try:
@@ -818,17 +438,15 @@ def load_hf_folder(folder: Path) -> LoadedModel:
             "are supported in hf format",
             step="load",
         )
-    tokenizer = None
-    if any((folder / name).is_file() for name in _HF_TOKENIZER_FILES):
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(folder), trust_remote_code=False, local_files_only=True
-            )
-        except Exception as exc:  # tokenizers and transformers raise many types
-            raise InvalidModelError(
-                f"the tokenizer files could not be loaded: {type(exc).__name__}: {exc}",
-                step="load",
-            ) from exc
+    try:  # the safety check made sure the folder has tokenizer files
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(folder), trust_remote_code=False, local_files_only=True
+        )
+    except Exception as exc:  # tokenizers and transformers raise many types
+        raise InvalidModelError(
+            f"the tokenizer files could not be loaded: {type(exc).__name__}: {exc}",
+            step="load",
+        ) from exc
     extra = {}
     for file in sorted(folder.rglob("*")):
         rel = file.relative_to(folder).as_posix()
@@ -902,7 +520,8 @@ def save_hf_model(model: LoadedModel, path: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
         written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        unsafe = [n for n in written if n.lower().endswith(HF_PICKLE_SUFFIXES + HF_CODE_SUFFIXES)]
+        refused = hf_safety.PICKLE_SUFFIXES + hf_safety.CODE_SUFFIXES
+        unsafe = [n for n in written if n.lower().endswith(refused)]
         if unsafe or not any(n.endswith(".safetensors") for n in written):
             raise UnsupportedError(
                 f"save_pretrained did not write plain safetensors weights (wrote {written}); "

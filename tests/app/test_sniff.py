@@ -154,15 +154,36 @@ def test_pt2_accepted(tmp_path: Path):
 
 
 def test_pt2_without_optional_entries_accepted(tmp_path: Path):
+    # what torch.export.load reads, and nothing else (no byteorder, .data/version, extra/)
     path = write_zip(
         tmp_path / "m.pt2",
         {
             "x/archive_format": b"pt2",
+            "x/archive_version": b"0",
             "x/models/model.json": b"{}",
             "x/data/weights/model_weights_config.json": b'{"config": {}}',
+            "x/data/constants/model_constants_config.json": b'{"config": {}}',
+            "x/data/sample_inputs/model.pt": b"",
         },
     )
     assert check_model_file(path, None, None) == "pt2"
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "archive_version",
+        "data__weights__model_weights_config.json",
+        "data__constants__model_constants_config.json",
+        "data__sample_inputs__model.pt",
+    ],
+)
+def test_pt2_without_what_torch_export_load_reads_refused(tmp_path: Path, missing: str):
+    # torch.export.save always writes these and torch.export.load fails without them, so an
+    # upload without one would only fail later, at the worker's inspection
+    error = rejected(check_model_file, write_pt2(tmp_path / "m.pt2", **{missing: None}), None, None)
+    assert error.status == 422
+    assert missing.replace("__", "/") in error.detail
 
 
 def test_pickle_refused_with_export_hint(tmp_path: Path):

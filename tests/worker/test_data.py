@@ -87,3 +87,39 @@ def test_corrupt_file(tmp_path: Path) -> None:
     path.write_bytes(b"not a zip")
     with pytest.raises(DatasetMismatchError):
         load_dataset(path)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "needle"),
+    [
+        ({"inputs": np.zeros((3, 2), np.float32), "ids": np.zeros((3, 2))}, "both 'inputs'"),
+        ({"inputs": np.zeros((3, 2), np.float32), "labels": np.zeros(3)}, "1-D integer"),
+        ({"inputs": np.zeros((0, 2), np.float32)}, "no samples"),
+        ({"inputs": np.array(["a", "b"])}, "dtype"),
+    ],
+)
+def test_upload_check_and_loader_refuse_the_same_files(tmp_path: Path, arrays, needle) -> None:
+    # Both apply worker.safety.datasets; the loader names the file it read.
+    from app.sniff import Rejected, check_dataset_file
+
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(Rejected) as upload:
+        check_dataset_file(path, "d.npz", None)
+    with pytest.raises(DatasetMismatchError) as loader:
+        load_dataset(path)
+    assert needle in upload.value.detail
+    assert loader.value.message == f"d.npz: {upload.value.detail}"
+
+
+def test_jsonl_rules_are_the_upload_checks(tmp_path: Path) -> None:
+    from app.sniff import Rejected, check_dataset_file
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": true}\n')
+    with pytest.raises(Rejected) as upload:
+        check_dataset_file(path, "d.jsonl", None)
+    model = LoadedModel("hf", [], [], tokenizer=object())
+    with pytest.raises(DatasetMismatchError) as loader:
+        load_dataset(path, model)
+    assert loader.value.message == f"d.jsonl: {upload.value.detail}"

@@ -175,3 +175,66 @@ def test_save_round_trips(files, tmp_path: Path, fmt: str) -> None:
         got = session.run(None, {"input": x})[0]
     assert got.shape == (5, 10)
     assert np.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------------------
+# One rule for the upload check and the loader (both call worker.safety)
+
+
+def without_member(src: Path, dst: Path, suffix: str) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith(suffix):
+                zout.writestr(info, zin.read(info.filename))
+    return dst
+
+
+def test_archive_with_archive_version_is_accepted_by_upload_and_loader(files) -> None:
+    from app.sniff import check_model_file
+
+    with zipfile.ZipFile(files["pt2"]) as zf:
+        [entry] = [n for n in zf.namelist() if n.endswith("/archive_version")]
+        assert zf.read(entry) == b"0"  # what torch.export.save writes
+    assert check_model_file(files["pt2"], None, "mlp.pt2") == "pt2"
+    assert load_model(files["pt2"], "pt2").format == "pt2"
+
+
+def test_archive_without_archive_version_is_refused_by_upload_and_loader(files, tmp_path) -> None:
+    import torch
+
+    from app.sniff import Rejected, check_model_file
+
+    path = without_member(files["pt2"], tmp_path / "no_version.pt2", "/archive_version")
+    # The rule follows torch: torch.export.load does not default a missing record to "0".
+    with pytest.raises(RuntimeError):
+        torch.export.load(str(path))
+    with pytest.raises(Rejected) as upload:
+        check_model_file(path, None, "no_version.pt2")
+    with pytest.raises(InvalidModelError) as loader:
+        load_model(path, "pt2")
+    assert upload.value.status == 422
+    assert "no archive_version" in upload.value.detail
+    assert loader.value.message == upload.value.detail
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        edit_json("model_weights_config.json", lambda d: d["config"][next(iter(d["config"]))]
+                  .update(use_pickle=True)),
+        edit_json("model_constants_config.json", lambda d: d["config"].update(
+            evil={"path_name": "opaque_obj_0", "use_pickle": False, "tensor_meta": None})),
+        lambda name, data: data.replace(b'"expr_str": "', b'"expr_str": "__import__(1) + ', 1)
+        if name.endswith("models/model.json") else data,
+    ],
+    ids=["use_pickle", "opaque_object", "code_in_symbolic_shape"],
+)  # fmt: skip
+def test_upload_and_loader_refuse_in_the_same_words(files, tmp_path: Path, edit) -> None:
+    from app.sniff import Rejected, check_model_file
+
+    bad = rewrite_archive(files["pt2"], tmp_path / "bad.pt2", edit)
+    with pytest.raises(Rejected) as upload:
+        check_model_file(bad, None, "bad.pt2")
+    with pytest.raises(InvalidModelError) as loader:
+        load_model(bad, "pt2")
+    assert loader.value.message == upload.value.detail
