@@ -234,8 +234,8 @@ def run_squish(
     """``run_pipeline`` in-process; the job's metrics and the artifact path."""
     from unittest import mock
 
-    from worker import metrics as worker_metrics
     from worker.context import NullReporter
+    from worker.measurement import model as measurement_model
     from worker.pipeline import PipelineSpec, run_pipeline
 
     spec = PipelineSpec(
@@ -249,8 +249,8 @@ def run_squish(
     t0 = time.perf_counter()
     # Peak memory (a fresh process per model, ~3 s each) is not in this table: skipped to
     # keep the run within minutes. Latency, size and quality are measured as in a job.
-    no_peak = functools.partial(worker_metrics.measure_model, with_peak_memory=False)
-    with _quiet(), mock.patch("worker.pipeline.measure_model", no_peak):
+    no_peak = functools.partial(measurement_model.measure_model, with_peak_memory=False)
+    with _quiet(), mock.patch("worker.measurement.bench.measure_model", no_peak):
         result = run_pipeline(
             model_path or subject.files[fmt], fmt, spec, datasets, work, NullReporter()
         )
