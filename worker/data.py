@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from worker.contract import DatasetFormat
 from worker.errors import DatasetMismatchError, UnsupportedError
 from worker.safety import Unsafe
 from worker.safety.datasets import LABELS, SINGLE_INPUT, check_dataset, iter_jsonl
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 LABELS_KEY = LABELS
 SINGLE_INPUT_KEY = SINGLE_INPUT
 MAX_TEXT_TOKENS = 512
-_SUFFIX_FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".jsonl": "jsonl"}
+_SUFFIX_FORMATS = {f".{fmt}": fmt for fmt in DatasetFormat}
 
 
 @dataclass
@@ -86,11 +87,11 @@ def load_dataset(
             "with an 'inputs' array (or several named inputs) and optional 'labels'",
             step="load_datasets",
         )
-    if fmt == "jsonl":
+    if fmt is DatasetFormat.jsonl:  # text: read through the rules, then tokenized
         return _load_jsonl(path, model, max_length)
     with _refused(path):
         check_dataset(path, fmt)  # the upload's rules, from the headers: nothing unpickled
-    arrays = _read_npz(path) if fmt == "npz" else _read_safetensors(path)
+    arrays = _ARRAY_READERS[fmt](path)
     labels = arrays.pop(LABELS_KEY, None)
     num_samples = len(next(iter(arrays.values())))
     return Dataset(inputs=arrays, labels=labels, num_samples=num_samples)
@@ -125,6 +126,12 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise DatasetMismatchError(
             f"{path.name}: not a readable .safetensors file ({exc})", step="load_datasets"
         ) from exc
+
+
+_ARRAY_READERS: dict[DatasetFormat, Callable[[Path], dict[str, np.ndarray]]] = {
+    DatasetFormat.npz: _read_npz,
+    DatasetFormat.safetensors: _read_safetensors,
+}
 
 
 def _read_jsonl(path: Path) -> tuple[list[str], list[int | str] | None]:

@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from tests import factories
-from worker.errors import InvalidModelError
-from worker.formats import inspect_model, load_model, save_model
+from worker.contract import FORMATS, ModelFormat
+from worker.errors import InvalidModelError, UnsupportedError
+from worker.formats import (
+    BACKENDS,
+    LoadedModel,
+    Runtime,
+    backend_for,
+    inspect_model,
+    load_model,
+    save_model,
+)
 
 MLP_PARAMETERS = 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
 
@@ -33,6 +42,28 @@ def edit_json(suffix: str, change):
         return data
 
     return edit
+
+
+def test_every_format_has_one_backend() -> None:
+    assert set(BACKENDS) == set(ModelFormat) == set(FORMATS)
+    for fmt, backend in BACKENDS.items():
+        assert backend.format == fmt
+        assert backend_for(str(fmt)) is backend
+
+
+def test_an_unknown_format_fails_loudly_naming_the_known_ones(files, tmp_path: Path) -> None:
+    calls = [
+        lambda: backend_for("tflite"),
+        lambda: load_model(files["onnx"], "tflite"),
+        lambda: inspect_model(files["onnx"], "tflite"),
+        lambda: Runtime(files["onnx"], "tflite"),
+        lambda: save_model(LoadedModel("tflite", [], []), tmp_path / "m.tflite"),
+    ]
+    for call in calls:
+        with pytest.raises(UnsupportedError) as err:
+            call()
+        assert "'tflite'" in err.value.message and "pt2, onnx, hf" in err.value.message
+    assert not (tmp_path / "m.tflite").exists()
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])

@@ -15,12 +15,13 @@ import json
 import math
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from worker.contract import DatasetFormat, values
 from worker.safety import Unsafe
 from worker.safety._zip import ZIP_ERRORS
 from worker.safety.pickles import is_pickle
@@ -36,7 +37,7 @@ __all__ = [
     "iter_jsonl",
 ]
 
-FORMATS = ("npz", "safetensors", "jsonl")
+FORMATS = values(DatasetFormat)
 LABELS = "labels"
 SINGLE_INPUT = "inputs"
 MAX_ARRAYS = 1024
@@ -75,16 +76,33 @@ def check_dataset(path: Path, fmt: str) -> dict[str, Any]:
         head = f.read(16)
         size = f.seek(0, 2)
     check_head(head, size)
-    if fmt == "npz":
-        return check_arrays(_npz_arrays(path), "the .npz file")
-    if fmt == "safetensors":
-        return check_arrays(_safetensors_arrays(path, size), "the safetensors file")
-    if fmt == "jsonl":
-        count, labelled = 0, False
-        for _, label in iter_jsonl(path):
-            count, labelled = count + 1, label is not None
-        return {"num_samples": count, "has_labels": labelled}
-    raise ValueError(f"unknown dataset format {fmt!r}; known: {', '.join(FORMATS)}")
+    try:
+        check = _CHECKS[DatasetFormat(fmt)]
+    except ValueError:
+        raise ValueError(f"unknown dataset format {fmt!r}; known: {', '.join(FORMATS)}") from None
+    return check(path, size)
+
+
+def _check_npz(path: Path, size: int) -> dict[str, Any]:
+    return check_arrays(_npz_arrays(path), "the .npz file")
+
+
+def _check_safetensors(path: Path, size: int) -> dict[str, Any]:
+    return check_arrays(_safetensors_arrays(path, size), "the safetensors file")
+
+
+def _check_jsonl(path: Path, size: int) -> dict[str, Any]:
+    count, labelled = 0, False
+    for _, label in iter_jsonl(path):
+        count, labelled = count + 1, label is not None
+    return {"num_samples": count, "has_labels": labelled}
+
+
+_CHECKS: dict[DatasetFormat, Callable[[Path, int], dict[str, Any]]] = {
+    DatasetFormat.npz: _check_npz,
+    DatasetFormat.safetensors: _check_safetensors,
+    DatasetFormat.jsonl: _check_jsonl,
+}
 
 
 def _npz_arrays(path: Path) -> Arrays:
