@@ -111,8 +111,10 @@ def succeed(session: Session, job_id: str, token: str, metrics: dict[str, Any]) 
 
 
 def fail(session: Session, job_id: str, token: str, error: EngineError) -> bool:
-    """running (ours) → failed with `error`, stored as its `to_dict()`: the one shape of a
-    job error. False when the job was cancelled or taken over meanwhile."""
+    """running (ours) → failed; False when the job was cancelled or taken over meanwhile.
+
+    The stored error is `error.to_dict()`: every job error has that one shape.
+    """
     return _fail(session, _owned(job_id, token), job_id, error)
 
 

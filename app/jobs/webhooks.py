@@ -40,6 +40,9 @@ TIMEOUT_S = 5.0
 CLAIM_S = 60.0
 """A claimed delivery not recorded within this is presumed dead and may be claimed again."""
 BACKOFF_S = 5.0
+CLOCK_SKEW_S = 2.0
+"""Hosts' clocks may differ this much: a delivery due by the API's clock is due by a
+worker's. Less than the shortest backoff and the claim, so neither is cut short by it."""
 BACKOFF_MAX_S = 600.0
 GIVE_UP_AFTER_S = 24 * 3600.0
 USER_AGENT = "squish-webhook/1"
@@ -91,7 +94,7 @@ def _claim(session: Session, job_id: str) -> _Claimed | None:
             Job.id == job_id,
             Job.status.in_(lifecycle.TERMINAL),
             Job.webhook_delivered_at.is_(None),
-            Job.webhook_next_at <= now,
+            Job.webhook_next_at <= now + timedelta(seconds=CLOCK_SKEW_S),
             Job.webhook_attempts < MAX_ATTEMPTS,
         )
         .values(

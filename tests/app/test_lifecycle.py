@@ -521,6 +521,7 @@ def test_a_webhook_whose_worker_died_mid_delivery_is_delivered_once_its_claim_la
     cancel(job_id)
     sent()
     monkeypatch.setattr(webhooks, "CLAIM_S", 0.2)
+    monkeypatch.setattr(webhooks, "CLOCK_SKEW_S", 0.0)  # one clock in this test
     with monkeypatch.context() as patched:  # the worker dies after claiming, before the POST
         patched.setattr(webhooks.httpx, "post", killed)
         with pytest.raises(Killed):
@@ -587,6 +588,21 @@ def test_the_reaper_gives_up_a_webhook_nobody_delivered_in_time(
     assert job_row(job_id).webhook_next_at is None
     assert any("was not delivered in time; giving up" in e for e in events(job_id))
     assert receiver.requests == []
+
+
+def test_a_delivery_due_by_a_clock_slightly_ahead_is_due_on_the_worker(
+    tenant: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    from app.db import utcnow
+    from worker import tasks
+
+    blob = tmp_path / "model.onnx"
+    blob.write_bytes(b"not run here")
+    job_id = create_job(tenant, add_model(tenant, blob), webhook_url=receiver.url)
+    cancel(job_id)
+    set_job(job_id, webhook_next_at=utcnow() + timedelta(seconds=1))  # the API's clock is ahead
+    assert tasks.deliver_webhook(job_id) == "delivered"
+    assert len(receiver.requests) == 1
 
 
 def test_a_job_without_webhook_url_owes_no_delivery(tenant: str, tmp_path: Path) -> None:
