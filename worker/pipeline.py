@@ -126,6 +126,7 @@ def run_pipeline(
     log = RecordingReporter(inner=reporter)
     started = time.monotonic()
 
+    # Check: the spec against the model's format and the datasets given.
     checked = _resolve(model_format, spec, datasets)
     methods = [(step.method, step.params) for step in checked.steps]
     converting = spec.output_format != model_format
@@ -134,6 +135,7 @@ def run_pipeline(
     # The artifact is the last step's model unless the conversion comes after that step.
     last_is_artifact = bool(methods) and not (converting and convert_at == len(methods))
 
+    # Load the model, then the data it will be fed and measured on.
     log.progress(0.0, "load")
     model = load_model(model_path, model_format)
     signature = {
@@ -152,6 +154,7 @@ def run_pipeline(
     )  # fmt: skip
     log.progress(_P_DATA, "check_datasets")
 
+    # The steps, each measured on the model it leaves (the last one may be the artifact).
     steps: list[StepMetrics] = []
     span = (_P_STEPS_END - _P_DATA) / max(1, len(methods))
     for index, (method, params) in enumerate(methods):
@@ -170,18 +173,8 @@ def run_pipeline(
             original=(Path(model_path), model_format),
             models=spec.models,
         )
-        t0 = time.monotonic()
-        model = _apply(method, params, model, ctx)
-        seconds = time.monotonic() - t0
-        step = StepMetrics(
-            method=method.name,
-            params=params.model_dump(mode="json"),
-            seconds=seconds,
-            format=model.format,
-        )
+        model, step = _run_step(method, params, model, ctx, of=len(methods))
         steps.append(step)
-        log.log(f"step {index + 1}/{len(methods)} {method.name} done in {seconds:.2f}s")
-        ctx.progress(1.0)
         if not (last_is_artifact and index == len(methods) - 1):
             measuring = ScaledReporter(log, step_start + span * _STEP_RUN_SHARE, step_start + span)
             bench.measure_step(model, step, index, work_dir, measuring)
@@ -189,6 +182,7 @@ def run_pipeline(
     if converting and convert_at == len(methods):
         model = _convert(model, spec.output_format, bench.inputs, log, _P_STEPS_END)
 
+    # Save the artifact, measure it against the upload, report.
     log.progress(_P_STEPS_END, "save")
     artifact = work_dir / f"model{format_facts(spec.output_format).suffix}"
     save_model(model, artifact)
@@ -200,28 +194,20 @@ def run_pipeline(
         last_step_is_artifact=last_is_artifact, reporter=ScaledReporter(log, _P_SAVED, 1.0),
     )  # fmt: skip
 
-    metrics = measured.to_json()
-    report_path = work_dir / "report.json"
-    report = {
-        "spec": asdict(spec),
-        "model": {"format": model_format, **signature},
-        "steps": metrics["steps"],
-        "metrics": metrics,
-        "seconds": time.monotonic() - started,
-        "log": log.logs,
-    }
-    report_path.write_text(json.dumps(report, indent=2, default=str))
+    report_path = _write_report(work_dir, spec, model_format, signature, measured, started, log)
     log.progress(1.0, "done")
     return PipelineResult(artifact, spec.output_format, measured, report_path)
 
 
-def _apply(
-    method: Method, params: MethodParams, model: LoadedModel, ctx: StepContext
-) -> LoadedModel:
-    """Run one step's handler; a library's failure becomes a MethodFailedError."""
+def _run_step(
+    method: Method, params: MethodParams, model: LoadedModel, ctx: StepContext, *, of: int
+) -> tuple[LoadedModel, StepMetrics]:
+    """Run one step's handler (a library's failure becomes a MethodFailedError); the model
+    it returns and the step's entry, not measured yet."""
     ctx.progress(0.0)
+    t0 = time.monotonic()
     try:
-        return method.handler(model, params, ctx)
+        model = method.handler(model, params, ctx)
     except EngineError as exc:
         exc.step = exc.step or method.name
         raise
@@ -230,6 +216,40 @@ def _apply(
             f"{method.name} failed on this model: {type(exc).__name__}: {exc}",
             step=method.name,
         ) from exc
+    seconds = time.monotonic() - t0
+    step = StepMetrics(
+        method=method.name,
+        params=params.model_dump(mode="json"),
+        seconds=seconds,
+        format=model.format,
+    )
+    ctx.log(f"step {ctx.step + 1}/{of} {method.name} done in {seconds:.2f}s")
+    ctx.progress(1.0)
+    return model, step
+
+
+def _write_report(
+    work_dir: Path,
+    spec: PipelineSpec,
+    model_format: str,
+    signature: dict[str, Any],
+    measured: PipelineMetrics,
+    started: float,
+    log: RecordingReporter,
+) -> Path:
+    """``report.json``: the spec, the model's signature, the metrics and the log."""
+    metrics = measured.to_json()
+    report = {
+        "spec": asdict(spec),
+        "model": {"format": model_format, **signature},
+        "steps": metrics["steps"],
+        "metrics": metrics,
+        "seconds": time.monotonic() - started,
+        "log": log.logs,
+    }
+    path = work_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
 
 
 def _resolve(
