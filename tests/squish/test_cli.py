@@ -1,8 +1,9 @@
-"""The ``squish`` CLI against the in-memory fake API (tests/squish/fake_server.py)."""
+"""The ``squish`` CLI against the real application, served in process (tests/squish/conftest.py)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -27,41 +28,47 @@ from squish.cli import (
     scan_pipeline_options,
     summary_lines,
 )
-from tests.squish.fake_server import API_KEY, FakeServer, running_server
+from tests.squish.service import BATCH_SIZES, InProcessWorker, Live, submit
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeServer]:
-    with running_server() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeServer) -> FakeServer:
-    server.reset()
-    return server
+# Accepted by POST /v1/jobs (the API cannot see layers), refused by the engine at step 1.
+FAILING = [
+    ("prune.magnitude", {"amount": 0.5}),
+    ("prune.structured", {"amount": 0.5, "importance": "bn_scale"}),
+]
+FAILING_ARGS = (
+    "-m", "prune.magnitude", "-p", "amount=0.5",
+    "-m", "prune.structured", "-p", "amount=0.5", "-p", "importance=bn_scale",
+)  # fmt: skip
 
 
 @pytest.fixture
-def squish(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Run ``squish ARGS...`` against the fake server; returns the click `Result`."""
+def squish(live: Live, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run ``squish ARGS...`` against the live server; returns the click `Result`."""
     monkeypatch.delenv("SQUISH_URL", raising=False)
     monkeypatch.delenv("SQUISH_API_KEY", raising=False)
     runner = CliRunner()
 
     def run(*args: str) -> Result:
-        return runner.invoke(cli, ["--url", fake.url, "--api-key", API_KEY, *args])
+        return runner.invoke(cli, ["--url", live.url, "--api-key", live.api_key, *args])
 
     return run
 
 
 @pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    path = tmp_path / "net.pt2"
-    path.write_bytes((bytes(range(251)) * 400)[:100_000])
-    return path
+def model_file(model_files: dict[str, Path], tmp_path: Path) -> Path:
+    return shutil.copyfile(model_files["pt2"], tmp_path / "net.pt2")
+
+
+@pytest.fixture
+def client(live: Live) -> Iterator[Client]:
+    with Client(live.url, live.api_key, backoff=0.0) as c:
+        yield c
+
+
+def kib(size: int) -> str:
+    assert 1024 <= size < 1024 * 1024
+    return f"{size / 1024:.1f} KiB"
 
 
 FAST = ("--poll-interval", "0")
@@ -71,66 +78,96 @@ FAST = ("--poll-interval", "0")
 
 
 def test_compress_end_to_end(
-    squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path
+    squish: Any,
+    live: Live,
+    client: Client,
+    worker: InProcessWorker,
+    model_file: Path,
+    model_files: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
-    calib = tmp_path / "calib.npz"
-    calib.write_bytes(b"PK\x03\x04calibration")
+    calib = shutil.copyfile(model_files["calibration"], tmp_path / "calib.npz")
+    labelled = shutil.copyfile(model_files["eval"], tmp_path / "eval.npz")
     out = tmp_path / "out" / "net.small.pt2"
+    worker.serve(lockstep=True)  # every state the job goes through is seen by the CLI
     result = squish(
         "compress", str(model_file),
         "--method", "prune.magnitude", "--param", "amount=0.5", "-p", "scope=global",
         "-m", "quantize.dynamic", "--param=dtype=int8",
-        "--dataset", f"calibration={calib}",
+        "--dataset", f"calibration={calib}", "-d", f"eval={labelled}",
         "--batch-size", "1", "-b", "32", "--device", "cpu",
         "--out", str(out), *FAST,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    (job,) = fake.state.jobs.values()
-    assert out.read_bytes() == fake.state.artifacts[(job["id"], "model")]
-    spec = job["spec"]
-    assert spec["pipeline"] == [
+    (job_id,) = live.job_ids()
+    job = client.get_job(job_id)
+    assert out.read_bytes() == live.artifact_bytes(job_id, "model", tmp_path)
+    (create,) = live.faults.requests_to("POST", "/v1/jobs")
+    assert json.loads(create.body)["pipeline"] == [
         {"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global"}},
         {"method": "quantize.dynamic", "params": {"dtype": "int8"}},
     ]
-    (dataset_id,) = fake.state.datasets
-    assert spec["datasets"] == {"calibration": dataset_id}
-    assert fake.state.requests_to("POST", "/v1/jobs")[0].headers["idempotency-key"]
-    assert spec["evaluate"]["batch_sizes"] == [1, 32]
+    assert create.headers["idempotency-key"]
+    spec = job["spec"]
+    datasets = {d["name"]: d["id"] for d in client.list_datasets()}
+    assert spec["datasets"] == {"calibration": datasets["calib.npz"], "eval": datasets["eval.npz"]}
+    assert spec["evaluate"]["batch_sizes"] == BATCH_SIZES == [1, 32]
     assert spec["target"]["device"] == "cpu"
-    # The summary on stdout; progress on stderr.
-    assert f"job                   {job['id']} (succeeded)" in result.stdout
-    assert "size                  97.7 KiB -> 48.8 KiB (ratio 2.00x)" in result.stdout
-    assert "latency p50 batch 1   2.00 ms -> 1.00 ms (2.00x)" in result.stdout
-    assert "latency p50 batch 32  64.00 ms -> 32.00 ms (2.00x)" in result.stdout
-    assert "accuracy              0.9125 -> 0.9050" in result.stdout
-    assert "fidelity              top1_agreement 0.99, cosine_similarity 0.998" in result.stdout
-    assert "running 50% quantize.dynamic" in result.stderr
+    # The summary on stdout, from the job's measured metrics; progress on stderr.
+    metrics = job["metrics"]
+    original, compressed, ratios = metrics["original"], metrics["compressed"], metrics["ratios"]
+    assert f"job                   {job_id} (succeeded)" in result.stdout
+    size = f"{kib(original['size_bytes'])} -> {kib(compressed['size_bytes'])}"
+    assert f"size                  {size} (ratio {ratios['size']:.2f}x)" in result.stdout
+    for batch, label in ((1, "batch 1 "), (32, "batch 32")):
+        key = f"batch_{batch}"
+        before, after = original["latency_ms"][key]["p50"], compressed["latency_ms"][key]["p50"]
+        latency = f"{before:.2f} ms -> {after:.2f} ms ({ratios['speedup'][key]:.2f}x)"
+        assert f"latency p50 {label}  {latency}" in result.stdout
+    accuracy = f"{original['accuracy']:.4f} -> {compressed['accuracy']:.4f}"
+    assert f"accuracy              {accuracy}" in result.stdout
+    fidelity = ", ".join(
+        f"{k} {metrics['fidelity'][k]:.4g}"
+        for k in ("top1_agreement", "cosine_similarity", "mse", "max_abs_error")
+    )
+    assert f"fidelity              {fidelity}" in result.stdout
+    first = next(
+        e for e in live.stored_events(job_id)
+        if e["kind"] == "progress" and e["data"]["stage"] == "quantize.dynamic"
+    )  # fmt: skip
+    assert f"running {round(first['data']['progress'] * 100)}% quantize.dynamic" in result.stderr
     assert "succeeded 100%" in result.stderr
 
 
 def test_compress_with_an_uploaded_model_and_dataset_id_and_json(
-    squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path
+    squish: Any,
+    live: Live,
+    worker: InProcessWorker,
+    model_file: Path,
+    model_files: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     model = json.loads(squish("models", "upload", str(model_file), "--json").stdout)
-    data = tmp_path / "eval.npz"
-    data.write_bytes(b"PK")
+    data = shutil.copyfile(model_files["eval"], tmp_path / "eval.npz")
     dataset = json.loads(squish("datasets", "upload", str(data), "--json").stdout)
     out = tmp_path / "small.onnx"
+    worker.serve()
     result = squish(
-        "compress", model["id"], "-m", "prune.magnitude", "-d", f"eval={dataset['id']}",
-        "--output-format", "onnx", "--out", str(out), "--json", *FAST,
+        "compress", model["id"], "-m", "prune.magnitude", "-p", "amount=0.5",
+        "-d", f"eval={dataset['id']}", "--output-format", "onnx", "--out", str(out), "--json",
+        *FAST,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     job = json.loads(result.stdout)
     assert job["status"] == "succeeded"
     assert job["spec"]["datasets"] == {"eval": dataset["id"]}
     assert job["spec"]["output_format"] == "onnx"
-    assert out.exists()
-    assert len(fake.state.models) == 1  # nothing uploaded again
+    assert out.read_bytes() == live.artifact_bytes(job["id"], "model", tmp_path)
+    assert live.model_ids() == [model["id"]]  # nothing uploaded again
 
 
 def test_compress_refused_spec_exits_2_with_the_field_errors(
-    squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path
+    squish: Any, live: Live, model_file: Path, tmp_path: Path
 ) -> None:
     result = squish(
         "compress", str(model_file), "-m", "prune.magnitude", "-p", "amount=1.5",
@@ -138,37 +175,45 @@ def test_compress_refused_spec_exits_2_with_the_field_errors(
     )  # fmt: skip
     assert result.exit_code == 2
     assert result.stderr.endswith(
-        "error: 422 Invalid job spec\n  - pipeline.0.params.amount: must be between 0 and 1\n"
+        "error: 422 Invalid job spec\n  - pipeline.0.params.amount: Input should be less than 1\n"
     )
-    assert fake.state.jobs == {}
+    assert live.job_ids() == []
     assert not (tmp_path / "x.pt2").exists()
 
 
 def test_compress_failed_job_exits_1_with_the_error(
-    squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path
+    squish: Any,
+    live: Live,
+    client: Client,
+    worker: InProcessWorker,
+    model_file: Path,
+    tmp_path: Path,
 ) -> None:
+    worker.serve()
     result = squish(
-        "compress", str(model_file), "-m", "prune.magnitude", "-m", "test.fail",
-        "--out", str(tmp_path / "x.pt2"), *FAST,
-    )  # fmt: skip
+        "compress", str(model_file), *FAILING_ARGS, "--out", str(tmp_path / "x.pt2"), *FAST
+    )
     assert result.exit_code == 1
-    (job_id,) = fake.state.jobs
-    assert f"error: job {job_id} failed: method_failed: test.fail always fails (step 1)" in (
-        result.stderr
+    (job_id,) = live.job_ids()
+    error = client.get_job(job_id)["error"]
+    assert error["code"] == "invalid_params"
+    assert (
+        f"error: job {job_id} failed: invalid_params: {error['message']} (step prune.structured)"
+        in result.stderr
     )
     assert not (tmp_path / "x.pt2").exists()
 
 
 def test_compress_timeout_exits_1_and_says_how_to_follow_up(
-    squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path
+    squish: Any, live: Live, model_file: Path, tmp_path: Path
 ) -> None:
-    steps = [a for _ in range(40) for a in ("-m", "prune.magnitude")]
+    # No worker runs: the job stays queued.
     result = squish(
-        "compress", str(model_file), *steps, "--out", str(tmp_path / "x.pt2"),
-        "--timeout", "0.05", "--poll-interval", "0.02",
+        "compress", str(model_file), "-m", "prune.magnitude", "-p", "amount=0.5",
+        "--out", str(tmp_path / "x.pt2"), "--timeout", "0.05", "--poll-interval", "0.02",
     )  # fmt: skip
     assert result.exit_code == 1
-    (job_id,) = fake.state.jobs
+    (job_id,) = live.job_ids()
     assert f"squish jobs wait {job_id}" in result.stderr
 
 
@@ -183,12 +228,12 @@ def test_compress_timeout_exits_1_and_says_how_to_follow_up(
     ],
 )
 def test_compress_usage_errors_exit_2(
-    squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path, args: list[str], message: str
+    squish: Any, live: Live, model_file: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
     result = squish("compress", str(model_file), *args, "--out", str(tmp_path / "x.pt2"))
     assert result.exit_code == 2, result.output
     assert message in result.stderr
-    assert fake.state.jobs == {}
+    assert live.job_ids() == []
 
 
 def test_compress_missing_model_file_exits_2(squish: Any, tmp_path: Path) -> None:
@@ -344,7 +389,7 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
 
 def test_local_passes_the_parsed_pipeline_to_the_engine(
-    fake_engine: list[dict], fake: FakeServer, model_file: Path, tmp_path: Path
+    fake_engine: list[dict], live: Live, model_file: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "calib.npz"
     data.write_bytes(b"PK")
@@ -352,7 +397,7 @@ def test_local_passes_the_parsed_pipeline_to_the_engine(
     result = CliRunner().invoke(
         cli,
         [
-            "compress", str(model_file), "--local",
+            "--url", live.url, "--api-key", live.api_key, "compress", str(model_file), "--local",
             "-m", "prune.magnitude", "-p", "amount=0.25", "-m", "quantize.dynamic",
             "-d", f"calibration={data}", "--output-format", "onnx", "--device", "gpu",
             "-b", "8", "--warmup", "3", "--out", str(out),
@@ -369,7 +414,7 @@ def test_local_passes_the_parsed_pipeline_to_the_engine(
     assert (spec.warmup, spec.iterations) == (3, 20)
     assert out.read_bytes() == b"compressed!"
     assert "size    20 B -> 11 B (ratio 1.82x)" in result.stdout
-    assert fake.state.requests == []  # no server involved
+    assert live.faults.requests == []  # no server involved
 
 
 def test_local_engine_failure_exits_1(
@@ -416,14 +461,14 @@ def test_local_needs_files_and_a_known_format(fake_engine: list[dict], tmp_path:
 # -- resource commands ------------------------------------------------------------------
 
 
-def test_models_commands(squish: Any, fake: FakeServer, model_file: Path, tmp_path: Path) -> None:
+def test_models_commands(squish: Any, live: Live, model_file: Path, tmp_path: Path) -> None:
     result = squish("models", "upload", str(model_file), "--name", "resnet")
     assert result.exit_code == 0, result.output
-    (model_id,) = fake.state.models
+    (model_id,) = live.model_ids()
     assert f"id          {model_id}" in result.stdout
     listed = squish("models", "list")
     assert listed.stdout.splitlines()[0].split() == ["ID", "NAME", "FORMAT", "SIZE", "CREATED"]
-    assert f"{model_id}  resnet  pt2     97.7 KiB" in listed.stdout
+    assert f"{model_id}  resnet  pt2     {kib(model_file.stat().st_size)}" in listed.stdout
     assert json.loads(squish("models", "get", model_id, "--json").stdout)["name"] == "resnet"
     copy = tmp_path / "copy.pt2"
     assert squish("models", "download", model_id, "-o", str(copy)).exit_code == 0
@@ -431,32 +476,30 @@ def test_models_commands(squish: Any, fake: FakeServer, model_file: Path, tmp_pa
     assert squish("models", "delete", model_id).stdout == f"deleted {model_id}\n"
     missing = squish("models", "get", model_id)
     assert missing.exit_code == 2
-    assert f"error: 404 Not found: no model '{model_id}'" in missing.stderr
+    assert f"error: 404 Not found: No model '{model_id}'." in missing.stderr
     assert squish("models", "list").stdout == "(none)\n"
 
 
-def test_datasets_commands(squish: Any, fake: FakeServer, tmp_path: Path) -> None:
-    data = tmp_path / "val.npz"
-    data.write_bytes(b"PK" * 10)
+def test_datasets_commands(
+    squish: Any, live: Live, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    data = shutil.copyfile(model_files["eval"], tmp_path / "val.npz")
     assert squish("datasets", "upload", str(data)).exit_code == 0
-    (dataset_id,) = fake.state.datasets
+    (dataset_id,) = live.dataset_ids()
     assert dataset_id in squish("datasets", "list").stdout
-    assert json.loads(squish("datasets", "get", dataset_id, "--json").stdout)["size_bytes"] == 20
+    shown = json.loads(squish("datasets", "get", dataset_id, "--json").stdout)
+    assert shown["size_bytes"] == data.stat().st_size
     assert squish("datasets", "delete", dataset_id).exit_code == 0
     assert json.loads(squish("datasets", "list", "--json").stdout) == []
 
 
-@pytest.fixture
-def client(fake: FakeServer) -> Iterator[Client]:
-    with Client(fake.url, API_KEY, backoff=0.0) as c:
-        yield c
-
-
-def test_jobs_list_get_cancel(squish: Any, client: Client, model_file: Path) -> None:
-    model = client.upload_model(model_file)
-    done = client.create_job(model["id"], [("prune.magnitude", {"amount": 0.5})])
-    client.wait(done["id"], poll_interval=0)
-    queued = client.create_job(model["id"], [("quantize.dynamic", {})])
+def test_jobs_list_get_cancel(
+    squish: Any, client: Client, worker: InProcessWorker, model_files: dict[str, Path]
+) -> None:
+    done = submit(client, model_files)
+    worker.run(done["id"])
+    done = client.wait(done["id"], poll_interval=0)
+    queued = client.create_job(done["model_id"], [("quantize.dynamic", {})])
 
     listed = squish("jobs", "list")
     assert listed.exit_code == 0, listed.output
@@ -470,8 +513,9 @@ def test_jobs_list_get_cancel(squish: Any, client: Client, model_file: Path) -> 
 
     shown = squish("jobs", "get", done["id"])
     assert "status     succeeded" in shown.stdout
-    assert 'pipeline   prune.magnitude{"amount": 0.5}' in shown.stdout
-    assert "artifacts  model (48.8 KiB), report" in shown.stdout
+    assert 'pipeline   prune.magnitude{"amount": 0.5, ' in shown.stdout
+    model_size = next(a["size_bytes"] for a in done["artifacts"] if a["name"] == "model")
+    assert f"artifacts  model ({kib(model_size)}), report" in shown.stdout
     assert "latency p50 batch 1" in shown.stdout
     assert json.loads(squish("jobs", "get", done["id"], "--json").stdout)["id"] == done["id"]
 
@@ -480,77 +524,83 @@ def test_jobs_list_get_cancel(squish: Any, client: Client, model_file: Path) -> 
     assert cancelled.stdout == f"job {queued['id']} cancelled\n"
     again = squish("jobs", "cancel", queued["id"])
     assert again.exit_code == 2
-    assert f"error: 409 Conflict: job {queued['id']} is already cancelled" in again.stderr
+    assert "error: 409 Conflict: The job has already cancelled" in again.stderr
 
 
-def test_jobs_wait_exit_codes(squish: Any, client: Client, model_file: Path) -> None:
-    model = client.upload_model(model_file)
-    ok = client.create_job(model["id"], [("prune.magnitude", {})])
+def test_jobs_wait_exit_codes(
+    squish: Any, client: Client, worker: InProcessWorker, model_files: dict[str, Path]
+) -> None:
+    ok = submit(client, model_files)
+    bad = client.create_job(ok["model_id"], FAILING)
+    worker.serve()
     result = squish("jobs", "wait", ok["id"], *FAST, "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["status"] == "succeeded"
-    bad = client.create_job(model["id"], [("test.fail", {})])
     result = squish("jobs", "wait", bad["id"], *FAST)
     assert result.exit_code == 1
-    assert "error      method_failed: test.fail always fails (step 0)" in result.stdout
+    error = client.get_job(bad["id"])["error"]
+    assert f"error      invalid_params: {error['message']} (step prune.structured)" in result.stdout
     assert f"error: job {bad['id']} failed" in result.stderr
 
 
-def test_jobs_events(squish: Any, client: Client, model_file: Path) -> None:
-    model = client.upload_model(model_file)
-    job = client.create_job(model["id"], [("prune.magnitude", {})])
+def test_jobs_events(
+    squish: Any, client: Client, worker: InProcessWorker, model_files: dict[str, Path]
+) -> None:
+    job = submit(client, model_files)
+    worker.serve()
     result = squish("jobs", "events", job["id"], "--json")
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["data"]["status"] == "succeeded"
-    human = squish("jobs", "events", job["id"], "--last-event-id", "1")
+    human = squish("jobs", "events", job["id"], "--last-event-id", str(events[0]["id"]))
     kinds = [line.split()[2] for line in human.stdout.splitlines()]
+    assert len(kinds) == len(events) - 1
     assert kinds[0] == "status" and "log" in kinds and kinds[-1] == "status"
     assert human.stdout.splitlines()[-1].endswith("succeeded")
 
 
 def test_artifacts_get(
-    squish: Any, fake: FakeServer, client: Client, model_file: Path, tmp_path: Path
+    squish: Any,
+    live: Live,
+    client: Client,
+    worker: InProcessWorker,
+    model_files: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
-    model = client.upload_model(model_file)
-    job = client.wait(
-        client.create_job(model["id"], [("prune.magnitude", {})])["id"], poll_interval=0
-    )
+    job = submit(client, model_files)
+    worker.run(job["id"])
     out = tmp_path / "report.json"
     result = squish("artifacts", "get", job["id"], "report", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert out.read_bytes() == fake.state.artifacts[(job["id"], "report")]
+    assert out.read_bytes() == live.artifact_bytes(job["id"], "report", tmp_path)
     missing = squish("artifacts", "get", job["id"], "weights", "-o", str(tmp_path / "w"))
     assert missing.exit_code == 2
     assert "has no artifact 'weights'; available: model, report" in missing.stderr
 
 
-def test_methods(squish: Any) -> None:
+def test_methods(squish: Any, client: Client) -> None:
     result = squish("methods", "-v")
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[0].split() == [
-        "NAME",
-        "FORMATS",
-        "NEEDS",
-        "DEVICES",
-        "SUMMARY",
-    ]
-    assert "distill           onnx,pt2  train  cpu,gpu  the distill method" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "FORMATS", "NEEDS", "DEVICES", "SUMMARY"]
+    distill = next(m for m in client.methods() if m["name"] == "distill")
+    (row,) = [line for line in lines if line.startswith("distill ")]
+    columns = ["distill", ",".join(distill["formats"]), "train", ",".join(distill["devices"])]
+    assert row.split()[:4] == columns
+    assert row.endswith(distill["summary"])
     assert "\nprune.magnitude\n  amount" in result.stdout
     names = [m["name"] for m in json.loads(squish("methods", "--json").stdout)]
     assert "quantize.dynamic" in names
 
 
-def test_url_and_key_come_from_the_environment(
-    fake: FakeServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SQUISH_URL", fake.url)
-    monkeypatch.setenv("SQUISH_API_KEY", API_KEY)
+def test_url_and_key_come_from_the_environment(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SQUISH_URL", live.url)
+    monkeypatch.setenv("SQUISH_API_KEY", live.api_key)
     assert CliRunner().invoke(cli, ["jobs", "list", "--json"]).stdout.strip() == "[]"
     monkeypatch.setenv("SQUISH_API_KEY", "wrong")
     result = CliRunner().invoke(cli, ["jobs", "list"])
     assert result.exit_code == 2
-    assert "401 Unauthorized" in result.stderr
+    assert "401 Invalid API key" in result.stderr
 
 
 def test_unreachable_server_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
