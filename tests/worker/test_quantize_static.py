@@ -260,7 +260,7 @@ def test_calibration_data_is_required(files, tmp_path: Path) -> None:
     with pytest.raises(DatasetMismatchError, match="needs a 'calibration' dataset"):
         apply(load_model(files["onnx"], "onnx"), {}, tmp_path, None)
     spec = PipelineSpec(steps=[("quantize.static", {})], output_format="onnx")
-    with pytest.raises(InvalidParamsError, match="quantize.static needs a calibration dataset"):
+    with pytest.raises(InvalidParamsError, match=r"quantize\.static needs a calibration dataset"):
         run_pipeline(files["onnx"], "onnx", spec, {}, tmp_path, NullReporter())
 
 
