@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tests.helpers import one_thread
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -58,7 +60,8 @@ def mlp(hidden: tuple[int, ...] = (128, 64), in_features: int = 64, classes: int
 def _trained_state(epochs: int) -> dict[str, torch.Tensor]:
     import torch
 
-    with torch.inference_mode(False), torch.enable_grad():  # callable from inference code
+    # callable from inference code; one thread, so the weights do not depend on the machine
+    with torch.inference_mode(False), torch.enable_grad(), one_thread():
         return _train(epochs)
 
 

@@ -8,8 +8,6 @@ seeds, the split of :mod:`tests.factories`) and trained in a few seconds on a CP
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tests import factories
+from tests.helpers import one_thread
 
 if TYPE_CHECKING:
     import torch
@@ -79,25 +78,11 @@ def cnn(width: int = 32, classes: int = 10) -> nn.Module:
     return DigitsCNN()
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: on tiny models, intra-op parallelism costs more than it
-    gains, and on shared CPUs its spinning threads make training many times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @cache
 def _trained_state(epochs: int) -> dict[str, torch.Tensor]:
     import torch
 
-    with torch.inference_mode(False), torch.enable_grad(), single_thread():
+    with torch.inference_mode(False), torch.enable_grad(), one_thread():
         return _train(epochs)
 
 

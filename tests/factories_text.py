@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tests.helpers import one_thread
+
 if TYPE_CHECKING:
     import torch
 
@@ -87,15 +89,8 @@ def _config(vocab_size: int, **extra: Any) -> Any:
 def _trained_state(epochs: int) -> dict[str, torch.Tensor]:
     import torch
 
-    # One thread: for a model this small, more threads only wait on each other (and on
-    # whatever else the machine runs), which can make training many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            return _train(epochs)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.inference_mode(False), torch.enable_grad(), one_thread():
+        return _train(epochs)
 
 
 def _train(epochs: int) -> dict[str, torch.Tensor]:

@@ -1,12 +1,23 @@
-"""Model and data files shared by the engine tests (built once per session)."""
+"""Model and data files shared by the engine tests (built once per session), and torch on
+one thread for all of them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import factories
+from tests.helpers import one_thread
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models train many times faster on one thread than on cores shared with others,
+    and the same thread count gives the same float sums, so the same trained weights."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, saved, stock_module, stock_program
+from worker.context import RecordingReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import InvalidParamsError, UnsupportedError
 from worker.formats import LoadedModel, load_model, save_model
@@ -20,15 +20,6 @@ from worker.methods import get_method
 from worker.methods.distill import DistillParams, distillation_loss
 
 STUDENT_PARAMETERS = 64 * 32 + 32 + 32 * 10 + 10
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train many times faster on one thread than on cores shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +50,10 @@ def distill(
     models: dict[str, tuple[Path, str]] | None = None,
     reporter=None,
 ) -> LoadedModel:
-    method = get_method("distill")
-    ctx = StepContext(
-        step=0, method="distill", reporter=reporter or NullReporter(), datasets=datasets,
-        device="cpu", work_dir=tmp_path, original=(original, "pt2"), models=models or {},
+    return apply(
+        "distill", model, params, tmp_path, datasets=datasets, reporter=reporter,
+        original=(original, "pt2"), models=models,
     )  # fmt: skip
-    return method.handler(model, method.validate_params(params, model.format), ctx)
-
-
-def reloaded(model: LoadedModel, path: Path) -> torch.nn.Module:
-    save_model(model, path)
-    return torch.export.load(str(path)).module()  # stock tools only
 
 
 def parameter_count(model: LoadedModel) -> int:
@@ -115,8 +99,8 @@ def test_loss_matches_a_hand_computation() -> None:
 
 
 def test_a_small_student_learns_from_the_teacher(zoo: dict[str, Path], tmp_path: Path) -> None:
-    teacher_accuracy = factories.digits_accuracy(torch.export.load(str(zoo["teacher"])).module())
-    student_before = factories.digits_accuracy(torch.export.load(str(zoo["student"])).module())
+    teacher_accuracy = factories.digits_accuracy(stock_module(zoo["teacher"]))
+    student_before = factories.digits_accuracy(stock_module(zoo["student"]))
     datasets = {"train": load_dataset(zoo["train"]), "eval": load_dataset(zoo["eval"])}
     # The pipeline's model is the student; the teacher is another uploaded model.
     result = distill(
@@ -125,7 +109,7 @@ def test_a_small_student_learns_from_the_teacher(zoo: dict[str, Path], tmp_path:
         tmp_path, datasets, original=zoo["student"], models={"T": (zoo["teacher"], "pt2")},
     )  # fmt: skip
     assert parameter_count(result) == STUDENT_PARAMETERS  # the student, not the teacher
-    module = reloaded(result, tmp_path / "student.pt2")
+    module = stock_module(saved(result, tmp_path / "student.pt2"))
     after = factories.digits_accuracy(module)
     assert teacher_accuracy > 0.96
     assert student_before < 0.2
@@ -155,12 +139,12 @@ def test_uploaded_student_without_labels_uses_soft_targets_only(
     messages = [e["message"] for e in reporter.logs]
     assert any("no labels: pure soft-target distillation (alpha 1" in m for m in messages)
     assert any("teacher: the input model as uploaded" in m for m in messages)
-    assert factories.digits_accuracy(reloaded(result, tmp_path / "s.pt2")) > 0.8
+    assert factories.digits_accuracy(stock_module(saved(result, tmp_path / "s.pt2"))) > 0.8
 
 
 def _layer_outputs(path: Path, hidden: tuple[int, ...], upto: int) -> torch.Tensor:
     """Output of layer ``upto`` of a saved MLP, rebuilt as an nn.Sequential."""
-    program = torch.export.load(str(path))
+    program = stock_program(path)
     module = factories.mlp(hidden)
     assert isinstance(module, torch.nn.Sequential)
     module.load_state_dict(dict(program.state_dict))
@@ -187,8 +171,8 @@ def test_feature_transfer_matches_intermediate_outputs(
             models={"T": (zoo["teacher"], "pt2")},
         )  # fmt: skip
         path = tmp_path / f"{name}.pt2"
-        module = reloaded(result, path)
-        graph = torch.export.load(str(path)).graph
+        module = stock_module(saved(result, path))
+        graph = stock_program(path).graph
         assert not [n for n in graph.nodes if "tap" in n.name]  # the recorders are gone
         assert module(torch.from_numpy(factories.digits_arrays()[2][:2])).shape == (2, 10)
         hidden = _layer_outputs(path, (64,), 1)
@@ -289,13 +273,11 @@ def test_a_hugging_face_student_learns_from_a_hugging_face_teacher(tmp_path: Pat
     teacher_accuracy = factories_text.text_accuracy(teacher.module, teacher.tokenizer)
     before = factories_text.text_accuracy(student, tokenizer)
 
-    method = get_method("distill")
-    ctx = StepContext(
-        step=0, method="distill", reporter=NullReporter(), datasets=datasets, device="cpu",
-        work_dir=tmp_path, original=(teacher_zip, "hf"), models={"S": (student_zip, "hf")},
-    )  # fmt: skip
     params = {"temperature": 2.0, "epochs": 3, "lr": 3e-3, "student_model_id": "S"}
-    result = method.handler(teacher, method.validate_params(params, "hf"), ctx)
+    result = apply(
+        "distill", teacher, params, tmp_path, datasets=datasets,
+        original=(teacher_zip, "hf"), models={"S": (student_zip, "hf")},
+    )  # fmt: skip
     out = tmp_path / "distilled.zip"
     save_model(result, out)
     reloaded_student = load_model(out, "hf")
@@ -315,24 +297,20 @@ def test_structured_pruning_then_distillation_of_a_residual_cnn(tmp_path: Path) 
     teacher_path = factories_cnn.cnn_pt2(tmp_path / "cnn.pt2")
     train_set = load_dataset(factories_cnn.images_npz(tmp_path / "train.npz", split="train"))
     datasets = {"train": train_set, "calibration": train_set}
-    teacher_accuracy = factories_cnn.images_accuracy(torch.export.load(str(teacher_path)).module())
+    teacher_accuracy = factories_cnn.images_accuracy(stock_module(teacher_path))
 
     def step(name: str, model: LoadedModel, params: dict) -> LoadedModel:
-        method = get_method(name)
-        ctx = StepContext(
-            step=0, method=name, reporter=NullReporter(), datasets=datasets, device="cpu",
-            work_dir=tmp_path, original=(teacher_path, "pt2"),
-        )  # fmt: skip
-        return method.handler(model, method.validate_params(params, "pt2"), ctx)
+        original = (teacher_path, "pt2")
+        return apply(name, model, params, tmp_path, datasets=datasets, original=original)
 
     pruned = step("prune.structured", load_model(teacher_path, "pt2"), {"amount": 0.5})
-    pruned_accuracy = factories_cnn.images_accuracy(reloaded(pruned, tmp_path / "p.pt2"))
+    pruned_accuracy = factories_cnn.images_accuracy(stock_module(saved(pruned, tmp_path / "p.pt2")))
     # block2.bn2: 16 channels in the student, 32 in the teacher: a learned projection.
     feature = {"student": "block2.bn2", "teacher": "block2.bn2", "weight": 1.0}
     params = {"epochs": 4, "lr": 3e-3, "temperature": 4.0, "alpha": 0.5, "features": [feature]}
     student = step("distill", pruned, params)
     assert parameter_count(student) == parameter_count(pruned)  # no projection left in
-    after = factories_cnn.images_accuracy(reloaded(student, tmp_path / "s.pt2"))
+    after = factories_cnn.images_accuracy(stock_module(saved(student, tmp_path / "s.pt2")))
     assert pruned_accuracy < 0.6
     # Bound: the 4x smaller CNN gets back within 3 points of the original.
     assert after >= teacher_accuracy - 0.03, (after, teacher_accuracy)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,12 @@ import torch
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, saved, stock_module, stock_program
+from worker.context import RecordingReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import DatasetMismatchError, InvalidParamsError
 from worker.formats import LoadedModel, load_model, save_model
 from worker.methods import get_method
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train many times faster on one thread than on cores shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +33,7 @@ def briefly_trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 def finetune(
     model: LoadedModel, params: dict, tmp_path: Path, datasets: dict[str, Dataset], reporter=None
 ) -> LoadedModel:
-    method = get_method("finetune")
-    ctx = StepContext(
-        step=0, method="finetune", reporter=reporter or NullReporter(), datasets=datasets,
-        device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return method.handler(model, method.validate_params(params, model.format), ctx)
-
-
-def saved_and_reloaded(model: LoadedModel, path: Path) -> torch.export.ExportedProgram:
-    save_model(model, path)
-    return torch.export.load(str(path))  # stock tools only
+    return apply("finetune", model, params, tmp_path, datasets=datasets, reporter=reporter)
 
 
 def near_zero_fraction(program: torch.export.ExportedProgram) -> float:
@@ -64,7 +45,7 @@ def test_finetune_improves_accuracy_and_l1_pushes_weights_to_zero(
     briefly_trained: dict[str, Path], tmp_path: Path
 ) -> None:
     datasets = {"train": load_dataset(briefly_trained["train"])}
-    before_program = torch.export.load(str(briefly_trained["pt2"]))
+    before_program = stock_program(briefly_trained["pt2"])
     before = factories.digits_accuracy(before_program.module())
     assert before < 0.85
 
@@ -74,7 +55,7 @@ def test_finetune_improves_accuracy_and_l1_pushes_weights_to_zero(
             load_model(briefly_trained["pt2"], "pt2"), {"epochs": 3, "lr": 1e-3, **extra},
             tmp_path, datasets,
         )  # fmt: skip
-        program = saved_and_reloaded(tuned, tmp_path / f"{name}.pt2")
+        program = stock_program(saved(tuned, tmp_path / f"{name}.pt2"))
         results[name] = (factories.digits_accuracy(program.module()), near_zero_fraction(program))
         x = torch.from_numpy(factories.digits_arrays()[2][:3])
         assert program.module()(x).shape == (3, 10)  # the batch dim is still dynamic
@@ -123,7 +104,7 @@ def test_a_static_batch_model_trains_with_its_batch_size(files, tmp_path: Path) 
     )  # fmt: skip
     assert tuned.inputs[0].shape == (4, 64)
     assert any("static batch size of 4" in e["message"] for e in reporter.logs)
-    program = saved_and_reloaded(tuned, tmp_path / "static.pt2")
+    program = stock_program(saved(tuned, tmp_path / "static.pt2"))
     assert program.module()(torch.from_numpy(x[:4])).shape == (4, 10)
 
 
@@ -186,12 +167,12 @@ def test_finetune_trains_a_cnn_with_batchnorm(tmp_path: Path) -> None:
     from tests import factories_cnn
 
     source = factories_cnn.cnn_pt2(tmp_path / "cnn.pt2", trained=False)
-    before = factories_cnn.images_accuracy(torch.export.load(str(source)).module())
+    before = factories_cnn.images_accuracy(stock_module(source))
     train_set = load_dataset(factories_cnn.images_npz(tmp_path / "train.npz", split="train"))
     tuned = finetune(
         load_model(source, "pt2"), {"epochs": 2, "lr": 3e-3}, tmp_path, {"train": train_set}
     )
-    program = saved_and_reloaded(tuned, tmp_path / "tuned.pt2")
+    program = stock_program(saved(tuned, tmp_path / "tuned.pt2"))
     running_means = [v for k, v in program.state_dict.items() if k.endswith("running_mean")]
     running_means += [v for k, v in program.constants.items() if k.endswith("running_mean")]
     assert running_means and all(float(m.abs().sum()) > 0 for m in running_means)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch_pruning as tp
 from torch import nn
 
 from tests import factories, factories_cnn
+from tests.helpers import stock_module
 from worker.errors import UnsupportedError
 from worker.formats import LoadedModel, load_model, pt2_model_from_program, save_model
 from worker.lifting import lift, lifted_name, relower
@@ -22,22 +22,6 @@ CNN_CONVS = {
     "branch_b",
 }  # fmt: skip
 CNN_BNS = {"stem_1", "block1_bn1", "block1_bn2", "block2_bn1", "block2_bn2"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with factories_cnn.single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The trained digits MLP as pt2, with a dynamic and a static batch dim."""
-    root = tmp_path_factory.mktemp("lifting-mlp")
-    return {
-        "pt2": factories.tiny_mlp_pt2(root / "mlp.pt2"),
-        "pt2_static": factories.tiny_mlp_pt2(root / "mlp_static.pt2", dynamic_batch=False),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +178,7 @@ def test_relower_after_pruning_keeps_the_signature(cnn_files, tmp_path: Path, ke
     assert tuple(weights["head.weight"].shape) == (10, 16)
     out = tmp_path / "pruned.pt2"
     save_model(relowered, out)
-    reloaded = torch.export.load(str(out)).module()
+    reloaded = stock_module(out)
     for batch in [4] if key == "pt2_static" else [4, 11]:
         x = factories_cnn.example_images(batch)
         with torch.no_grad():

@@ -2,58 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, saved, stock_program, stock_run, stock_weights
+from worker.context import RecordingReporter
 from worker.errors import InvalidParamsError
-from worker.formats import LoadedModel, load_model, save_model
+from worker.formats import LoadedModel, load_model
 from worker.methods import get_method
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train many times faster on one thread than on cores shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lowrank(model: LoadedModel, params: dict, tmp_path: Path, reporter=None) -> LoadedModel:
-    method = get_method("lowrank")
-    ctx = StepContext(
-        step=0, method="lowrank", reporter=reporter or NullReporter(), datasets={},
-        device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return method.handler(model, method.validate_params(params, model.format), ctx)
-
-
-def saved(model: LoadedModel, path: Path) -> Path:
-    save_model(model, path)
-    return path
+    return apply("lowrank", model, params, tmp_path, reporter=reporter)
 
 
 def stock_parameters(path: Path) -> int:
-    if path.suffix == ".pt2":
-        return sum(t.numel() for t in torch.export.load(str(path)).state_dict.values())
-    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
-
-
-def stock_run(path: Path, x: np.ndarray) -> np.ndarray:
-    if path.suffix == ".pt2":
-        with torch.inference_mode():
-            return torch.export.load(str(path)).module()(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]  # type: ignore[no-any-return]
+    return sum(w.size for w in stock_weights(path).values())
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -150,7 +120,7 @@ def test_pt2_pointwise_conv_becomes_two_pointwise_convs(
     result = lowrank(
         load_model(low_rank_files["pt2"], "pt2"), {"rank_ratio": 0.125}, tmp_path, reporter
     )
-    program = torch.export.load(str(saved(result, tmp_path / "conv.pt2")))
+    program = stock_program(saved(result, tmp_path / "conv.pt2"))
     shapes = sorted(tuple(t.shape) for k, t in program.state_dict.items() if t.ndim == 4)
     assert shapes == [(6, 48, 1, 1), (96, 6, 1, 1)]  # rank 6 = 0.125 x 48
     summary = reporter.logs[-1]["data"]["factorized"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 from torch import nn
 
 from tests import factories, factories_cnn
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, stock_module
+from worker.context import RecordingReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import InvalidParamsError
 from worker.formats import load_model, save_model
@@ -21,20 +21,10 @@ from worker.metrics import weight_counts
 METHOD = "prune.activation"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with factories_cnn.single_thread():
-        yield
-
-
-def apply(path: Path, params: dict, tmp_path: Path, calibration: Dataset | None, reporter=None):
-    method = get_method(METHOD)
-    ctx = StepContext(
-        step=0, method=METHOD, reporter=reporter or NullReporter(),
-        datasets={} if calibration is None else {"calibration": calibration}, device="cpu",
-        work_dir=tmp_path,
-    )  # fmt: skip
-    return method.handler(load_model(path, "pt2"), method.validate_params(params, "pt2"), ctx)
+def prune(path: Path, params: dict, tmp_path: Path, calibration: Dataset | None, reporter=None):
+    datasets = {} if calibration is None else {"calibration": calibration}
+    model = load_model(path, "pt2")
+    return apply(METHOD, model, params, tmp_path, datasets=datasets, reporter=reporter)
 
 
 def constructed_mlp() -> nn.Module:
@@ -64,7 +54,7 @@ def test_removes_exactly_the_least_active_neurons(tmp_path: Path) -> None:
 
     reporter = RecordingReporter()
     calibration = Dataset({"inputs": x}, None, len(x))
-    pruned = apply(path, {"amount": 0.5, "batch_size": 64}, tmp_path, calibration, reporter)
+    pruned = prune(path, {"amount": 0.5, "batch_size": 64}, tmp_path, calibration, reporter)
     weights = pruned.program.state_dict
     original = {k: v.detach() for k, v in module.state_dict().items()}
     assert torch.equal(weights["0.weight"], original["0.weight"][expected_kept])
@@ -74,7 +64,7 @@ def test_removes_exactly_the_least_active_neurons(tmp_path: Path) -> None:
     assert any("over 200 calibration samples" in e["message"] for e in reporter.logs)
     out = tmp_path / "pruned.pt2"
     save_model(pruned, out)
-    reloaded = torch.export.load(str(out)).module()
+    reloaded = stock_module(out)
     with torch.no_grad():
         full, small = module(torch.from_numpy(x)).numpy(), reloaded(torch.from_numpy(x)).numpy()
     # unit 1 never fires; the output loses exactly the contributions of units 2 and 3
@@ -88,7 +78,7 @@ def test_cnn_channels_shrink_through_residuals_and_concat(tmp_path: Path) -> Non
         factories_cnn.cnn(width=16), factories_cnn.example_images(), tmp_path / "cnn16.pt2"
     )
     calibration = load_dataset(factories_cnn.images_npz(tmp_path / "cal.npz", labels=False))
-    pruned = apply(path, {"amount": 0.5, "max_samples": 256}, tmp_path, calibration)
+    pruned = prune(path, {"amount": 0.5, "max_samples": 256}, tmp_path, calibration)
     # every coupled group lost half its channels: the same architecture at half width
     assert (
         weight_counts(pruned)["parameters"] == weight_counts(load_model(half, "pt2"))["parameters"]
@@ -101,14 +91,14 @@ def test_cnn_channels_shrink_through_residuals_and_concat(tmp_path: Path) -> Non
     out = tmp_path / "pruned.pt2"
     save_model(pruned, out)
     with torch.no_grad():
-        y = torch.export.load(str(out)).module()(factories_cnn.example_images(7))
+        y = stock_module(out)(factories_cnn.example_images(7))
     assert y.shape == (7, 10)
 
 
 def test_static_batch_models_run_whole_batches(tmp_path: Path) -> None:
     path = factories.tiny_mlp_pt2(tmp_path / "mlp.pt2", dynamic_batch=False)
     x = factories.digits_arrays()[0][:10]  # not a multiple of the static batch of 4
-    pruned = apply(path, {"amount": 0.25}, tmp_path, Dataset({"inputs": x}, None, 10))
+    pruned = prune(path, {"amount": 0.25}, tmp_path, Dataset({"inputs": x}, None, 10))
     assert pruned.static_batch == 4
     assert tuple(pruned.program.state_dict["0.weight"].shape) == (96, 64)
 
@@ -116,6 +106,6 @@ def test_static_batch_models_run_whole_batches(tmp_path: Path) -> None:
 def test_needs_calibration_data(tmp_path: Path) -> None:
     path = factories.tiny_mlp_pt2(tmp_path / "mlp.pt2", trained=False)
     with pytest.raises(InvalidParamsError, match="calibration dataset"):
-        apply(path, {"amount": 0.5}, tmp_path, None)
+        prune(path, {"amount": 0.5}, tmp_path, None)
     method = get_method(METHOD)
     assert method.datasets_required == {"calibration"} and method.formats == {"pt2"}

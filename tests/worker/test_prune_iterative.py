@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, saved, step_context, stock_module, stock_program
+from worker.context import RecordingReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import InvalidParamsError, UnsupportedError
 from worker.formats import LoadedModel, load_model, save_model
@@ -21,29 +21,10 @@ from worker.methods import get_method
 WEIGHTS = ("0.weight", "2.weight", "4.weight")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train many times faster on one thread than on cores shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def prune(
     model: LoadedModel, params: dict, tmp_path: Path, datasets: dict[str, Dataset], reporter=None
 ) -> LoadedModel:
-    method = get_method("prune.magnitude")
-    ctx = StepContext(
-        step=0, method="prune.magnitude", reporter=reporter or NullReporter(),
-        datasets=datasets, device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return method.handler(model, method.validate_params(params, model.format), ctx)
-
-
-def reloaded(model: LoadedModel, path: Path) -> torch.export.ExportedProgram:
-    save_model(model, path)
-    return torch.export.load(str(path))  # stock tools only
+    return apply("prune.magnitude", model, params, tmp_path, datasets=datasets, reporter=reporter)
 
 
 def test_the_cubic_schedule_ends_at_amount() -> None:
@@ -69,7 +50,7 @@ def test_iterative_pruning_reaches_amount_with_masks_held(
         {"amount": 0.7, "scope": scope, "steps": 3, "epochs_per_step": 1},
         tmp_path, datasets, reporter,
     )  # fmt: skip
-    program = reloaded(result, tmp_path / "pruned.pt2")
+    program = stock_program(saved(result, tmp_path / "pruned.pt2"))
     weights = {k: program.state_dict[k].detach().numpy() for k in WEIGHTS}
     if scope == "layer":
         for w in weights.values():
@@ -90,13 +71,13 @@ def test_iterative_pruning_reaches_amount_with_masks_held(
 def test_iterative_80_percent_beats_one_shot(files, tmp_path: Path) -> None:
     datasets = {"train": load_dataset(files["calibration"])}  # the digits train split
     one_shot = prune(load_model(files["pt2"], "pt2"), {"amount": 0.8}, tmp_path, datasets)
-    one_shot_accuracy = factories.digits_accuracy(reloaded(one_shot, tmp_path / "a.pt2").module())
+    one_shot_accuracy = factories.digits_accuracy(stock_module(saved(one_shot, tmp_path / "a.pt2")))
     iterative = prune(
         load_model(files["pt2"], "pt2"),
         {"amount": 0.8, "steps": 3, "epochs_per_step": 2, "lr": 3e-3, "batch_size": 64},
         tmp_path, datasets,
     )  # fmt: skip
-    program = reloaded(iterative, tmp_path / "b.pt2")
+    program = stock_program(saved(iterative, tmp_path / "b.pt2"))
     iterative_accuracy = factories.digits_accuracy(program.module())
     sparsity = [
         1 - int(torch.count_nonzero(program.state_dict[k])) / program.state_dict[k].numel()
@@ -126,10 +107,7 @@ def test_iterative_needs_a_trainable_format_and_labelled_train_data(files, tmp_p
         method.validate_params({"amount": 0.5, "steps": 3}, "onnx")
     assert method.validate_params({"amount": 0.5, "steps": 1}, "onnx")
     params = method.validate_params({"amount": 0.5, "steps": 3})  # no format context
-    ctx = StepContext(
-        step=0, method="prune.magnitude", reporter=NullReporter(), datasets={}, device="cpu",
-        work_dir=tmp_path,
-    )  # fmt: skip
+    ctx = step_context(tmp_path, "prune.magnitude")
     with pytest.raises(UnsupportedError, match="onnx models cannot be trained"):
         method.handler(load_model(files["onnx"], "onnx"), params, ctx)
     with pytest.raises(InvalidParamsError, match="needs a train dataset"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,58 +11,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tests import factories, factories_cnn
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests import factories
+from tests.helpers import apply, stock_accuracy, stock_weights
+from worker.context import RecordingReporter
 from worker.errors import InvalidParamsError
 from worker.formats import load_model, pt2_model_from_program, save_model
 from worker.methods import get_method
 
 METHOD = "prune.semi_structured"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with factories_cnn.single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("semi")
-    return {
-        "pt2": factories.tiny_mlp_pt2(root / "mlp.pt2"),
-        "onnx": factories.tiny_mlp_onnx(root / "mlp.onnx"),
-    }
-
-
-def apply(model, params: dict, tmp_path: Path, device: str = "cpu", reporter=None):
-    method = get_method(METHOD)
-    ctx = StepContext(
-        step=0, method=METHOD, reporter=reporter or NullReporter(), datasets={}, device=device,
-        work_dir=tmp_path,
-    )  # fmt: skip
-    return method.handler(model, method.validate_params(params, model.format), ctx)
-
-
-def stock_weights(path: Path, fmt: str) -> dict[str, np.ndarray]:
-    """Weights as ``[out, in]`` arrays, read back with stock tools only."""
-    if fmt == "pt2":
-        program = torch.export.load(str(path))
-        return {k: v.detach().numpy() for k, v in program.state_dict.items()}
-    import onnx
-    from onnx import numpy_helper
-
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-
-
-def stock_predict(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
-    if fmt == "pt2":
-        with torch.no_grad():
-            return torch.export.load(str(path)).module()(torch.from_numpy(x)).numpy()
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def assert_two_four(weight: np.ndarray) -> None:
@@ -74,13 +29,13 @@ def assert_two_four(weight: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
-def test_two_of_every_four_input_weights_are_zero(mlp, tmp_path: Path, fmt: str) -> None:
-    before = stock_weights(mlp[fmt], fmt)
+def test_two_of_every_four_input_weights_are_zero(files, tmp_path: Path, fmt: str) -> None:
+    before = stock_weights(files[fmt])
     reporter = RecordingReporter()
-    model = apply(load_model(mlp[fmt], fmt), {}, tmp_path, reporter=reporter)
+    model = apply(METHOD, load_model(files[fmt], fmt), {}, tmp_path, reporter=reporter)
     out = tmp_path / f"sparse.{fmt}"
     save_model(model, out)
-    after = stock_weights(out, fmt)
+    after = stock_weights(out)
     for name in ("0.weight", "2.weight"):  # [out, in] in both formats here
         assert_two_four(after[name])
         kept = after[name] != 0
@@ -96,7 +51,7 @@ def test_two_of_every_four_input_weights_are_zero(mlp, tmp_path: Path, fmt: str)
     assert "4.weight" in dense[0]["data"]["dense_layers"]
     assert any("no speed-up on CPU" in e["message"] for e in reporter.logs)
     _, _, x_test, y_test = factories.digits_arrays()
-    accuracy = float((stock_predict(out, fmt, x_test).argmax(axis=1) == y_test).mean())
+    accuracy = stock_accuracy(out, x_test, y_test)
     assert accuracy >= 0.85  # 50 % of the hidden weights gone, no fine-tuning; dense ≈ 0.97
     if fmt == "pt2":
         assert model.inputs[0].is_dynamic(0)
@@ -107,7 +62,7 @@ def test_layers_whose_inputs_do_not_group_by_four_are_left_alone(tmp_path: Path)
     module = nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
     path = factories.export_pt2(module, torch.randn(4, 30), tmp_path / "odd.pt2")
     reporter = RecordingReporter()
-    model = apply(load_model(path, "pt2"), {"min_features": 4}, tmp_path, reporter=reporter)
+    model = apply(METHOD, load_model(path, "pt2"), {"min_features": 4}, tmp_path, reporter=reporter)
     weights = model.program.state_dict
     assert torch.equal(weights["0.weight"], module[0].weight)
     assert_two_four(weights["2.weight"].detach().numpy())
@@ -121,7 +76,7 @@ def test_decomposed_linear_layers_are_found(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deepcopy of a tree spec
         ep = ep.run_decompositions()
-    model = apply(pt2_model_from_program(ep), {"layers": ["2."]}, tmp_path)
+    model = apply(METHOD, pt2_model_from_program(ep), {"layers": ["2."]}, tmp_path)
     weights = model.program.state_dict
     assert_two_four(weights["2.weight"].detach().numpy())
     assert torch.count_nonzero(weights["0.weight"]) == weights["0.weight"].numel()
@@ -143,25 +98,25 @@ def test_onnx_matmul_with_a_transposed_initializer(tmp_path: Path) -> None:
     )
     path = tmp_path / "mm.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    model = apply(load_model(path, "onnx"), {}, tmp_path)
+    model = apply(METHOD, load_model(path, "onnx"), {}, tmp_path)
     out = tmp_path / "mm_sparse.onnx"
     save_model(model, out)
-    assert_two_four(stock_weights(out, "onnx")["w"].T)
+    assert_two_four(stock_weights(out)["w"].T)
 
 
-def test_gpu_target_without_cuda_says_the_check_was_skipped(mlp, tmp_path: Path) -> None:
+def test_gpu_target_without_cuda_says_the_check_was_skipped(files, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this worker has a GPU")
     reporter = RecordingReporter()
-    apply(load_model(mlp["pt2"], "pt2"), {}, tmp_path, device="gpu", reporter=reporter)
+    apply(METHOD, load_model(files["pt2"], "pt2"), {}, tmp_path, device="gpu", reporter=reporter)
     assert any("no CUDA device" in e["message"] for e in reporter.logs)
 
 
-def test_nothing_eligible_is_an_error(mlp, tmp_path: Path) -> None:
+def test_nothing_eligible_is_an_error(files, tmp_path: Path) -> None:
     with pytest.raises(InvalidParamsError, match="no Linear layer is eligible"):
-        apply(load_model(mlp["pt2"], "pt2"), {"layers": ["4."]}, tmp_path)
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"layers": ["4."]}, tmp_path)
     with pytest.raises(InvalidParamsError, match=r"no Linear layer weights matching \['conv'\]"):
-        apply(load_model(mlp["pt2"], "pt2"), {"layers": ["conv"]}, tmp_path)
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"layers": ["conv"]}, tmp_path)
 
 
 @pytest.mark.parametrize("params", [{"min_features": 2}, {"layers": []}, {"amount": 0.5}])

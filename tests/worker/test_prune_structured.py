@@ -3,7 +3,6 @@ CNN with residual blocks, BatchNorm and a concatenation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from tests import factories, factories_cnn
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, saved, step_context, stock_module, stock_program
+from worker.context import NullReporter, RecordingReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import InvalidParamsError
-from worker.formats import load_model, save_model
+from worker.formats import load_model
 from worker.lifting import lift, relower
 from worker.methods import get_method
 from worker.metrics import measure_model
@@ -38,35 +38,9 @@ def cnn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with factories_cnn.single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The trained digits MLP as pt2, with a dynamic and a static batch dim."""
-    root = tmp_path_factory.mktemp("structured-mlp")
-    return {
-        "pt2": factories.tiny_mlp_pt2(root / "mlp.pt2"),
-        "pt2_static": factories.tiny_mlp_pt2(root / "mlp_static.pt2", dynamic_batch=False),
-    }
-
-
-def apply(path: Path, params: dict, tmp_path: Path, datasets=None, reporter=None):
-    method = get_method(METHOD)
+def prune(path: Path, params: dict, tmp_path: Path, datasets=None, reporter=None):
     model = load_model(path, "pt2")
-    ctx = StepContext(
-        step=0, method=METHOD, reporter=reporter or NullReporter(), datasets=datasets or {},
-        device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return method.handler(model, method.validate_params(params, "pt2"), ctx)
-
-
-def saved(model, path: Path) -> Path:
-    save_model(model, path)
-    return path
+    return apply(METHOD, model, params, tmp_path, datasets=datasets, reporter=reporter)
 
 
 def measured(path: Path, x: np.ndarray) -> dict:
@@ -77,12 +51,8 @@ def measured(path: Path, x: np.ndarray) -> dict:
     )  # fmt: skip
 
 
-def stock(path: Path) -> torch.nn.Module:
-    return torch.export.load(str(path)).module()
-
-
 def conv_channels(path: Path) -> dict[str, int]:
-    weights = torch.export.load(str(path)).state_dict
+    weights = stock_program(path).state_dict
     return {k.removesuffix(".weight"): v.shape[0] for k, v in weights.items() if v.ndim == 4}
 
 
@@ -90,13 +60,13 @@ def test_local_pruning_of_the_cnn_gives_exactly_a_half_width_cnn(cnn, tmp_path: 
     """Every coupled group loses half its channels: the residual trunk (stem + both
     blocks' second convs), each block's inner conv and each concatenated branch; the
     result has the parameters and MACs of the same CNN built at half width."""
-    out = saved(apply(cnn["pt2"], {"amount": 0.5}, tmp_path), tmp_path / "pruned.pt2")
+    out = saved(prune(cnn["pt2"], {"amount": 0.5}, tmp_path), tmp_path / "pruned.pt2")
     x = factories_cnn.digits_images()[2][:8]
     original, pruned, half = (measured(p, x) for p in (cnn["pt2"], out, cnn["half_width"]))
     assert pruned["parameters"] == half["parameters"] < 0.27 * original["parameters"]
     assert pruned["macs"] == half["macs"] < 0.27 * original["macs"]
     assert set(conv_channels(out).values()) == {16, 8}
-    module = stock(out)
+    module = stock_module(out)
     with torch.no_grad():
         assert module(torch.from_numpy(x[:5])).shape == (5, 10)  # dynamic batch, head kept
 
@@ -109,7 +79,7 @@ def test_local_pruning_of_the_cnn_gives_exactly_a_half_width_cnn(cnn, tmp_path: 
 def test_every_importance_shrinks_the_cnn(cnn, tmp_path: Path, importance: str, scope: str) -> None:
     datasets = {"train": load_dataset(cnn["train"])}
     params = {"amount": 0.4, "importance": importance, "scope": scope}
-    out = saved(apply(cnn["pt2"], params, tmp_path, datasets), tmp_path / "pruned.pt2")
+    out = saved(prune(cnn["pt2"], params, tmp_path, datasets), tmp_path / "pruned.pt2")
     x = factories_cnn.digits_images()[2][:8]
     before, after = measured(cnn["pt2"], x), measured(out, x)
     assert after["parameters"] < 0.6 * before["parameters"]
@@ -117,12 +87,12 @@ def test_every_importance_shrinks_the_cnn(cnn, tmp_path: Path, importance: str, 
     channels = conv_channels(out)
     assert all(0 < c < 32 for name, c in channels.items() if "branch" not in name)
     with torch.no_grad():
-        assert stock(out)(torch.from_numpy(x)).shape == (8, 10)
+        assert stock_module(out)(torch.from_numpy(x)).shape == (8, 10)
 
 
 def test_round_to_keeps_channel_counts_at_multiples(cnn, tmp_path: Path) -> None:
     reporter = RecordingReporter()
-    model = apply(cnn["pt2"], {"amount": 0.3, "round_to": 8}, tmp_path, reporter=reporter)
+    model = prune(cnn["pt2"], {"amount": 0.3, "round_to": 8}, tmp_path, reporter=reporter)
     channels = conv_channels(saved(model, tmp_path / "pruned.pt2"))
     # 32 channels - 30% = 22.4, rounded down to 16; the 16-channel branches to 8
     assert channels == {
@@ -135,13 +105,13 @@ def test_round_to_keeps_channel_counts_at_multiples(cnn, tmp_path: Path) -> None
 
 def test_ignored_layers_keep_their_channels(cnn, tmp_path: Path) -> None:
     params = {"amount": 0.5, "ignore": ["block1.conv1", "branch_b.weight"]}
-    channels = conv_channels(saved(apply(cnn["pt2"], params, tmp_path), tmp_path / "p.pt2"))
+    channels = conv_channels(saved(prune(cnn["pt2"], params, tmp_path), tmp_path / "p.pt2"))
     assert channels["block1_conv1"] == 32 and channels["branch_b"] == 16
     assert channels["block2_conv1"] == 16 and channels["branch_a"] == 8
 
 
 def test_mlp_neurons_removed_and_accuracy_recovers_after_fine_tuning(files, tmp_path) -> None:
-    pruned = apply(files["pt2"], {"amount": 0.5}, tmp_path)
+    pruned = prune(files["pt2"], {"amount": 0.5}, tmp_path)
     weights = pruned.program.state_dict
     assert [tuple(weights[f"{i}.weight"].shape) for i in (0, 2, 4)] == [
         (64, 64), (32, 64), (10, 32),
@@ -149,29 +119,32 @@ def test_mlp_neurons_removed_and_accuracy_recovers_after_fine_tuning(files, tmp_
     assert sum(weights[k].numel() for k in pruned.program.graph_signature.parameters) == 6570
     assert pruned.inputs[0].is_dynamic(0)
     x_train, y_train, _, _ = factories.digits_arrays()
-    before = factories.digits_accuracy(stock(saved(pruned, tmp_path / "pruned.pt2")))
+    before = factories.digits_accuracy(stock_module(saved(pruned, tmp_path / "pruned.pt2")))
     tuned = fine_tune(pruned, x_train, y_train, tmp_path, epochs=5)
-    after = factories.digits_accuracy(stock(saved(tuned, tmp_path / "tuned.pt2")))
+    after = factories.digits_accuracy(stock_module(saved(tuned, tmp_path / "tuned.pt2")))
     assert after >= 0.94, (before, after)  # the unpruned MLP scores ~0.97
 
 
 def test_cnn_accuracy_recovers_after_fine_tuning(cnn, tmp_path: Path) -> None:
-    pruned = apply(cnn["pt2"], {"amount": 0.5, "importance": "l2"}, tmp_path)
+    pruned = prune(cnn["pt2"], {"amount": 0.5, "importance": "l2"}, tmp_path)
     x_train, y_train, _, _ = factories_cnn.digits_images()
-    tuned = fine_tune(pruned, x_train, y_train, tmp_path, epochs=2)
-    accuracy = factories_cnn.images_accuracy(stock(saved(tuned, tmp_path / "tuned.pt2")))
-    assert accuracy >= 0.93  # the unpruned CNN scores ~0.98, the pruned one before tuning less
+    before = factories_cnn.images_accuracy(stock_module(saved(pruned, tmp_path / "pruned.pt2")))
+    # Seeded order, one thread: the same weights every run. lr 1e-3 for 3 epochs, not 3e-3
+    # for 2: at 3e-3 the final accuracy swung from 0.80 to 0.97 with the shuffling seed, so
+    # float-level differences between machines decided the outcome (0.9133 here). Measured
+    # at 1e-3 over shuffling seeds 0-9: 0.949-0.964, seed 0 (this run) 0.9644.
+    tuned = fine_tune(pruned, x_train, y_train, tmp_path, epochs=3, lr=1e-3)
+    accuracy = factories_cnn.images_accuracy(stock_module(saved(tuned, tmp_path / "tuned.pt2")))
+    assert before <= 0.2  # pruned to half width, the CNN is near chance (0.10) before tuning
+    assert accuracy >= 0.93  # the unpruned CNN scores ~0.97
 
 
-def fine_tune(model, x: np.ndarray, y: np.ndarray, tmp_path: Path, epochs: int):
+def fine_tune(model, x: np.ndarray, y: np.ndarray, tmp_path: Path, epochs: int, lr: float = 3e-3):
     module = lift(model)
-    ctx = StepContext(
-        step=1, method="finetune", reporter=NullReporter(), datasets={}, device="cpu",
-        work_dir=tmp_path,
-    )  # fmt: skip
     train(
         module, inputs={model.inputs[0].name: x}, labels=y, loss_fn=supervised_loss,
-        epochs=epochs, lr=3e-3, batch_size=64, ctx=ctx, forward=model_forward(model),
+        epochs=epochs, lr=lr, batch_size=64, ctx=step_context(tmp_path, "finetune", step=1),
+        forward=model_forward(model),
     )  # fmt: skip
     return relower(model, module)
 
@@ -194,7 +167,7 @@ class ScaledConvs(nn.Module):
 def test_parameters_outside_layers_are_pruned_with_their_channels(tmp_path: Path) -> None:
     example = factories_cnn.example_images()
     path = factories.export_pt2(ScaledConvs().eval(), example, tmp_path / "scaled.pt2")
-    pruned = apply(path, {"amount": 0.5}, tmp_path)
+    pruned = prune(path, {"amount": 0.5}, tmp_path)
     shapes = {k: tuple(v.shape) for k, v in pruned.program.state_dict.items()}
     assert shapes["scale"] == (1, 4, 1, 1) and shapes["c1.weight"] == (4, 1, 3, 3)
     assert shapes["c2.weight"] == (4, 4, 1, 1) and shapes["fc.weight"] == (10, 4)
@@ -206,11 +179,11 @@ def test_channels_coupled_to_unliftable_ops_are_left_alone(tmp_path: Path) -> No
     module = ScaledConvs(transposed=True).eval()
     path = factories.export_pt2(module, example, tmp_path / "transposed.pt2")
     with pytest.raises(InvalidParamsError, match="cannot lift into a layer"):
-        apply(path, {"amount": 0.5}, tmp_path)
+        prune(path, {"amount": 0.5}, tmp_path)
 
 
 def test_static_batch_model_stays_static(files, tmp_path: Path) -> None:
-    pruned = apply(files["pt2_static"], {"amount": 0.25}, tmp_path)
+    pruned = prune(files["pt2_static"], {"amount": 0.25}, tmp_path)
     assert pruned.static_batch == 4
     assert tuple(pruned.program.state_dict["0.weight"].shape) == (96, 64)
 
@@ -218,27 +191,27 @@ def test_static_batch_model_stays_static(files, tmp_path: Path) -> None:
 def test_taylor_needs_labelled_data(cnn, tmp_path: Path) -> None:
     unlabelled = {"calibration": load_dataset(cnn["train_unlabelled"])}
     with pytest.raises(InvalidParamsError, match=r"labelled data.*calibration dataset has no"):
-        apply(cnn["pt2"], {"amount": 0.5, "importance": "taylor"}, tmp_path, unlabelled)
+        prune(cnn["pt2"], {"amount": 0.5, "importance": "taylor"}, tmp_path, unlabelled)
     with pytest.raises(InvalidParamsError, match="train or calibration dataset with a 'labels'"):
-        apply(cnn["pt2"], {"amount": 0.5, "importance": "taylor"}, tmp_path)
+        prune(cnn["pt2"], {"amount": 0.5, "importance": "taylor"}, tmp_path)
 
 
 def test_taylor_uses_labelled_calibration_data(files, tmp_path: Path) -> None:
     x, y, _, _ = factories.digits_arrays()
     data = {"calibration": Dataset({"inputs": x[:128]}, y[:128], 128)}
     reporter = RecordingReporter()
-    apply(files["pt2"], {"amount": 0.5, "importance": "taylor"}, tmp_path, data, reporter)
+    prune(files["pt2"], {"amount": 0.5, "importance": "taylor"}, tmp_path, data, reporter)
     assert any("128 calibration samples" in e["message"] for e in reporter.logs)
 
 
 def test_bn_scale_needs_batch_norm(files, tmp_path: Path) -> None:
     with pytest.raises(InvalidParamsError, match="this model has none"):
-        apply(files["pt2"], {"amount": 0.5, "importance": "bn_scale"}, tmp_path)
+        prune(files["pt2"], {"amount": 0.5, "importance": "bn_scale"}, tmp_path)
 
 
 def test_unknown_ignored_layer_is_refused_with_the_layer_names(files, tmp_path: Path) -> None:
     with pytest.raises(InvalidParamsError, match=r"\['conv9'\].*its layers are.*0, 2, 4"):
-        apply(files["pt2"], {"amount": 0.5, "ignore": ["conv9"]}, tmp_path)
+        prune(files["pt2"], {"amount": 0.5, "ignore": ["conv9"]}, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests import factories
-from worker.context import NullReporter, StepContext
+from tests.helpers import apply, one_thread, stock_accuracy, stock_module, stock_program
 from worker.data import Dataset
 from worker.errors import InvalidParamsError, UnsupportedError
 from worker.formats import load_model, save_model
@@ -21,37 +19,6 @@ from worker.methods import quantize_binary
 
 METHOD = quantize_binary.METHOD
 MLP_LAYERS = {"0": (128, 64), "2": (64, 128), "4": (10, 64)}
-
-
-def apply(model, params: dict, tmp_path: Path, datasets: dict | None = None):
-    ctx = StepContext(
-        step=0, method=METHOD.name, reporter=NullReporter(), datasets=datasets or {},
-        device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return METHOD.handler(model, METHOD.validate_params(params, model.format), ctx)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models train many times faster single-threaded on busy shared cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def digits_accuracy(path: Path) -> float:
-    import torch
-
-    _, _, x_test, y_test = factories.digits_arrays()
-    load_model(path, "pt2")  # squish's loader: nothing pickled, only operators
-    module = torch.export.load(str(path)).module()
-    with torch.inference_mode():
-        return float((module(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
 
 
 def decoded(state: dict, layer: str, bits: int, shape: tuple[int, ...]):
@@ -88,13 +55,13 @@ def test_codes_pack_into_ceil_bytes_and_unpack_exactly(bits: int, numel: int) ->
 def test_binary_weights_are_packed_and_decode_to_alpha_sign_w(files, tmp_path: Path) -> None:
     import torch
 
-    original = torch.export.load(str(files["pt2"])).state_dict
+    original = stock_program(files["pt2"]).state_dict
     model = apply(
-        load_model(files["pt2"], "pt2"), {"epochs": 0, "keep_first_last": False}, tmp_path
+        METHOD, load_model(files["pt2"], "pt2"), {"epochs": 0, "keep_first_last": False}, tmp_path
     )
     out = tmp_path / "binary.pt2"
     save_model(model, out)
-    state = torch.export.load(str(out)).state_dict
+    state = stock_program(out).state_dict
     for layer, shape in MLP_LAYERS.items():
         n = math.prod(shape)
         assert state[f"{layer}.packed"].dtype == torch.uint8
@@ -122,9 +89,9 @@ def test_binary_weights_are_packed_and_decode_to_alpha_sign_w(files, tmp_path: P
 def test_ternary_weights_use_two_bits_and_the_threshold(files, tmp_path: Path) -> None:
     import torch
 
-    original = torch.export.load(str(files["pt2"])).state_dict
+    original = stock_program(files["pt2"]).state_dict
     params = {"mode": "ternary", "epochs": 0, "keep_first_last": False}
-    model = apply(load_model(files["pt2"], "pt2"), params, tmp_path)
+    model = apply(METHOD, load_model(files["pt2"], "pt2"), params, tmp_path)
     state = model.program.state_dict  # type: ignore[union-attr]
     for layer, shape in MLP_LAYERS.items():
         assert state[f"{layer}.packed"].numel() == math.ceil(math.prod(shape) / 4)
@@ -143,11 +110,11 @@ def test_file_size_is_the_packed_size(tmp_path: Path) -> None:
 
     module = factories.mlp(hidden=(1024, 1024), in_features=256)
     src = factories.export_pt2(module, torch.randn(4, 256), tmp_path / "wide.pt2")
-    model = apply(load_model(src, "pt2"), {"epochs": 0, "keep_first_last": False}, tmp_path)
+    model = apply(METHOD, load_model(src, "pt2"), {"epochs": 0, "keep_first_last": False}, tmp_path)
     out = tmp_path / "wide_binary.pt2"
     save_model(model, out)
     shapes = [(1024, 256), (1024, 1024), (10, 1024)]
-    state = torch.export.load(str(out)).state_dict
+    state = stock_program(out).state_dict
     packed = sum(t.numel() for k, t in state.items() if k.endswith(".packed"))
     assert packed == sum(math.ceil(o * i / 8) for o, i in shapes)
     # The stored tensors: 1/32 of the float32 weights plus scales and biases ...
@@ -164,6 +131,7 @@ def test_ste_training_recovers_accuracy_and_ternary_beats_binary(
 ) -> None:
     """Bounds: trained binary >= 0.90 (measured 0.95) and above the untrained binarization;
     ternary >= trained binary (measured 0.97); the float model scores 0.976."""
+    _, _, x_test, y_test = factories.digits_arrays()
     results = {}
     with one_thread():
         for name, params in {
@@ -171,10 +139,12 @@ def test_ste_training_recovers_accuracy_and_ternary_beats_binary(
             "binary": {"epochs": 5, "keep_first_last": False},
             "ternary": {"mode": "ternary", "epochs": 5, "keep_first_last": False},
         }.items():
-            model = apply(load_model(files["pt2"], "pt2"), params, tmp_path, train_data)
+            model = apply(
+                METHOD, load_model(files["pt2"], "pt2"), params, tmp_path, datasets=train_data
+            )
             out = tmp_path / f"{name}.pt2"
             save_model(model, out)
-            results[name] = digits_accuracy(out)
+            results[name] = stock_accuracy(out, x_test, y_test, check_loader=True)
     assert results["binary"] >= 0.90, results
     assert results["binary"] > results["binary_ptq"] + 0.05, results
     assert results["ternary"] >= results["binary"], results
@@ -200,10 +170,10 @@ def test_keep_first_last_and_conv_layers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = Net().eval()
     src = factories.export_pt2(net, torch.randn(2, 1, 8, 8), tmp_path / "cnn.pt2")
-    model = apply(load_model(src, "pt2"), {"epochs": 0}, tmp_path)
+    model = apply(METHOD, load_model(src, "pt2"), {"epochs": 0}, tmp_path)
     out = tmp_path / "cnn_binary.pt2"
     save_model(model, out)
-    state = torch.export.load(str(out)).state_dict
+    state = stock_program(out).state_dict
     assert sorted(k for k in state if k.endswith(".packed")) == ["conv.packed"]
     assert state["conv.packed"].numel() == math.ceil(8 * 8 * 3 * 3 / 8)
     assert state["stem.weight"].dtype == torch.float32 and "head.weight" in state
@@ -214,12 +184,12 @@ def test_keep_first_last_and_conv_layers(tmp_path: Path) -> None:
     )
     x = torch.randn(5, 1, 8, 8)
     with torch.inference_mode():
-        assert torch.export.load(str(out)).module()(x).shape == (5, 10)
+        assert stock_module(out)(x).shape == (5, 10)
     with pytest.raises(UnsupportedError, match="keep_first_last=false"):
         tiny = factories.export_pt2(
             nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4), tmp_path / "t.pt2"
         )
-        apply(load_model(tiny, "pt2"), {"epochs": 0}, tmp_path)
+        apply(METHOD, load_model(tiny, "pt2"), {"epochs": 0}, tmp_path)
 
 
 def test_training_needs_train_data(files, tmp_path: Path) -> None:
@@ -227,16 +197,15 @@ def test_training_needs_train_data(files, tmp_path: Path) -> None:
     assert METHOD.requires(METHOD.validate_params({"epochs": 3})) == frozenset({"train"})
     assert METHOD.requires(METHOD.validate_params({"epochs": 0})) == frozenset()
     with pytest.raises(InvalidParamsError, match="needs a train dataset"):
-        apply(load_model(files["pt2"], "pt2"), {"epochs": 1}, tmp_path)
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"epochs": 1}, tmp_path)
     unlabelled = {"train": Dataset({"inputs": np.zeros((8, 64), np.float32)}, None, 8)}
     with pytest.raises(Exception, match="labels"):
-        apply(load_model(files["pt2"], "pt2"), {"epochs": 1}, tmp_path, unlabelled)
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"epochs": 1}, tmp_path, datasets=unlabelled)
 
 
 def test_metrics_count_logical_weights_of_packed_layers(files, tmp_path: Path) -> None:
     """parameters / sparsity count the decoded weights, not the packed bytes, also after
     the program is lifted and exported again by a later step."""
-    import torch
 
     from worker.formats import inspect_model
     from worker.lifting import lift, relower
@@ -244,10 +213,10 @@ def test_metrics_count_logical_weights_of_packed_layers(files, tmp_path: Path) -
 
     original = inspect_model(files["pt2"], "pt2")["parameters"]
     params = {"mode": "ternary", "epochs": 0, "keep_first_last": False}
-    model = apply(load_model(files["pt2"], "pt2"), params, tmp_path)
+    model = apply(METHOD, load_model(files["pt2"], "pt2"), params, tmp_path)
     out = tmp_path / "ternary.pt2"
     save_model(model, out)
-    state = torch.export.load(str(out)).state_dict
+    state = stock_program(out).state_dict
     zeros = sum(
         int((decoded(state, layer, 2, shape) == 0).sum()) for layer, shape in MLP_LAYERS.items()
     )

@@ -10,42 +10,12 @@ import pytest
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, StepContext
+from tests.helpers import apply, cosine, step_context, stock_accuracy, stock_program, stock_run
 from worker.errors import UnsupportedError
 from worker.formats import load_model, save_model
 from worker.methods import quantize_half
 
 METHOD = quantize_half.METHOD
-
-
-def apply(model, params: dict, tmp_path: Path, fmt: str | None = None):
-    ctx = StepContext(
-        step=0, method=METHOD.name, reporter=NullReporter(), datasets={}, device="cpu",
-        work_dir=tmp_path,
-    )  # fmt: skip
-    return METHOD.handler(model, METHOD.validate_params(params, fmt or model.format), ctx)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def run_pt2(path: Path, *args: np.ndarray) -> np.ndarray:
-    import torch
-
-    load_model(path, "pt2")  # squish's loader: nothing pickled, only operators
-    module = torch.export.load(str(path)).module()  # stock loader
-    with torch.inference_mode():
-        return module(*(torch.from_numpy(a) for a in args)).numpy()
-
-
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    load_model(path, "onnx")  # squish's loader checks the graph (onnx.checker)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +36,10 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_pt2_weights_become_16_bit_and_the_file_halves(wide, tmp_path: Path, dtype: str) -> None:
     import torch
 
-    model = apply(load_model(wide["pt2"], "pt2"), {"dtype": dtype}, tmp_path)
+    model = apply(METHOD, load_model(wide["pt2"], "pt2"), {"dtype": dtype}, tmp_path)
     out = tmp_path / "half.pt2"
     save_model(model, out)
-    program = torch.export.load(str(out))
+    program = stock_program(out)
     expected = torch.float16 if dtype == "fp16" else torch.bfloat16
     assert {k: v.dtype for k, v in program.state_dict.items()} == {
         name: expected
@@ -80,18 +50,18 @@ def test_pt2_weights_become_16_bit_and_the_file_halves(wide, tmp_path: Path, dty
     # float32 in, float32 out, dynamic batch kept.
     assert model.inputs[0].dtype == "float32" and model.inputs[0].is_dynamic(0)
     x = np.random.default_rng(0).standard_normal((13, 256)).astype(np.float32)
-    got, ref = run_pt2(out, x), run_pt2(wide["pt2"], x)
+    got, ref = stock_run(out, x, check_loader=True), stock_run(wide["pt2"], x, check_loader=True)
     assert got.dtype == np.float32 and got.shape == (13, 10)
     assert cosine(got, ref) >= 0.999
 
 
 def test_pt2_digits_accuracy_is_kept(files, tmp_path: Path) -> None:
-    model = apply(load_model(files["pt2"], "pt2"), {"dtype": "fp16"}, tmp_path)
+    model = apply(METHOD, load_model(files["pt2"], "pt2"), {"dtype": "fp16"}, tmp_path)
     out = tmp_path / "digits_fp16.pt2"
     save_model(model, out)
     _, _, x_test, y_test = factories.digits_arrays()
-    fp32 = (run_pt2(files["pt2"], x_test).argmax(1) == y_test).mean()
-    fp16 = (run_pt2(out, x_test).argmax(1) == y_test).mean()
+    fp32 = stock_accuracy(files["pt2"], x_test, y_test, check_loader=True)
+    fp16 = stock_accuracy(out, x_test, y_test, check_loader=True)
     assert fp16 >= fp32 - 0.005
 
 
@@ -126,22 +96,28 @@ def test_pt2_residual_cnn_with_batchnorm_and_int_inputs(tmp_path: Path) -> None:
     torch.export.save(
         torch.export.export(net, (x, kind), dynamic_shapes=({0: batch}, {0: batch})), str(src)
     )
-    model = apply(load_model(src, "pt2"), {"dtype": "fp16"}, tmp_path)
+    model = apply(METHOD, load_model(src, "pt2"), {"dtype": "fp16"}, tmp_path)
     assert [s.dtype for s in model.inputs] == ["float32", "int64"]
     out = tmp_path / "cnn_fp16.pt2"
     save_model(model, out)
-    program = torch.export.load(str(out))
+    program = stock_program(out)
     assert program.state_dict["bn1.running_var"].dtype == torch.float16
     assert program.state_dict["bn1.num_batches_tracked"].dtype == torch.int64
     xs = np.random.default_rng(1).standard_normal((6, 1, 8, 8)).astype(np.float32)
     kinds = np.array([0, 1, 2, 3, 2, 1])
-    assert cosine(run_pt2(out, xs, kinds), run_pt2(src, xs, kinds)) >= 0.999
+    assert (
+        cosine(
+            stock_run(out, xs, kinds, check_loader=True),
+            stock_run(src, xs, kinds, check_loader=True),
+        )
+        >= 0.999
+    )
 
 
 def test_onnx_fp16_keeps_float32_io(wide, tmp_path: Path) -> None:
     import onnx
 
-    model = apply(load_model(wide["onnx"], "onnx"), {"dtype": "fp16"}, tmp_path)
+    model = apply(METHOD, load_model(wide["onnx"], "onnx"), {"dtype": "fp16"}, tmp_path)
     out = tmp_path / "half.onnx"
     save_model(model, out)
     proto = onnx.load(str(out))
@@ -153,18 +129,18 @@ def test_onnx_fp16_keeps_float32_io(wide, tmp_path: Path) -> None:
     ratio = out.stat().st_size / wide["onnx"].stat().st_size
     assert 0.45 <= ratio <= 0.55, ratio
     x = np.random.default_rng(0).standard_normal((9, 256)).astype(np.float32)
-    got = run_onnx(out, x)
+    got = stock_run(out, x, check_loader=True)
     assert got.dtype == np.float32
-    assert cosine(got, run_onnx(wide["onnx"], x)) >= 0.999
+    assert cosine(got, stock_run(wide["onnx"], x, check_loader=True)) >= 0.999
 
 
 def test_onnx_digits_accuracy_is_kept(files, tmp_path: Path) -> None:
-    model = apply(load_model(files["onnx"], "onnx"), {}, tmp_path)
+    model = apply(METHOD, load_model(files["onnx"], "onnx"), {}, tmp_path)
     out = tmp_path / "digits_fp16.onnx"
     save_model(model, out)
     _, _, x_test, y_test = factories.digits_arrays()
-    fp32 = (run_onnx(files["onnx"], x_test).argmax(1) == y_test).mean()
-    fp16 = (run_onnx(out, x_test).argmax(1) == y_test).mean()
+    fp32 = stock_accuracy(files["onnx"], x_test, y_test, check_loader=True)
+    fp16 = stock_accuracy(out, x_test, y_test, check_loader=True)
     assert fp16 >= fp32 - 0.005
 
 
@@ -175,7 +151,7 @@ def test_bf16_is_refused_for_onnx_with_a_reason(files, tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         METHOD.validate_params({"dtype": "fp8"})
     # The handler refuses it too (a caller that skipped format validation).
-    ctx = StepContext(0, METHOD.name, NullReporter(), {}, "cpu", tmp_path)
+    ctx = step_context(tmp_path, METHOD.name)
     params = METHOD.validate_params({"dtype": "bf16"})
     with pytest.raises(UnsupportedError, match="bfloat16"):
         METHOD.handler(load_model(files["onnx"], "onnx"), params, ctx)
@@ -189,7 +165,7 @@ def test_hf_transformer_is_saved_in_16_bit_and_reloads_so(tmp_path: Path, dtype:
     from tests import factories_text
 
     src = factories_text.tiny_bert_hf_zip(tmp_path / "bert.zip")
-    model = apply(load_model(src, "hf"), {"dtype": dtype}, tmp_path)
+    model = apply(METHOD, load_model(src, "hf"), {"dtype": dtype}, tmp_path)
     expected = torch.float16 if dtype == "fp16" else torch.bfloat16
     assert model.outputs[0].dtype == str(expected).removeprefix("torch.")
     out = tmp_path / "bert_half.zip"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, StepContext
+from tests.helpers import apply, one_thread, stock_accuracy, stock_program, stock_run
+from worker.context import NullReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import DatasetMismatchError, InvalidParamsError, UnsupportedError
 from worker.formats import load_model, save_model
@@ -21,46 +20,9 @@ from worker.pipeline import PipelineSpec, run_pipeline
 METHOD = quantize_static.METHOD
 
 
-def apply(model, params: dict, tmp_path: Path, calibration: Dataset | None):
-    ctx = StepContext(
-        step=0, method=METHOD.name, reporter=NullReporter(),
-        datasets={"calibration": calibration} if calibration is not None else {},
-        device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return METHOD.handler(model, METHOD.validate_params(params, model.format), ctx)
-
-
-def run(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
-    """Outputs of a saved model, loaded with stock tools."""
-    if fmt == "pt2":
-        import torch
-
-        load_model(path, "pt2")  # squish's loader: nothing pickled, only operators
-        module = torch.export.load(str(path)).module()
-        with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
-    import onnxruntime as ort
-
-    load_model(path, "onnx")  # squish's loader checks the graph (onnx.checker)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
-def accuracy(path: Path, fmt: str, x: np.ndarray, y: np.ndarray) -> float:
-    return float((run(path, fmt, x).argmax(1) == y).mean())
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models train ~30x faster single-threaded on busy shared cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def quantize(model, params: dict, tmp_path: Path, calibration: Dataset | None):
+    datasets = {} if calibration is None else {"calibration": calibration}
+    return apply(METHOD, model, params, tmp_path, datasets=datasets)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +76,10 @@ def test_pt2_mlp_gets_int8_weights_static_activations_and_keeps_accuracy(
 ) -> None:
     import torch
 
-    model = apply(load_model(files["pt2"], "pt2"), {}, tmp_path, digits_calibration)
+    model = quantize(load_model(files["pt2"], "pt2"), {}, tmp_path, digits_calibration)
     out = tmp_path / "static.pt2"
     save_model(model, out)
-    program = torch.export.load(str(out))
+    program = stock_program(out)
     tensors = {**program.state_dict, **program.constants}
     int8 = sorted(tuple(t.shape) for t in tensors.values() if t.dtype == torch.int8)
     assert int8 == [(10, 64), (64, 128), (128, 64)]
@@ -127,10 +89,10 @@ def test_pt2_mlp_gets_int8_weights_static_activations_and_keeps_accuracy(
     assert "quantized_decomposed.quantize_per_tensor.default" in ops
     assert not any("choose_qparams" in op for op in ops)
     _, _, x_test, y_test = factories.digits_arrays()
-    fp32 = accuracy(files["pt2"], "pt2", x_test, y_test)
-    assert accuracy(out, "pt2", x_test, y_test) >= fp32 - 0.01
+    fp32 = stock_accuracy(files["pt2"], x_test, y_test, check_loader=True)
+    assert stock_accuracy(out, x_test, y_test, check_loader=True) >= fp32 - 0.01
     for batch in (1, 5):  # the dynamic batch survived
-        assert run(out, "pt2", x_test[:batch]).shape == (batch, 10)
+        assert stock_run(out, x_test[:batch], check_loader=True).shape == (batch, 10)
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
@@ -140,7 +102,7 @@ def test_onnx_qdq_with_each_calibration_method(
     import onnx
 
     params = {"calibrate_method": method, "max_samples": 256}
-    model = apply(load_model(files["onnx"], "onnx"), params, tmp_path, digits_calibration)
+    model = quantize(load_model(files["onnx"], "onnx"), params, tmp_path, digits_calibration)
     out = tmp_path / "static.onnx"
     save_model(model, out)
     proto = onnx.load(str(out))
@@ -156,8 +118,8 @@ def test_onnx_qdq_with_each_calibration_method(
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") >= 3  # activations quantized with calibrated ranges
     _, _, x_test, y_test = factories.digits_arrays()
-    fp32 = accuracy(files["onnx"], "onnx", x_test, y_test)
-    assert accuracy(out, "onnx", x_test, y_test) >= fp32 - 0.01
+    fp32 = stock_accuracy(files["onnx"], x_test, y_test, check_loader=True)
+    assert stock_accuracy(out, x_test, y_test, check_loader=True) >= fp32 - 0.01
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
@@ -173,7 +135,7 @@ def test_file_is_about_a_quarter_of_fp32(tmp_path: Path, fmt: str) -> None:
         factories.export_onnx(module, example, src)
     rng = np.random.default_rng(0)
     calibration = Dataset({"inputs": rng.standard_normal((64, 256)).astype(np.float32)}, None, 64)
-    model = apply(load_model(src, fmt), {}, tmp_path, calibration)
+    model = quantize(load_model(src, fmt), {}, tmp_path, calibration)
     out = tmp_path / f"wide_int8.{fmt}"
     save_model(model, out)
     ratio = out.stat().st_size / src.stat().st_size
@@ -189,11 +151,11 @@ def test_residual_cnn_with_batchnorm(cnn_files, tmp_path: Path, fmt: str) -> Non
     x_train, _, x_test, y_test = factories.digits_arrays()
     images = x_train.reshape(-1, 1, 8, 8)
     calibration = Dataset({"inputs": images}, None, len(images))
-    model = apply(load_model(cnn_files[fmt], fmt), {"max_samples": 256}, tmp_path, calibration)
+    model = quantize(load_model(cnn_files[fmt], fmt), {"max_samples": 256}, tmp_path, calibration)
     out = tmp_path / f"cnn_int8.{fmt}"
     save_model(model, out)
     if fmt == "pt2":
-        program = torch.export.load(str(out))
+        program = stock_program(out)
         tensors = {**program.state_dict, **program.constants}
         int8 = sorted(tuple(t.shape) for t in tensors.values() if t.dtype == torch.int8)
         assert int8 == [(8, 1, 3, 3), (8, 8, 3, 3), (10, 128)]
@@ -209,9 +171,9 @@ def test_residual_cnn_with_batchnorm(cnn_files, tmp_path: Path, fmt: str) -> Non
         )  # fmt: skip
         assert int8 == [(8, 1, 3, 3), (8, 8, 3, 3), (10, 128)]
     x = x_test.reshape(-1, 1, 8, 8)
-    fp32 = accuracy(cnn_files[fmt], fmt, x, y_test)
+    fp32 = stock_accuracy(cnn_files[fmt], x, y_test, check_loader=True)
     assert fp32 >= 0.9
-    assert accuracy(out, fmt, x, y_test) >= fp32 - 0.02
+    assert stock_accuracy(out, x, y_test, check_loader=True) >= fp32 - 0.02
 
 
 def test_static_batch_model_gets_batches_of_its_size(files, digits_calibration: Dataset) -> None:
@@ -226,7 +188,7 @@ def test_static_batch_model_gets_batches_of_its_size(files, digits_calibration: 
 
 
 def test_pt2_static_batch_quantizes(files, tmp_path: Path, digits_calibration: Dataset) -> None:
-    model = apply(
+    model = quantize(
         load_model(files["pt2_static"], "pt2"), {"max_samples": 64}, tmp_path, digits_calibration
     )
     assert model.inputs[0].shape == (4, 64)
@@ -258,7 +220,7 @@ def test_backend_limits_are_refused_with_what_to_change() -> None:
 def test_calibration_data_is_required(files, tmp_path: Path) -> None:
     assert METHOD.datasets_required == frozenset({"calibration"})
     with pytest.raises(DatasetMismatchError, match="needs a 'calibration' dataset"):
-        apply(load_model(files["onnx"], "onnx"), {}, tmp_path, None)
+        quantize(load_model(files["onnx"], "onnx"), {}, tmp_path, None)
     spec = PipelineSpec(steps=[("quantize.static", {})], output_format="onnx")
     with pytest.raises(InvalidParamsError, match=r"quantize\.static needs a calibration dataset"):
         run_pipeline(files["onnx"], "onnx", spec, {}, tmp_path, NullReporter())
@@ -294,12 +256,12 @@ def test_onnx_default_keeps_the_residual_concat_cnn_accurate(tmp_path: Path) -> 
     src = factories_cnn.cnn_onnx(tmp_path / "cnn.onnx")
     x_train, _, x_test, y_test = factories_cnn.digits_images()
     calibration = Dataset({"input": x_train}, None, len(x_train))
-    model = apply(load_model(src, "onnx"), {}, tmp_path, calibration)
+    model = quantize(load_model(src, "onnx"), {}, tmp_path, calibration)
     out = tmp_path / "cnn_int8.onnx"
     save_model(model, out)
-    fp32 = accuracy(src, "onnx", x_test, y_test)
+    fp32 = stock_accuracy(src, x_test, y_test, check_loader=True)
     assert fp32 >= 0.95
-    assert accuracy(out, "onnx", x_test, y_test) >= fp32 - 0.01
+    assert stock_accuracy(out, x_test, y_test, check_loader=True) >= fp32 - 0.01
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
@@ -312,12 +274,12 @@ def test_histogram_calibration_with_a_short_last_batch(files, tmp_path: Path, me
     batches = quantize_static.calibration_batches(onnx_model, calibration, 512, 32)
     assert [len(b["input"]) for b in batches] == [32, 32]
     params = {"calibrate_method": method, "batch_size": 32}
-    model = apply(onnx_model, params, tmp_path, calibration)
+    model = quantize(onnx_model, params, tmp_path, calibration)
     out = tmp_path / "static.onnx"
     save_model(model, out)
     assert (
-        accuracy(out, "onnx", x_test, y_test)
-        >= accuracy(files["onnx"], "onnx", x_test, y_test) - 0.02
+        stock_accuracy(out, x_test, y_test, check_loader=True)
+        >= stock_accuracy(files["onnx"], x_test, y_test, check_loader=True) - 0.02
     )
 
 
@@ -327,7 +289,7 @@ def test_op_types_limit_what_onnx_runtime_quantizes(
     import onnx
 
     def ops(params: dict) -> list[str]:
-        model = apply(load_model(files["onnx"], "onnx"), params, tmp_path, digits_calibration)
+        model = quantize(load_model(files["onnx"], "onnx"), params, tmp_path, digits_calibration)
         assert model.proto is not None
         return [n.op_type for n in model.proto.graph.node]
 
@@ -364,7 +326,7 @@ def test_entropy_on_an_unbinnable_tensor_says_what_to_change(tmp_path: Path) -> 
     x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     calibration = Dataset({"input": x}, None, 64)
     with pytest.raises(UnsupportedError, match="use calibrate_method 'minmax' or 'percentile'"):
-        apply(load_model(src, "onnx"), {"calibrate_method": "entropy"}, tmp_path, calibration)
+        quantize(load_model(src, "onnx"), {"calibrate_method": "entropy"}, tmp_path, calibration)
     for method in ("minmax", "percentile"):
         params = {"calibrate_method": method}
-        assert apply(load_model(src, "onnx"), params, tmp_path, calibration).proto is not None
+        assert quantize(load_model(src, "onnx"), params, tmp_path, calibration).proto is not None

@@ -9,41 +9,14 @@ import pytest
 from pydantic import ValidationError
 
 from tests import factories
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import apply, cosine, stock_accuracy, stock_program, stock_run
+from worker.context import RecordingReporter
 from worker.errors import UnsupportedError
 from worker.formats import load_model, save_model
 from worker.methods import quantize_weight_only
 
 METHOD = quantize_weight_only.METHOD
 WIDE_SHAPES = [(10, 512), (512, 256), (512, 512)]
-
-
-def apply(model, params: dict, tmp_path: Path, reporter=None):
-    ctx = StepContext(
-        step=0, method=METHOD.name, reporter=reporter or NullReporter(), datasets={},
-        device="cpu", work_dir=tmp_path,
-    )  # fmt: skip
-    return METHOD.handler(model, METHOD.validate_params(params, model.format), ctx)
-
-
-def run(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
-    if fmt == "pt2":
-        import torch
-
-        load_model(path, "pt2")  # squish's loader: nothing pickled, only operators
-        module = torch.export.load(str(path)).module()  # stock loader
-        with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
-    import onnxruntime as ort
-
-    load_model(path, "onnx")  # squish's loader checks the graph (onnx.checker)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +36,11 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_pt2_int8_per_channel(wide, tmp_path: Path) -> None:
     import torch
 
-    model = apply(load_model(wide["pt2"], "pt2"), {"bits": 8}, tmp_path)
+    model = apply(METHOD, load_model(wide["pt2"], "pt2"), {"bits": 8}, tmp_path)
     out = tmp_path / "int8.pt2"
     save_model(model, out)
     load_model(out, "pt2")  # squish's own loader: plain tensors, nothing pickled
-    program = torch.export.load(str(out))
+    program = stock_program(out)
     int8 = sorted(tuple(t.shape) for t in program.state_dict.values() if t.dtype == torch.int8)
     assert [s for s in int8 if len(s) == 2 and s[1] > 1] == WIDE_SHAPES
     big_floats = [
@@ -76,8 +49,11 @@ def test_pt2_int8_per_channel(wide, tmp_path: Path) -> None:
     assert big_floats == []
     assert out.stat().st_size / wide["pt2"].stat().st_size <= 0.32
     x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
-    assert cosine(run(out, "pt2", x), run(wide["pt2"], "pt2", x)) >= 0.999
-    assert run(out, "pt2", x[:1]).shape == (1, 10)  # dynamic batch kept
+    assert (
+        cosine(stock_run(out, x, check_loader=True), stock_run(wide["pt2"], x, check_loader=True))
+        >= 0.999
+    )
+    assert stock_run(out, x[:1], check_loader=True).shape == (1, 10)  # dynamic batch kept
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -91,11 +67,11 @@ def test_pt2_int4_is_packed_two_per_byte_and_decodes_to_torchaos_values(
     from worker.packing import unpack_codes
 
     params = {"bits": 4, "group_size": 32, "symmetric": symmetric}
-    model = apply(load_model(wide["pt2"], "pt2"), params, tmp_path)
+    model = apply(METHOD, load_model(wide["pt2"], "pt2"), params, tmp_path)
     out = tmp_path / "int4.pt2"
     save_model(model, out)
     load_model(out, "pt2")
-    state = torch.export.load(str(out)).state_dict
+    state = stock_program(out).state_dict
     packed = {k.removesuffix(".packed"): v for k, v in state.items() if k.endswith(".packed")}
     assert sorted(v.numel() for v in packed.values()) == sorted(o * i // 2 for o, i in WIDE_SHAPES)
     assert all(v.dtype == torch.uint8 for v in packed.values())
@@ -121,7 +97,10 @@ def test_pt2_int4_is_packed_two_per_byte_and_decodes_to_torchaos_values(
         inspect_model(out, "pt2")["parameters"] == inspect_model(wide["pt2"], "pt2")["parameters"]
     )
     x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
-    assert cosine(run(out, "pt2", x), run(wide["pt2"], "pt2", x)) >= 0.99
+    assert (
+        cosine(stock_run(out, x, check_loader=True), stock_run(wide["pt2"], x, check_loader=True))
+        >= 0.99
+    )
 
 
 @pytest.mark.parametrize(("fmt", "int8_compute"), [("pt2", True), ("onnx", True), ("onnx", False)])
@@ -130,12 +109,12 @@ def test_digits_accuracy_is_kept(
     files, tmp_path: Path, fmt: str, bits: int, int8_compute: bool
 ) -> None:
     params = {"bits": bits, "group_size": 32, "onnx_int8_compute": int8_compute}
-    model = apply(load_model(files[fmt], fmt), params, tmp_path)
+    model = apply(METHOD, load_model(files[fmt], fmt), params, tmp_path)
     out = tmp_path / f"wo.{fmt}"
     save_model(model, out)
     _, _, x_test, y_test = factories.digits_arrays()
-    fp32 = (run(files[fmt], fmt, x_test).argmax(1) == y_test).mean()
-    quantized = (run(out, fmt, x_test).argmax(1) == y_test).mean()
+    fp32 = stock_accuracy(files[fmt], x_test, y_test, check_loader=True)
+    quantized = stock_accuracy(out, x_test, y_test, check_loader=True)
     assert quantized >= fp32 - (0.005 if bits == 8 else 0.02)
 
 
@@ -144,7 +123,7 @@ def test_onnx_matmul_nbits(wide, tmp_path: Path, bits: int) -> None:
     import onnx
 
     params = {"bits": bits, "group_size": 64, "symmetric": False}
-    model = apply(load_model(wide["onnx"], "onnx"), params, tmp_path)
+    model = apply(METHOD, load_model(wide["onnx"], "onnx"), params, tmp_path)
     out = tmp_path / "nbits.onnx"
     save_model(model, out)
     proto = onnx.load(str(out))
@@ -162,21 +141,24 @@ def test_onnx_matmul_nbits(wide, tmp_path: Path, bits: int) -> None:
     ratio = out.stat().st_size / wide["onnx"].stat().st_size
     assert ratio <= (0.3 if bits == 8 else 0.18), ratio
     x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
-    assert cosine(run(out, "onnx", x), run(wide["onnx"], "onnx", x)) >= 0.99
+    assert (
+        cosine(stock_run(out, x, check_loader=True), stock_run(wide["onnx"], x, check_loader=True))
+        >= 0.99
+    )
 
 
 def test_layers_the_group_does_not_divide_stay_float(files, tmp_path: Path) -> None:
     import torch
 
     reporter = RecordingReporter()
-    model = apply(load_model(files["pt2"], "pt2"), {"bits": 4}, tmp_path, reporter)
+    model = apply(METHOD, load_model(files["pt2"], "pt2"), {"bits": 4}, tmp_path, reporter=reporter)
     state = model.program.state_dict  # type: ignore[union-attr]
     # Inputs 64, 128, 64: only the 128-input layer divides into groups of 128.
     assert [k for k in state if k.endswith(".packed")] == ["2.packed"]
     assert state["0.weight"].dtype == torch.float32
     assert reporter.logs[-1]["data"]["kept_float"] == ["0", "4"]
     with pytest.raises(UnsupportedError, match="divisible by 256"):
-        apply(load_model(files["pt2"], "pt2"), {"bits": 4, "group_size": 256}, tmp_path)
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"bits": 4, "group_size": 256}, tmp_path)
 
 
 def test_backend_limits_are_refused() -> None:

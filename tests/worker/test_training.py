@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +10,10 @@ import pytest
 import torch
 
 from tests import factories
-from worker.context import NullReporter, RecordingReporter, StepContext
+from tests.helpers import step_context
+from worker.context import RecordingReporter
 from worker.errors import DatasetMismatchError, InvalidParamsError, JobCancelled
 from worker.training import primary_output, supervised_loss, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models train many times faster on one thread than on cores shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def context(tmp_path: Path, reporter=None) -> StepContext:
-    return StepContext(
-        step=0, method="test", reporter=reporter or NullReporter(), datasets={}, device="cpu",
-        work_dir=tmp_path,
-    )  # fmt: skip
 
 
 def digits() -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -43,7 +27,7 @@ def test_training_from_scratch_learns_the_digits(tmp_path: Path) -> None:
     before = factories.digits_accuracy(model)
     history = train(
         model, inputs=inputs, labels=labels, loss_fn=supervised_loss, epochs=4, lr=1e-2,
-        batch_size=64, ctx=context(tmp_path),
+        batch_size=64, ctx=step_context(tmp_path),
     )  # fmt: skip
     assert before < 0.2  # an untrained 10-class model is at chance
     assert factories.digits_accuracy(model) > 0.9
@@ -60,7 +44,7 @@ def test_same_seed_same_weights_and_progress_after_every_batch(tmp_path: Path) -
         reporter = RecordingReporter()
         train(
             model, inputs=inputs, labels=labels, loss_fn=supervised_loss, epochs=2, lr=1e-2,
-            batch_size=100, ctx=context(tmp_path, reporter),
+            batch_size=100, ctx=step_context(tmp_path, reporter=reporter),
         )  # fmt: skip
         results.append((model.state_dict(), reporter.events))
     (first, events), (second, _) = results
@@ -79,7 +63,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path: Path) -> None:
     model = factories.mlp((32,))
     history = train(
         model, inputs=inputs, labels=labels, loss_fn=supervised_loss, epochs=30, lr=1e-2,
-        batch_size=64, ctx=context(tmp_path), eval_inputs=eval_inputs, eval_labels=noise,
+        batch_size=64, ctx=step_context(tmp_path), eval_inputs=eval_inputs, eval_labels=noise,
         patience=2,
     )  # fmt: skip
     assert history["stopped_early"]
@@ -98,7 +82,7 @@ def test_eval_accuracy_is_recorded_for_classifiers(tmp_path: Path) -> None:
     model = factories.mlp((32,))
     history = train(
         model, inputs=inputs, labels=labels, loss_fn=supervised_loss, epochs=3, lr=1e-2,
-        batch_size=64, ctx=context(tmp_path), eval_inputs=eval_inputs, eval_labels=eval_labels,
+        batch_size=64, ctx=step_context(tmp_path), eval_inputs=eval_inputs, eval_labels=eval_labels,
     )  # fmt: skip
     assert history["eval_accuracy"][-1] == pytest.approx(factories.digits_accuracy(model))
 
@@ -115,7 +99,7 @@ def test_extra_loss_and_weight_decay_shrink_the_weights(tmp_path: Path) -> None:
         model = factories.mlp((32,))
         train(
             model, inputs=inputs, labels=labels, loss_fn=supervised_loss, epochs=2, lr=1e-2,
-            batch_size=64, ctx=context(tmp_path), **kwargs,
+            batch_size=64, ctx=step_context(tmp_path), **kwargs,
         )  # fmt: skip
         with torch.no_grad():
             norms[name] = float(sum(p.abs().sum() for p in model.parameters()))
@@ -136,7 +120,7 @@ def test_a_cancelled_job_stops_within_one_batch(tmp_path: Path) -> None:
     with pytest.raises(JobCancelled):
         train(
             model, inputs=inputs, labels=labels, loss_fn=supervised_loss, epochs=50, lr=1e-2,
-            batch_size=8, ctx=context(tmp_path, reporter),
+            batch_size=8, ctx=step_context(tmp_path, reporter=reporter),
         )  # fmt: skip
     assert len(reporter.events) == 3
 
@@ -159,7 +143,7 @@ def test_custom_forward_and_unlabelled_loss(tmp_path: Path) -> None:
 
     history = train(
         model, inputs=inputs, labels=None, loss_fn=loss, epochs=3, lr=1e-2, batch_size=64,
-        ctx=context(tmp_path), forward=forward,
+        ctx=step_context(tmp_path), forward=forward,
     )  # fmt: skip
     assert history["train_loss"][-1] < 0.3 * history["train_loss"][0]
     assert factories.digits_accuracy(model) > 0.85
@@ -196,13 +180,13 @@ def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     model = factories.mlp((8,))
     common: dict[str, Any] = {"loss_fn": supervised_loss, "epochs": 1, "lr": 1e-2, "batch_size": 8}
     with pytest.raises(DatasetMismatchError, match="disagree"):
-        train(model, inputs=inputs, labels=labels[:-1], ctx=context(tmp_path), **common)
+        train(model, inputs=inputs, labels=labels[:-1], ctx=step_context(tmp_path), **common)
     with pytest.raises(InvalidParamsError, match="epochs"):
         train(
-            model, inputs=inputs, labels=labels, ctx=context(tmp_path),
+            model, inputs=inputs, labels=labels, ctx=step_context(tmp_path),
             **{**common, "epochs": 0},
         )  # fmt: skip
     broken = inputs["x"].copy()
     broken[:, 3] = np.nan
     with pytest.raises(InvalidParamsError, match="diverged"):
-        train(model, inputs={"x": broken}, labels=labels, ctx=context(tmp_path), **common)
+        train(model, inputs={"x": broken}, labels=labels, ctx=step_context(tmp_path), **common)
