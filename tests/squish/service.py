@@ -30,14 +30,16 @@ from tests.squish.faults import Faults
 
 # The pipeline of every job here that must succeed (the CLI's compress test spells it out
 # on the command line): one engine run per session serves them all.
-STEPS = [
+STEPS: list[tuple[str, dict[str, Any]]] = [
     ("prune.magnitude", {"amount": 0.5, "scope": "global"}),
     ("quantize.dynamic", {"dtype": "int8"}),
 ]
 BATCH_SIZES = [1, 32]
 
 
-def submit(client: Any, files: dict[str, Path], steps: list[tuple[str, dict]] = STEPS) -> Any:
+def submit(
+    client: Any, files: dict[str, Path], steps: list[tuple[str, dict[str, Any]]] = STEPS
+) -> Any:
     """Upload the digits MLP and its calibration and eval data; create a job of ``steps``."""
     model = client.upload_model(files["pt2"])
     datasets = {role: client.upload_dataset(files[role])["id"] for role in ("calibration", "eval")}
