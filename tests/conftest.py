@@ -7,6 +7,7 @@ import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,19 @@ def require(service: str, ok: bool, why: str = "") -> None:
     if IN_CI:
         pytest.fail(message + " (CI=true: start the service, see the README)")
     pytest.skip(message)
+
+
+def require_module(name: str) -> Any:
+    """``import name``; a missing package skips locally, but fails in CI, like `require`."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        message = f"the package {name} is not installed ({exc})"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: install the dev dependencies, see the README)")
+        pytest.skip(message)
 
 
 def port_open(host: str, port: int) -> bool:

