@@ -12,10 +12,16 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from app.errors import DATABASE
 from app.settings import get_settings
+
+CONNECT_TIMEOUT_S = 10
+"""A server that does not answer at all fails a new connection after this long (503), not
+after the operating system's TCP timeout of minutes; a `connect_timeout` in the URL wins."""
 
 
 def utcnow() -> datetime:
@@ -57,6 +63,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _answered(*_args: Any) -> None:
+    """A statement came back: the database is up (ends an outage the API was answering)."""
+    DATABASE.ok()
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -64,9 +75,17 @@ def make_engine(url: str) -> Engine:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    # No pre-ping: it costs a round trip per request; connections are recycled instead.
-    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+    else:
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in make_url(url).query:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+        # No pre-ping: it costs a round trip per request; connections are recycled instead
+        # (a connection that broke in an outage is invalidated on its first failed use).
+        engine = create_engine(
+            url, pool_size=10, max_overflow=20, pool_recycle=1800, connect_args=connect_args
+        )
+    event.listen(engine, "after_cursor_execute", _answered)
+    return engine
 
 
 @lru_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
@@ -12,13 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from app import health, methods
 from app.datasets.endpoints import router as datasets_router
 from app.db import session_scope
-from app.errors import install_handlers
+from app.errors import document_problems, install_handlers
 from app.jobs.endpoints import router as jobs_router
 from app.keys import DEFAULT_TENANT, register_key
 from app.models.endpoints import router as models_router
 from app.observability import MetricsMiddleware
 from app.reaper import Reaper
 from app.settings import get_settings
+from app.uploads import DrainRequestBody
 
 
 def _register_operator_key(key: str) -> None:
@@ -54,7 +56,16 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(MetricsMiddleware)
+    # Outermost of ours: an early answer (401, 413, 503, ...) still reads the request body.
+    app.add_middleware(DrainRequestBody)
     for router in (models_router, datasets_router, jobs_router, methods.router, health.router):
         app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     logging.getLogger("squish").setLevel(logging.INFO)
     return app

@@ -1,4 +1,5 @@
-"""Prometheus metrics: request counts and latency per route, jobs by status."""
+"""Prometheus metrics: request counts and latency per route, jobs by status, dependency
+outages (the 503s of app.errors)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import session_scope
+from app.errors import OUTAGES
 from app.orm import Job
 
 REGISTRY = CollectorRegistry()
@@ -42,7 +44,29 @@ class JobCollector(Collector):
         yield gauge
 
 
+class OutageCollector(Collector):
+    """Whether each dependency is answering, its outages and the requests they failed."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["dependency"]
+        up = GaugeMetricFamily(
+            "squish_dependency_up", "0 while requests fail for want of it", labels=labels
+        )
+        outages = CounterMetricFamily(
+            "squish_dependency_outages", "Outages seen by this process", labels=labels
+        )
+        failed = CounterMetricFamily(
+            "squish_dependency_unavailable_responses", "Requests answered 503", labels=labels
+        )
+        for outage in OUTAGES:
+            up.add_metric([outage.part], 0 if outage.down else 1)
+            outages.add_metric([outage.part], outage.outages)
+            failed.add_metric([outage.part], outage.total_failures)
+        yield from (up, outages, failed)
+
+
 REGISTRY.register(JobCollector())
+REGISTRY.register(OutageCollector())
 
 
 class MetricsMiddleware:

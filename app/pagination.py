@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Generic, TypeVar
+import re
+from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Query
 from pydantic import BaseModel
 from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from app.deps import ID_PATTERN
 from app.errors import Unprocessable
 
 T = TypeVar("T")
 MAX_LIMIT = 200
+_CURSOR_MAX_CHARS = 64  # the base64 of the longest id
+_ID = re.compile(ID_PATTERN)
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page.")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=_CURSOR_MAX_CHARS, description="`next_cursor` of the previous page."),
+]
 
 
 class Page(BaseModel, Generic[T]):
@@ -31,7 +42,7 @@ def decode_cursor(cursor: str) -> str:
         value = base64.urlsafe_b64decode(padded.encode()).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         value = ""
-    if not value or "_" not in value:
+    if not value or "_" not in value or _ID.fullmatch(value) is None:
         raise Unprocessable(
             "The cursor is not one this API returned; pass 'next_cursor' from the previous page.",
             title="Invalid cursor",

@@ -6,6 +6,11 @@ streaming parser and writes the file part to a temporary file in large batches,
 hashing it on the way, so a multi-gigabyte upload costs a few MiB of memory.
 Limits are enforced while the bytes arrive; on any error or disconnect the
 temporary file is removed, so a broken upload leaves nothing behind.
+
+``DrainRequestBody`` makes sure a client hears an early answer (401, 400, 413, ...): the
+rest of the request body is read, up to a bound, before the answer goes out, so the
+server does not close a connection with unread bytes (which reaches the client as a
+reset instead of the answer).
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from python_multipart.exceptions import MultipartParseError
+import anyio
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "DRAIN_MAX_BYTES",
     "FORM_OVERHEAD_BYTES",
     "MAX_FIELD_BYTES",
+    "DrainRequestBody",
     "ReceivedFile",
     "ReceivedForm",
     "UploadError",
@@ -42,6 +51,10 @@ WRITE_BATCH_BYTES = 2 << 20
 """File bytes gathered before one write. The batch is hashed and written in a thread while
 the event loop receives the next one: on a 2-core box this measured ~1.5x faster than
 hashing and writing on the loop (benchmarks/upload.py); larger batches only cost memory."""
+DRAIN_MAX_BYTES = 64 << 20
+"""Unread request body that is drained before an early answer; past it (or past
+``DRAIN_MAX_S``) the answer goes out with ``Connection: close``."""
+DRAIN_MAX_S = 30.0
 _MAX_FILENAME_CHARS = 255
 _IOV_GROUP = 512  # os.writev takes at most IOV_MAX (1024 on Linux) buffers
 PREALLOCATE_BYTES = 64 << 20
@@ -359,7 +372,7 @@ async def receive_multipart(
     receiver = _FormReceiver(tmp_dir, max_bytes, file_field)
     try:
         parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # e.g. a boundary longer than the parser's 256 bytes
         raise _bad_request(f"invalid multipart boundary: {exc}") from None
     received = 0
     try:
@@ -371,7 +384,7 @@ async def receive_multipart(
                 continue  # epilogue after the closing boundary
             try:
                 parser.write(chunk)
-            except MultipartParseError as exc:
+            except FormParserError as exc:
                 raise _bad_request(f"malformed multipart body: {exc}") from None
             await receiver.flush()
         if not receiver.ended:
@@ -398,3 +411,72 @@ async def receive_multipart(
         receiver.discard()
         raise
     return ReceivedForm(fields=receiver.fields, file=received_file)
+
+
+def _declared_body(scope: Scope) -> int | None:
+    """The request's declared body length: 0 for none, None when chunked (unknown)."""
+    length = 0
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+        elif name == b"transfer-encoding":
+            return None
+    return length
+
+
+class DrainRequestBody:
+    """Pure ASGI: before the response starts, read what the app left of the request body
+    (at most ``max_bytes``, ``max_s``); past either bound, or for a declared body larger
+    than ``max_bytes``, answer with ``Connection: close`` without reading on."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int = DRAIN_MAX_BYTES, max_s: float = DRAIN_MAX_S
+    ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_s = max_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = _declared_body(scope) if scope["type"] == "http" else 0
+        if declared == 0:
+            await self.app(scope, receive, send)
+            return
+        done = False  # the whole body was received (or the client left)
+
+        async def tracked_receive() -> Message:
+            nonlocal done
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                done = True
+            return message
+
+        async def drain() -> bool:
+            if declared is not None and declared > self.max_bytes:
+                return False
+            drained = 0
+            with anyio.move_on_after(self.max_s):
+                while not done and drained <= self.max_bytes:
+                    drained += len((await tracked_receive()).get("body", b""))
+            return done
+
+        started = False
+
+        async def draining_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not done and not await drain():
+                    headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, tracked_receive, draining_send)
+        except Exception:
+            # Answered (500) by the outermost middleware, which does not pass through here.
+            if not started and not done:
+                await drain()
+            raise

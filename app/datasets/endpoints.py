@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app.datasets.schemas import DatasetOut
 from app.db import new_id
-from app.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from app.errors import Conflict, NotFound
-from app.files import accept_upload, delete_if_unused, insert_uploaded, stream_object
+from app.deps import DatasetId, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.errors import Conflict, NotFound, problem_responses
+from app.files import (
+    RangeHeader,
+    accept_upload,
+    delete_if_unused,
+    download_responses,
+    insert_uploaded,
+    stream_object,
+    upload_body,
+    upload_responses,
+)
 from app.jobs.lifecycle import ACTIVE
 from app.orm import Dataset, Job
-from app.pagination import MAX_LIMIT, Page, paginate
+from app.pagination import Cursor, Limit, Page, paginate
 from app.sniff import check_dataset_file
 from app.uploads import ReceivedForm
+from worker.contract import DatasetFormat, values
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -35,7 +45,13 @@ def _check(form: ReceivedForm) -> tuple[str, dict[str, Any]]:
     return check_dataset_file(form.file.path, form.file.filename, form.fields.get("format") or None)
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={**upload_responses(), **problem_responses(422)},
+    openapi_extra=upload_body("The data: .npz, .safetensors or .jsonl.", values(DatasetFormat)),
+)
 async def upload_dataset(
     request: Request, tenant_id: TenantDep, settings: SettingsDep, store: StoreDep
 ) -> DatasetOut:
@@ -58,10 +74,7 @@ async def upload_dataset(
 
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(
-    session: SessionDep,
-    tenant_id: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: str | None = None,
+    session: SessionDep, tenant_id: TenantDep, limit: Limit = 50, cursor: Cursor = None
 ) -> Page[DatasetOut]:
     """List datasets, newest first; follow `next_cursor` for the next page."""
     stmt = select(Dataset).where(Dataset.tenant_id == tenant_id)
@@ -69,21 +82,29 @@ def list_datasets(
     return Page(items=[DatasetOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> DatasetOut:
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(404))
+def get_dataset(dataset_id: DatasetId, session: SessionDep, tenant_id: TenantDep) -> DatasetOut:
     """Read a dataset and what its arrays are."""
     return DatasetOut.model_validate(_get(session, tenant_id, dataset_id))
 
 
-@router.get("/{dataset_id}/content")
+@router.get(
+    "/{dataset_id}/content",
+    response_class=StreamingResponse,
+    responses=download_responses(["application/octet-stream"]),
+)
 def download_dataset(
-    dataset_id: str, request: Request, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+    dataset_id: DatasetId,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    store: StoreDep,
+    range_header: RangeHeader = None,
 ) -> StreamingResponse:
     """Download the uploaded file (HTTP Range supported)."""
     dataset = _get(session, tenant_id, dataset_id)
     filename = f"{dataset.id}.{dataset.format}"
     return stream_object(
-        request,
+        range_header,
         store,
         dataset.storage_key,
         dataset.size_bytes,
@@ -92,9 +113,9 @@ def download_dataset(
     )
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, responses=problem_responses(404, 409))
 def delete_dataset(
-    dataset_id: str, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+    dataset_id: DatasetId, session: SessionDep, tenant_id: TenantDep, store: StoreDep
 ) -> Response:
     """Delete a dataset and its file; refused while a queued or running job uses it."""
     dataset = _get(session, tenant_id, dataset_id)

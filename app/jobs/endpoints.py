@@ -4,27 +4,55 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
-from app.deps import SessionDep, StoreDep, TenantDep
-from app.errors import NotFound, Unprocessable
-from app.files import stream_object
+from app.deps import ArtifactName, JobId, SessionDep, StoreDep, TenantDep
+from app.errors import NotFound, Unprocessable, problem_responses
+from app.files import RangeHeader, download_responses, stream_object
 from app.jobs import events, service
 from app.jobs.schemas import JobCreate, JobOut
 from app.orm import Artifact, Job, JobStatus
-from app.pagination import MAX_LIMIT, Page, paginate
+from app.pagination import Cursor, Limit, Page, paginate
+from worker.contract import FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+MAX_EVENT_ID = 2**63 - 1  # the BIGINT of job_event.id
+_EVENT_STREAM = {
+    "description": (
+        "Server-Sent Events: `status`, `progress` and `log` events, each with an `id`; the "
+        "stream ends after the job's terminal status. A stream that has to end early (the "
+        "database went away) ends with an `error` event whose data is a problem."
+    ),
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+_REPORT_MEDIA_TYPE = "application/json"  # the report artifact (worker.tasks.REPORT_MEDIA_TYPE)
 
-@router.post("", status_code=202, response_model=JobOut)
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        200: {"model": JobOut, "description": "The job this `Idempotency-Key` created before."},
+        202: {"headers": {"Location": {"schema": {"type": "string"}, "description": "The job."}}},
+        **problem_responses(404),
+    },
+)
 def create_job(
     body: JobCreate,
     session: SessionDep,
     tenant_id: TenantDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=200,
+            pattern=r"^[\x20-\x7e]+$",
+            description="Retrying with the same key and body returns the same job.",
+        ),
+    ] = None,
 ) -> JSONResponse:
     """Create a job; 202 with its `Location`. A repeated `Idempotency-Key` returns the same job."""
     job, created = service.create_job(session, tenant_id, body, idempotency_key)
@@ -41,8 +69,8 @@ def list_jobs(
     session: SessionDep,
     tenant_id: TenantDep,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: str | None = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> Page[JobOut]:
     """List jobs, newest first, optionally only those with `status`."""
     stmt = select(Job).where(Job.tenant_id == tenant_id)
@@ -53,8 +81,8 @@ def list_jobs(
     return Page(items=[service.to_out(j, artifacts[j.id]) for j in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, tenant_id: TenantDep) -> Response:
+@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(404))
+def get_job(job_id: JobId, tenant_id: TenantDep) -> Response:
     """Poll a job: status, progress, stage, metrics and artifacts."""
     # The polling hot path: one thread hop, one autocommit query, serialized once.
     return Response(
@@ -62,30 +90,52 @@ def get_job(job_id: str, tenant_id: TenantDep) -> Response:
     )
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobOut:
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses=problem_responses(404, 409),
+)
+def cancel_job(job_id: JobId, session: SessionDep, tenant_id: TenantDep) -> JobOut:
     """Cancel a queued or running job (a running one stops within seconds); 409 if finished."""
     # The webhook, if any, is delivered by its own task, sent once this commits.
     job = service.cancel_job(session, tenant_id, job_id)
     return service.to_out(job, [])
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: _EVENT_STREAM, **problem_responses(404)},
+)
 def job_events(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     tenant_id: TenantDep,
-    last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[
+        str | None, Header(max_length=20, description="Resume after this event id.")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Start after this event id.")
+    ] = None,
 ) -> StreamingResponse:
     """Progress, status and log events as Server-Sent Events; ends when the job finishes."""
-    service.get_job(session, tenant_id, job_id)
+    # Every input is checked before the stream starts: a 422 now, not a broken stream later.
     start = after or 0
     if last_event_id:
         try:
             start = int(last_event_id)
         except ValueError:
-            raise Unprocessable("Last-Event-ID must be an event id this stream sent.") from None
+            start = -1
+        if not 0 <= start <= MAX_EVENT_ID:
+            raise Unprocessable(
+                "Last-Event-ID must be an event id this stream sent.",
+                errors=[
+                    {"loc": ["header", "Last-Event-ID"], "msg": "not an event id",
+                     "type": "value_error"}
+                ],
+            )  # fmt: skip
+    service.get_job(session, tenant_id, job_id)
     return StreamingResponse(
         events.stream(job_id, start),
         media_type="text/event-stream",
@@ -93,14 +143,20 @@ def job_events(
     )
 
 
-@router.get("/{job_id}/artifacts/{name}")
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=StreamingResponse,
+    responses=download_responses(
+        [*(facts.media_type for facts in FORMATS.values()), _REPORT_MEDIA_TYPE]
+    ),
+)
 def download_artifact(
-    job_id: str,
-    name: str,
-    request: Request,
+    job_id: JobId,
+    name: ArtifactName,
     session: SessionDep,
     tenant_id: TenantDep,
     store: StoreDep,
+    range_header: RangeHeader = None,
 ) -> Response:
     """Download an artifact (`model`, `report`); HTTP Range supported."""
     service.get_job(session, tenant_id, job_id)
@@ -110,7 +166,7 @@ def download_artifact(
     if artifact is None:
         raise NotFound(f"The job has no artifact {name!r} (yet).")
     return stream_object(
-        request,
+        range_header,
         store,
         artifact.storage_key,
         artifact.size_bytes,

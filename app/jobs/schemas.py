@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+from app.deps import Id, Text, refuse_nul
 from worker.contract import Device, ErrorCode, JobStatus, ModelFormat, RuntimeName
 from worker.schemas import PipelineMetrics
 from worker.spec import MAX_BATCH_SIZE, MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP
@@ -17,14 +18,17 @@ class Strict(BaseModel):
 
 
 class StepIn(Strict):
-    method: str = Field(description="A method name from GET /v1/methods, e.g. 'prune.magnitude'.")
-    params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
+    method: Text = Field(description="A method name from GET /v1/methods, e.g. 'prune.magnitude'.")
+    # Stored with the spec: no NUL anywhere in it (model ids in it are checked as ids later).
+    params: Annotated[dict[str, Any], AfterValidator(refuse_nul)] = Field(
+        default_factory=dict, description="The method's parameters."
+    )
 
 
 class DatasetRefs(Strict):
-    calibration: str | None = Field(None, description="Dataset id used to calibrate.")
-    train: str | None = Field(None, description="Dataset id used to fine-tune or distill.")
-    eval: str | None = Field(None, description="Dataset id used to measure accuracy and fidelity.")
+    calibration: Id | None = Field(None, description="Dataset id used to calibrate.")
+    train: Id | None = Field(None, description="Dataset id used to fine-tune or distill.")
+    eval: Id | None = Field(None, description="Dataset id used to measure accuracy and fidelity.")
 
 
 class Target(Strict):
@@ -53,7 +57,7 @@ class Evaluate(Strict):
 
 
 class JobCreate(Strict):
-    model_id: str
+    model_id: Id
     pipeline: list[StepIn] = Field(min_length=1, max_length=20)
     datasets: DatasetRefs = Field(default_factory=DatasetRefs)
     target: Target = Field(default_factory=Target)
@@ -65,7 +69,7 @@ class JobCreate(Strict):
         ),
     )
     evaluate: Evaluate = Field(default_factory=Evaluate)
-    webhook_url: AnyHttpUrl | None = None
+    webhook_url: AnyHttpUrl | None = None  # NUL in it is stored percent-encoded
 
 
 class ArtifactOut(BaseModel):

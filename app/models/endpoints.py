@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app.db import new_id, utcnow
-from app.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from app.errors import Conflict, NotFound
-from app.files import accept_upload, delete_if_unused, insert_uploaded, stream_object
+from app.deps import ModelId, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.errors import Conflict, NotFound, problem_responses
+from app.files import (
+    RangeHeader,
+    accept_upload,
+    delete_if_unused,
+    download_responses,
+    insert_uploaded,
+    stream_object,
+    upload_body,
+    upload_responses,
+)
 from app.jobs.lifecycle import ACTIVE
 from app.models.schemas import ModelOut
 from app.orm import Job, MLModel
-from app.pagination import MAX_LIMIT, Page, paginate
+from app.pagination import Cursor, Limit, Page, paginate
 from app.queue import INSPECT_MODEL, send
 from app.sniff import check_model_file
 from app.uploads import ReceivedForm
-from worker.contract import InspectionStatus, format_facts
+from worker.contract import FORMATS, InspectionStatus, ModelFormat, format_facts, values
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -38,7 +45,15 @@ def _check(form: ReceivedForm) -> tuple[str, None]:
     return fmt, None
 
 
-@router.post("", status_code=201, response_model=ModelOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    responses={**upload_responses(), **problem_responses(422)},
+    openapi_extra=upload_body(
+        "The model file: .pt2, .onnx or a zipped hf folder.", values(ModelFormat)
+    ),
+)
 async def upload_model(
     request: Request, tenant_id: TenantDep, settings: SettingsDep, store: StoreDep
 ) -> ModelOut:
@@ -63,10 +78,7 @@ async def upload_model(
 
 @router.get("", response_model=Page[ModelOut])
 def list_models(
-    session: SessionDep,
-    tenant_id: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: str | None = None,
+    session: SessionDep, tenant_id: TenantDep, limit: Limit = 50, cursor: Cursor = None
 ) -> Page[ModelOut]:
     """List models, newest first; follow `next_cursor` for the next page."""
     stmt = select(MLModel).where(MLModel.tenant_id == tenant_id)
@@ -74,28 +86,36 @@ def list_models(
     return Page(items=[ModelOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{model_id}", response_model=ModelOut)
-def get_model(model_id: str, session: SessionDep, tenant_id: TenantDep) -> ModelOut:
+@router.get("/{model_id}", response_model=ModelOut, responses=problem_responses(404))
+def get_model(model_id: ModelId, session: SessionDep, tenant_id: TenantDep) -> ModelOut:
     """Read a model, with `info` once a worker has inspected it."""
     return ModelOut.model_validate(_get(session, tenant_id, model_id))
 
 
-@router.get("/{model_id}/content")
+@router.get(
+    "/{model_id}/content",
+    response_class=StreamingResponse,
+    responses=download_responses(facts.media_type for facts in FORMATS.values()),
+)
 def download_model(
-    model_id: str, request: Request, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+    model_id: ModelId,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    store: StoreDep,
+    range_header: RangeHeader = None,
 ) -> StreamingResponse:
     """Download the uploaded file (HTTP Range supported)."""
     model = _get(session, tenant_id, model_id)
     facts = format_facts(model.format)
     filename = f"{model.id}{facts.suffix}"
     return stream_object(
-        request, store, model.storage_key, model.size_bytes, facts.media_type, filename
+        range_header, store, model.storage_key, model.size_bytes, facts.media_type, filename
     )
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", status_code=204, responses=problem_responses(404, 409))
 def delete_model(
-    model_id: str, session: SessionDep, tenant_id: TenantDep, store: StoreDep
+    model_id: ModelId, session: SessionDep, tenant_id: TenantDep, store: StoreDep
 ) -> Response:
     """Delete a model and its file; refused while a queued or running job uses it."""
     model = _get(session, tenant_id, model_id)

@@ -22,6 +22,7 @@ __all__ = [
     "ObjectNotFound",
     "ObjectStore",
     "StorageError",
+    "StorageUnavailable",
     "StoredObject",
     "file_sha256",
     "get_store",
@@ -43,6 +44,12 @@ class StoredObject:
 
 class StorageError(Exception):
     """The object store is unavailable or misconfigured."""
+
+
+class StorageUnavailable(StorageError):
+    """The object store cannot be reached right now (connection refused or reset, a
+    timeout, a 5xx or SlowDown answer): an outage to wait out and retry, not a bug or a
+    misconfiguration. The API answers it with 503 and ``Retry-After``."""
 
 
 class ObjectNotFound(StorageError):

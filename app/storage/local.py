@@ -16,11 +16,22 @@ from app.storage import (
     ObjectNotFound,
     ObjectStore,
     StorageError,
+    StorageUnavailable,
     check_range,
     validate_key,
 )
 
 COPY_BUFFER = 8 << 20
+# A network filesystem (NFS, SMB) that stopped answering, or a failing disk: an outage.
+_OUTAGE_ERRNOS = {
+    errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ENOTCONN, errno.EHOSTDOWN,
+    errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNREFUSED, errno.ECONNRESET,
+}  # fmt: skip
+
+
+def _failure(message: str, exc: OSError) -> StorageError:
+    kind = StorageUnavailable if exc.errno in _OUTAGE_ERRNOS else StorageError
+    return kind(f"{message}: {exc}")
 
 
 class LocalObjectStore(ObjectStore):
@@ -48,7 +59,7 @@ class LocalObjectStore(ObjectStore):
             raise
         except OSError as exc:
             if exc.errno != errno.EXDEV:
-                raise StorageError(f"cannot store {key!r} under {self.root}: {exc}") from exc
+                raise _failure(f"cannot store {key!r} under {self.root}", exc) from exc
         # Another filesystem: copy beside the target, then rename atomically.
         with open(path, "rb") as src:
             self._write_atomically(target, src)
@@ -95,19 +106,21 @@ class LocalObjectStore(ObjectStore):
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
                 pass
         except OSError as exc:
-            raise StorageError(f"local object folder {self.root} is not writable: {exc}") from exc
+            raise _failure(f"local object folder {self.root} is not writable", exc) from exc
 
     def _open(self, key: str) -> BinaryIO:
         try:
             return open(self.path_for(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise _failure(f"cannot read {key!r} under {self.root}", exc) from exc
 
     def _mkdir(self, folder: Path) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create {folder}: {exc}") from exc
+            raise _failure(f"cannot create {folder}", exc) from exc
 
     def _write_atomically(self, target: Path, src: BinaryIO) -> None:
         """Copy ``src`` to a temporary file beside ``target``, then rename it into place."""

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import Boto3Error, RetriesExceededError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from app.storage import (
     ObjectNotFound,
     ObjectStore,
     StorageError,
+    StorageUnavailable,
     check_range,
     file_sha256,
     validate_key,
@@ -33,10 +36,41 @@ MAX_PARTS = 10_000
 TRANSFER_THREADS = 4
 SHA256_METADATA = "sha256"
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+# Answers that say "the service is overloaded or failing, try again", whatever the status.
+_OUTAGE_CODES = {
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+    "ThrottlingException", "RequestLimitExceeded", "RequestThrottled",
+}  # fmt: skip
 
 
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the endpoint is down or failing right now:
+    no connection, a reset, a timeout, a 5xx or a throttling answer. Not a missing key, a
+    denied access or a bad request, which retrying does not fix."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, BotoConnectionError | HTTPClientError):
+            return True
+        if isinstance(err, ClientError):
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return int(status) >= 500 or _error_code(err) in _OUTAGE_CODES
+        if isinstance(err, RetriesExceededError) and err.last_exception is not None:
+            err = err.last_exception
+            continue
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _failure(message: str, exc: BaseException) -> StorageError:
+    """The store's error for a failed S3 call: StorageUnavailable when it is an outage."""
+    kind = StorageUnavailable if outage(exc) else StorageError
+    return kind(f"{message}: {exc}")
 
 
 def transfer_config(size: int) -> TransferConfig:
@@ -111,8 +145,8 @@ class S3ObjectStore(ObjectStore):
                 },
                 Config=transfer_config(size),
             )
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"upload of {key!r} to s3://{self.bucket} failed: {exc}") from exc
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise _failure(f"upload of {key!r} to s3://{self.bucket} failed", exc) from exc
         path.unlink()
 
     def get_to_file(self, key: str, path: Path) -> None:
@@ -131,13 +165,9 @@ class S3ObjectStore(ObjectStore):
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
                 raise ObjectNotFound(key) from None
-            raise StorageError(
-                f"download of {key!r} from s3://{self.bucket} failed: {exc}"
-            ) from exc
-        except BotoCoreError as exc:
-            raise StorageError(
-                f"download of {key!r} from s3://{self.bucket} failed: {exc}"
-            ) from exc
+            raise _failure(f"download of {key!r} from s3://{self.bucket} failed", exc) from exc
+        except (BotoCoreError, Boto3Error) as exc:
+            raise _failure(f"download of {key!r} from s3://{self.bucket} failed", exc) from exc
         finally:
             Path(tmp_name).unlink(missing_ok=True)
 
@@ -160,9 +190,9 @@ class S3ObjectStore(ObjectStore):
                 raise ObjectNotFound(key) from None
             if code == "InvalidRange":
                 raise ValueError(f"byte range {start}-{end} is beyond the end of {key!r}") from None
-            raise StorageError(f"read of {key!r} from s3://{self.bucket} failed: {exc}") from exc
+            raise _failure(f"read of {key!r} from s3://{self.bucket} failed", exc) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"read of {key!r} from s3://{self.bucket} failed: {exc}") from exc
+            raise _failure(f"read of {key!r} from s3://{self.bucket} failed", exc) from exc
         return _stream_body(response["Body"], chunk_size)
 
     def size(self, key: str) -> int:
@@ -179,9 +209,9 @@ class S3ObjectStore(ObjectStore):
             self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
         except ClientError as exc:
             if _error_code(exc) not in _MISSING_CODES:
-                raise StorageError(f"delete of {key!r} failed: {exc}") from exc
+                raise _failure(f"delete of {key!r} failed", exc) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"delete of {key!r} failed: {exc}") from exc
+            raise _failure(f"delete of {key!r} failed", exc) from exc
 
     def check(self) -> None:
         try:
@@ -192,9 +222,9 @@ class S3ObjectStore(ObjectStore):
                 raise StorageError(f"bucket {self.bucket!r} does not exist") from exc
             if code in {"403", "AccessDenied", "Forbidden"}:
                 raise StorageError(f"access to bucket {self.bucket!r} denied") from exc
-            raise StorageError(f"bucket {self.bucket!r} is not usable: {exc}") from exc
+            raise _failure(f"bucket {self.bucket!r} is not usable", exc) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"S3 endpoint unreachable or misconfigured: {exc}") from exc
+            raise _failure("S3 endpoint unreachable or misconfigured", exc) from exc
 
     def _head(self, name: str) -> dict[str, Any] | None:
         try:
@@ -202,15 +232,15 @@ class S3ObjectStore(ObjectStore):
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
                 return None
-            raise StorageError(f"s3://{self.bucket}/{name} is not readable: {exc}") from exc
+            raise _failure(f"s3://{self.bucket}/{name} is not readable", exc) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"S3 endpoint unreachable or misconfigured: {exc}") from exc
+            raise _failure("S3 endpoint unreachable or misconfigured", exc) from exc
 
 
 def _stream_body(body: Any, chunk_size: int) -> Iterator[bytes]:
     try:
         yield from body.iter_chunks(chunk_size)
     except (ClientError, BotoCoreError) as exc:
-        raise StorageError(f"S3 read interrupted: {exc}") from exc
+        raise _failure("S3 read interrupted", exc) from exc
     finally:
         body.close()
