@@ -18,7 +18,7 @@ try:
 except PackageNotFoundError:  # running from a source checkout that is not installed
     __version__ = "0+unknown"
 
-from squish.client import Client
+from squish.client import Client, RetryNotice
 from squish.errors import (
     ApiError,
     BadRequest,
@@ -30,6 +30,7 @@ from squish.errors import (
     NotFound,
     PayloadTooLarge,
     ServerError,
+    ServiceUnavailable,
     SquishError,
     TransportError,
     Unauthorized,
@@ -48,7 +49,9 @@ __all__ = [
     "JobFailed",
     "NotFound",
     "PayloadTooLarge",
+    "RetryNotice",
     "ServerError",
+    "ServiceUnavailable",
     "SquishError",
     "TransportError",
     "Unauthorized",

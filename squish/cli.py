@@ -8,6 +8,10 @@ package is installed, its commands (``serve``, ``worker``, ``db``, ...) appear t
 Exit codes: 0 success; 1 the job failed or was cancelled, the wait timed out, the
 server failed (5xx) or could not be reached; 2 bad usage or a 4xx answer (the
 problem's detail and field errors are printed).
+
+While the server answers 503 (its database or object storage is down) or cannot be
+reached, requests that are safe to repeat are retried for ``--retry-for`` seconds, and
+each wait is said on stderr ("database unavailable, retrying in 2 s…").
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import click
 
 from squish import __version__
-from squish.client import DEFAULT_URL, Client
+from squish.client import DEFAULT_RETRY_FOR_S, DEFAULT_URL, Client, RetryNotice
 from squish.errors import ApiError, JobCancelled, JobError, JobFailed, SquishError, WaitTimeout
 from worker.contract import (
     FORMATS,
@@ -108,9 +112,12 @@ def register_server_commands(group: click.Group) -> bool:
 
 
 class _Settings:
-    def __init__(self, url: str | None, api_key: str | None) -> None:
+    def __init__(
+        self, url: str | None, api_key: str | None, retry_for: float = DEFAULT_RETRY_FOR_S
+    ) -> None:
         self.url = url
         self.api_key = api_key
+        self.retry_for = retry_for
         self.client: Client | None = None
 
 
@@ -120,8 +127,17 @@ def _client(ctx: click.Context) -> Client:
     if settings is None:  # a subcommand invoked on its own: Client reads the environment
         settings = root.obj = _Settings(None, None)
     if settings.client is None:
-        settings.client = root.with_resource(Client(settings.url, settings.api_key))
+        client = Client(
+            settings.url, settings.api_key, retry_for=settings.retry_for, on_retry=_say_retry
+        )
+        settings.client = root.with_resource(client)
     return settings.client
+
+
+def _say_retry(notice: RetryNotice) -> None:
+    """What the client waits for, on stderr: "database unavailable, retrying in 2 s…"."""
+    ProgressBar.interrupt()
+    click.echo(str(notice), err=True)
 
 
 @click.group(cls=SquishGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,11 +152,21 @@ def _client(ctx: click.Context) -> Client:
 @click.option(
     "--api-key", envvar="SQUISH_API_KEY", metavar="KEY", help="API key [env SQUISH_API_KEY]."
 )
+@click.option(
+    "--retry-for",
+    envvar="SQUISH_RETRY_FOR_S",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RETRY_FOR_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to keep retrying a request while the server is unavailable (503) or "
+    "unreachable; 0: never [env SQUISH_RETRY_FOR_S].",
+)
 @click.version_option(__version__, prog_name="squish")
 @click.pass_context
-def cli(ctx: click.Context, url: str, api_key: str | None) -> None:
+def cli(ctx: click.Context, url: str, api_key: str | None, retry_for: float) -> None:
     """squish: compress PyTorch and ONNX models (prune, distill, quantize) as a service."""
-    ctx.obj = _Settings(url, api_key)
+    ctx.obj = _Settings(url, api_key, retry_for)
 
 
 def main() -> None:
@@ -230,11 +256,21 @@ class ProgressBar:
     percentage has moved by 10 points."""
 
     width = 30
+    _active: ProgressBar | None = None
+    """The bar drawn last on a terminal, so that a message can start on a line of its own."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.drawn = False
         self._last: tuple[str, str, int] | None = None
+
+    @classmethod
+    def interrupt(cls) -> None:
+        """End the bar's line (it is redrawn below at the next change)."""
+        bar = cls._active
+        if bar is not None:
+            bar.close()
+            bar._last = None
 
     def __call__(self, job: Mapping[str, Any]) -> None:
         status = str(job.get("status") or "?")
@@ -249,6 +285,7 @@ class ProgressBar:
             bar = "#" * filled + "-" * (self.width - filled)
             line = f"{status:<9} [{bar}] {percent:3d}% {stage}"
             click.echo("\r" + line.ljust(79), err=True, nl=False)
+            ProgressBar._active = self
         else:
             last = self._last
             if last is not None and last[:2] == (status, stage) and abs(percent - last[2]) < 10:
@@ -261,6 +298,8 @@ class ProgressBar:
         if self.tty and self.drawn:
             click.echo("", err=True)
         self.drawn = False
+        if ProgressBar._active is self:
+            ProgressBar._active = None
 
 
 # -- compress ----------------------------------------------------------------------

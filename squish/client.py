@@ -13,6 +13,16 @@ Example::
         job = client.wait(job["id"], on_progress=lambda j: print(j["status"], j["progress"]))
         client.download_artifact(job["id"], "model", "resnet18.small.pt2")
 
+Retries: a request that is safe to repeat (GET, HEAD, PUT, DELETE, and `create_job`, whose
+``Idempotency-Key`` makes a repeat return the same job) is sent again after a connection
+error or a 502/503/504, with exponential backoff (or the server's ``Retry-After``), for at
+most ``retry_for`` seconds in all. An upload is streamed from its file, which can be read
+again from the start, so it is repeated too, but only when the server certainly stored
+nothing: a 503, or a connection that never opened (never after a 502/504 or a connection
+broken mid-request: the server may have stored it, and a repeat would store it twice).
+Other requests (`cancel_job`) are repeated only when the connection never opened. Each
+wait is announced to ``on_retry`` (default: a warning on the ``squish.client`` logger).
+
 Only httpx is needed: this module must never import the server or the engine.
 """
 
@@ -20,11 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -41,9 +54,12 @@ from squish.errors import (
     TransportError,
     WaitTimeout,
     error_from_response,
+    retry_after_seconds,
 )
 
-__all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "Client", "PipelineStep"]
+__all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "Client", "PipelineStep", "RetryNotice"]
+
+log = logging.getLogger("squish.client")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -53,9 +69,53 @@ PipelineStep = Mapping[str, Any] | tuple[str, Mapping[str, Any] | None]
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _MAX_BACKOFF_S = 30.0
 _CHUNK = 1024 * 1024
-# Connection errors where the request certainly never reached the server, so even a
-# non-idempotent request (an upload) can be sent again.
+# Connection errors where the request certainly never reached the server, so any request
+# can be sent again.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+DEFAULT_RETRY_FOR_S = 60.0
+
+
+class Replay(Enum):
+    """When a request may be sent again."""
+
+    SAFE = "safe"
+    """Repeating it changes nothing: GET, HEAD, PUT, DELETE, `POST /v1/jobs` with its key."""
+    REREAD = "reread"
+    """Its body can be re-read from the start (an upload from a file): only when the
+    server certainly did nothing with it (a 503, or a connection that never opened)."""
+    ONCE = "once"
+    """Only when the request certainly never left (the connection did not open)."""
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """What the client waits for before sending a request again (see ``on_retry``).
+
+    Attributes:
+        method: the request's method.
+        url: the request's URL.
+        reason: what failed, in words: the 503's detail (``"database unavailable"``),
+            ``"502 Bad Gateway"``, or the connection error.
+        status: the HTTP status that caused the retry; None for a connection error.
+        delay: seconds until the next attempt.
+        retry: which retry comes next (1 for the first).
+        elapsed: seconds since the request's first attempt.
+    """
+
+    method: str
+    url: str
+    reason: str
+    status: int | None
+    delay: float
+    retry: int
+    elapsed: float
+
+    def __str__(self) -> str:
+        return f"{self.reason}, retrying in {_seconds(self.delay)}\u2026"
+
+
+def _seconds(delay: float) -> str:
+    return f"{delay:.0f} s" if delay >= 1 or delay == 0 else f"{delay:.1f} s"
 
 
 class Client:
@@ -66,12 +126,16 @@ class Client:
             ``$SQUISH_URL``, else ``http://127.0.0.1:8000``.
         api_key: the bearer key; defaults to ``$SQUISH_API_KEY``.
         timeout: seconds for each network operation (connect, each read, each write).
-        retries: how many times an idempotent request (every GET, and `create_job`,
-            which always sends an ``Idempotency-Key``) is sent again after a
-            connection error or a 502/503/504. Other requests are re-sent only when
-            the connection could not even be opened.
+        retry_for: how long, in seconds from its first attempt, a request that failed
+            in a way worth repeating (see the module's docstring) is tried again; a
+            stream or a download that keeps breaking without progress gives up after
+            as long. 0 turns retries off.
+        retries: at most this many retries of one request (None: as many as fit in
+            ``retry_for``).
         backoff: the first retry waits this many seconds, doubling each time
-            (capped at 30 s); a ``Retry-After`` header in seconds takes its place.
+            (capped at 30 s); the server's ``Retry-After`` takes its place.
+        on_retry: called with a `RetryNotice` before each wait; by default the notice
+            is logged as a warning on the ``squish.client`` logger.
         transport: an httpx transport to use instead of the network (tests, proxies).
 
     The client holds one connection pool; use it as a context manager, or call
@@ -84,15 +148,19 @@ class Client:
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
-        retries: int = 3,
+        retry_for: float = DEFAULT_RETRY_FOR_S,
+        retries: int | None = None,
         backoff: float = 0.5,
+        on_retry: Callable[[RetryNotice], object] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = (base_url or os.environ.get("SQUISH_URL") or DEFAULT_URL).rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get("SQUISH_API_KEY")
         self.timeout = timeout
-        self.retries = max(0, retries)
+        self.retry_for = max(0.0, retry_for)
+        self.retries = None if retries is None else max(0, retries)
         self.backoff = max(0.0, backoff)
+        self.on_retry = on_retry
         headers = {"User-Agent": f"squish-python/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -144,7 +212,7 @@ class Client:
 
     def delete_model(self, model_id: str) -> None:
         """Delete a model."""
-        self._request("DELETE", f"/v1/models/{_seg(model_id)}", idempotent=False)
+        self._delete(f"/v1/models/{_seg(model_id)}")
 
     def download_model(self, model_id: str, path: str | os.PathLike[str]) -> Path:
         """Download a model's uploaded file to ``path``, checking its sha256."""
@@ -175,7 +243,7 @@ class Client:
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete a dataset."""
-        self._request("DELETE", f"/v1/datasets/{_seg(dataset_id)}", idempotent=False)
+        self._delete(f"/v1/datasets/{_seg(dataset_id)}")
 
     # -- jobs --------------------------------------------------------------------
 
@@ -220,7 +288,7 @@ class Client:
         body.update({k: v for k, v in optional.items() if v is not None})
         key = idempotency_key or uuid.uuid4().hex
         response = self._request(
-            "POST", "/v1/jobs", idempotent=True, json=body, headers={"Idempotency-Key": key}
+            "POST", "/v1/jobs", replay=Replay.SAFE, json=body, headers={"Idempotency-Key": key}
         )
         return _json(response)
 
@@ -240,7 +308,7 @@ class Client:
         Raises:
             Conflict: the job has already finished.
         """
-        response = self._request("POST", f"/v1/jobs/{_seg(job_id)}/cancel", idempotent=False)
+        response = self._request("POST", f"/v1/jobs/{_seg(job_id)}/cancel", replay=Replay.ONCE)
         return _json(response)
 
     def wait(
@@ -305,7 +373,7 @@ class Client:
         """
         path = f"/v1/jobs/{_seg(job_id)}/events"
         last = None if last_event_id is None else str(last_event_id)
-        failures = 0
+        breaks = _Retrying(self, "GET", path)
         server_retry: float | None = None  # the stream's `retry:` field, in seconds
         while True:
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -323,7 +391,6 @@ class Client:
                         if sse.id is not None:
                             last = sse.id
                         received = True
-                        failures = 0
                         yield event
                         if _is_terminal_event(event):
                             return
@@ -332,17 +399,15 @@ class Client:
                 continue
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 # The connection broke mid-stream: reconnect from `last`. (A refused
-                # connection is retried, then raised, by `_stream` itself.)
-                if not received:
-                    failures += 1
-                    if failures > self.retries:
-                        raise TransportError(
-                            f"GET {path}: the event stream keeps breaking: {exc}"
-                        ) from exc
-                if server_retry is not None:
-                    time.sleep(min(server_retry, _MAX_BACKOFF_S))
-                else:
-                    self._sleep_before_retry(max(failures - 1, 0), None)
+                # connection is retried, then raised, by `_stream` itself.) Only breaks
+                # without an event in between count against the retry budget.
+                if received:
+                    breaks = _Retrying(self, "GET", path)
+                delay = None if server_retry is None else min(server_retry, _MAX_BACKOFF_S)
+                if not breaks.wait(f"the event stream broke ({exc})", retry_after=delay):
+                    raise TransportError(
+                        f"GET {path}: the event stream keeps breaking: {exc}"
+                    ) from exc
                 continue
             # The server closed the stream without a terminal event. If nothing came
             # and the job is over, its terminal event was before `last_event_id`.
@@ -412,7 +477,7 @@ class Client:
     # -- plumbing ----------------------------------------------------------------
 
     def _get_json(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return _json(self._request("GET", path, idempotent=True, params=_clean(params)))
+        return _json(self._request("GET", path, replay=Replay.SAFE, params=_clean(params)))
 
     def _paginate(self, path: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         query = _clean(params)
@@ -424,6 +489,15 @@ class Client:
                 return
             query = {**query, "cursor": cursor}
 
+    def _delete(self, path: str) -> None:
+        retrying = _Retrying(self, "DELETE", path)
+        try:
+            self._send("DELETE", path, replay=Replay.SAFE, read=True, retrying=retrying)
+        except NotFound:
+            if not retrying.maybe_delivered:
+                raise
+            # An earlier attempt reached the server and deleted it; only its answer was lost.
+
     def _upload(
         self, endpoint: str, path: str | os.PathLike[str], fields: Mapping[str, str | None]
     ) -> dict[str, Any]:
@@ -431,10 +505,10 @@ class Client:
         data = {k: v for k, v in fields.items() if v is not None}
         with file_path.open("rb") as fh:
             # httpx reads a file object in chunks while sending: the file is never
-            # held in memory whole.
+            # held in memory whole. A retry sends it again from the start.
             files = {"file": (file_path.name, fh, "application/octet-stream")}
             response = self._request(
-                "POST", endpoint, idempotent=False, files=files, data=data, rewind=fh
+                "POST", endpoint, replay=Replay.REREAD, files=files, data=data, rewind=fh
             )
         return _json(response)
 
@@ -443,28 +517,29 @@ class Client:
         method: str,
         path: str,
         *,
-        idempotent: bool,
+        replay: Replay,
         rewind: IO[bytes] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request (retrying what is safe to retry) and return the read response."""
-        return self._send(method, path, idempotent=idempotent, rewind=rewind, read=True, **kwargs)
+        return self._send(method, path, replay=replay, rewind=rewind, read=True, **kwargs)
 
     def _stream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Like `_request` for a GET, but the body is left unread for streaming (close it)."""
-        return self._send(method, path, idempotent=True, read=False, **kwargs)
+        return self._send(method, path, replay=Replay.SAFE, read=False, **kwargs)
 
     def _send(
         self,
         method: str,
         path: str,
         *,
-        idempotent: bool,
+        replay: Replay,
         read: bool,
         rewind: IO[bytes] | None = None,
+        retrying: _Retrying | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        attempt = 0
+        retrying = retrying or _Retrying(self, method, path)
         while True:
             if rewind is not None:
                 rewind.seek(0)
@@ -479,26 +554,32 @@ class Client:
             except httpx.UnsupportedProtocol as exc:
                 raise TransportError(f"{method} {request.url}: {exc}") from exc
             except httpx.TransportError as exc:
-                if attempt < self.retries and (idempotent or isinstance(exc, _NOT_SENT)):
-                    self._sleep_before_retry(attempt, None)
-                    attempt += 1
+                not_sent = isinstance(exc, _NOT_SENT)
+                if not not_sent:
+                    retrying.maybe_delivered = True
+                if (replay is Replay.SAFE or not_sent) and retrying.wait(
+                    _transport_reason(request, exc)
+                ):
                     continue
                 raise TransportError(f"{method} {request.url}: {exc}") from exc
-            if response.status_code in _RETRY_STATUSES and idempotent and attempt < self.retries:
-                response.close()
-                self._sleep_before_retry(attempt, response.headers.get("Retry-After"))
-                attempt += 1
-                continue
+            status = response.status_code
+            if status in _RETRY_STATUSES:
+                if status != 503:
+                    retrying.maybe_delivered = True  # a gateway may have passed it on
+                repeat = replay is Replay.SAFE or (replay is Replay.REREAD and status == 503)
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                if repeat and retrying.wait(_status_reason(response), status, retry_after):
+                    response.close()
+                    continue
             if response.is_error:
                 raise error_from_response(response)
             return response
 
-    def _sleep_before_retry(self, attempt: int, retry_after: str | None) -> None:
-        delay = min(self.backoff * (2**attempt), _MAX_BACKOFF_S)
-        if retry_after is not None and retry_after.strip().isdigit():
-            delay = min(float(retry_after), _MAX_BACKOFF_S)  # (an HTTP-date is ignored)
-        if delay > 0:
-            time.sleep(delay)
+    def _announce(self, notice: RetryNotice) -> None:
+        if self.on_retry is not None:
+            self.on_retry(notice)
+        else:
+            log.warning("%s %s: %s", notice.method, notice.url, notice)
 
     def _download(
         self,
@@ -513,7 +594,8 @@ class Client:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             part.unlink(missing_ok=True)
-        broken = 0
+        breaks = _Retrying(self, "GET", path)
+        progress_at = -1
         while True:
             offset = part.stat().st_size if part.exists() else 0
             if expected_size is not None and offset > expected_size:
@@ -523,11 +605,14 @@ class Client:
                 try:
                     self._fetch_into(path, part, offset)
                 except (httpx.ReadError, httpx.ReadTimeout, httpx.RemoteProtocolError) as exc:
-                    # The connection broke mid-body: continue from what arrived.
-                    broken += 1
-                    if broken > self.retries:
+                    # The connection broke mid-body: continue from what arrived. Only
+                    # breaks without new bytes count against the retry budget.
+                    arrived = part.stat().st_size if part.exists() else 0
+                    if arrived > max(offset, progress_at):
+                        breaks = _Retrying(self, "GET", path)
+                    progress_at = arrived
+                    if not breaks.wait(f"the download broke ({exc})"):
                         raise TransportError(f"GET {path}: download keeps breaking: {exc}") from exc
-                    self._sleep_before_retry(broken - 1, None)
                     continue
             break
         if expected_sha256:
@@ -558,6 +643,58 @@ class Client:
                 # Unbuffered: whatever arrived before a break is kept for the resume.
                 for chunk in response.iter_bytes():
                     out.write(chunk)
+
+
+class _Retrying:
+    """The retries of one request: how many were made, and the time they may take in all."""
+
+    def __init__(self, client: Client, method: str, path: str) -> None:
+        self.client = client
+        self.method = method
+        self.url = f"{client.base_url}{path}" if path.startswith("/") else path
+        self.start = time.monotonic()
+        self.retries = 0
+        self.maybe_delivered = False
+        """Whether an attempt may have reached the server (its answer was lost)."""
+
+    def wait(
+        self, reason: str, status: int | None = None, retry_after: float | None = None
+    ) -> bool:
+        """Announce and sleep before the next attempt; False when the budget is spent."""
+        client = self.client
+        if client.retries is not None and self.retries >= client.retries:
+            return False
+        if retry_after is not None:
+            delay = retry_after
+        else:
+            delay = min(client.backoff * 2**self.retries, _MAX_BACKOFF_S)
+        elapsed = time.monotonic() - self.start
+        if elapsed + delay > client.retry_for:
+            return False
+        self.retries += 1
+        client._announce(
+            RetryNotice(self.method, self.url, reason, status, delay, self.retries, elapsed)
+        )
+        if delay > 0:
+            time.sleep(delay)
+        return True
+
+
+def _status_reason(response: httpx.Response) -> str:
+    """The problem's detail ("database unavailable"), else the status line."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, str) and detail.strip():
+        return detail.strip()[:200]
+    return f"{response.status_code} {response.reason_phrase}".strip()
+
+
+def _transport_reason(request: httpx.Request, exc: httpx.TransportError) -> str:
+    where = request.url.netloc.decode("ascii", "replace")
+    what = str(exc) or type(exc).__name__
+    return f"cannot reach {where} ({what})"
 
 
 class _SSE:

@@ -13,6 +13,7 @@ anything the client can raise::
     │   ├── PayloadTooLarge     413
     │   ├── ValidationFailed    422
     │   └── ServerError         5xx
+    │       └── ServiceUnavailable  503: a part of the server is down; try again later
     ├── JobError                a job ended without succeeding (`Client.wait`)
     │   ├── JobFailed
     │   └── JobCancelled
@@ -29,6 +30,8 @@ detail and one line per field error, e.g.::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -44,6 +47,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ServerError",
+    "ServiceUnavailable",
     "SquishError",
     "TransportError",
     "Unauthorized",
@@ -132,7 +136,21 @@ class ValidationFailed(ApiError):
 
 
 class ServerError(ApiError):
-    """5xx: the server failed. Idempotent requests were retried before this was raised."""
+    """5xx: the server failed. Requests safe to repeat were retried before this was raised."""
+
+
+class ServiceUnavailable(ServerError):
+    """503: a part the server depends on (its database, its object storage) is down.
+
+    The client retried for ``Client(retry_for=...)`` seconds before raising this.
+
+    Attributes:
+        retry_after: the seconds the server asked to wait (its ``Retry-After``), if any.
+    """
+
+    def __init__(self, *args: Any, retry_after: float | None = None, **kwargs: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(*args, **kwargs)
 
 
 class JobError(SquishError):
@@ -246,5 +264,30 @@ def error_from_response(response: httpx.Response) -> ApiError:
     if not isinstance(errors, list):
         errors = []
     errors = [e if isinstance(e, dict) else {"loc": [], "msg": str(e)} for e in errors]
+    if status == 503:
+        return ServiceUnavailable(
+            status,
+            title,
+            detail,
+            errors,
+            problem,
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
     cls = ServerError if status >= 500 else _BY_STATUS.get(status, ApiError)
     return cls(status, title, detail, errors, problem)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header (delay-seconds or an HTTP-date) as seconds from now."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
