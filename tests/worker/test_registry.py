@@ -48,6 +48,13 @@ EXAMPLES = {
     "quantize.weight_only": {"bits": 4, "group_size": 32, "symmetric": False},
     "quantize.qat": {"weight_bits": 4, "group_size": 64, "epochs": 2, "patience": 1},
     "quantize.binary": {"mode": "ternary", "epochs": 3, "keep_first_last": False},
+    "quantize.log": {
+        "bits": 3,
+        "epochs": 2,
+        "lr": 1e-4,
+        "batch_size": 32,
+        "keep_first_last": False,
+    },
 }
 
 

@@ -54,12 +54,12 @@ def int8_weights(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
 def decode_packed_weights(
     weights: dict[str, torch.Tensor], buffers: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Each packed 1/2/4-bit weight (a ``packed`` buffer of :class:`worker.packing.PackedLayer`
+    """Each packed 1/2/3/4-bit weight (a ``packed`` buffer of :class:`worker.packing.PackedLayer`
     with its ``packed_layout`` beside it) replaced by the logical weight it decodes to, so
     parameters and sparsity count weights, not bytes; the file size stays the packed size."""
     import torch
 
-    from worker.packing import PACKED_SUFFIX, decode_packed, layout_name
+    from worker.packing import LEVELS_SUFFIX, PACKED_SUFFIX, decode_packed, layout_name
 
     out: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
@@ -72,5 +72,6 @@ def decode_packed_weights(
         if not isinstance(scale, torch.Tensor) or not isinstance(offset, torch.Tensor):
             out[name] = tensor
             continue
-        out[prefix + "weight"] = decode_packed(tensor, scale, offset, layout)
+        levels = buffers.get(prefix + LEVELS_SUFFIX)  # a non-linear (log) code's values
+        out[prefix + "weight"] = decode_packed(tensor, scale, offset, layout, levels)
     return out

@@ -87,9 +87,10 @@ def quantize_binary(
     from torch.nn.utils import parametrize
 
     from worker.lifting import lift, relower
+    from worker.packing import packable_layers, replace_layer
 
     module = lift(model)
-    layers = _layers_in_call_order(module)
+    layers = packable_layers(module)
     targets = layers[1:-1] if params.keep_first_last else layers
     if not targets:
         raise UnsupportedError(
@@ -111,7 +112,7 @@ def quantize_binary(
     for name, layer in targets:
         packed = pack_layer(layer, params.mode)
         packed_bytes += int(packed.packed.numel())
-        _replace(module, name, packed)
+        replace_layer(module, name, packed)
     quantized = relower(model, module)
     kept = [name for name, _ in layers if name not in {n for n, _ in targets}]
     ctx.log(
@@ -146,24 +147,6 @@ def _train(
         f"(train loss {history['train_loss'][0]:.4f} -> {history['train_loss'][-1]:.4f})",
         data={k: v for k, v in history.items() if k != "train_loss"},
     )
-
-
-def _layers_in_call_order(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Linear/Conv layers a PackedLayer can replace, in the order the forward calls them."""
-    import torch
-
-    from worker.packing import layer_kind
-
-    if isinstance(module, torch.fx.GraphModule):
-        names = [str(n.target) for n in module.graph.nodes if n.op == "call_module"]
-        ordered = list(dict.fromkeys(names))
-    else:
-        ordered = [name for name, _ in module.named_modules()]
-    return [
-        (name, module.get_submodule(name))
-        for name in ordered
-        if layer_kind(module.get_submodule(name)) is not None
-    ]
 
 
 def binarize(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,12 +222,6 @@ def pack_layer(layer: torch.nn.Module, mode: str) -> PackedLayer:
         bias=layer.bias if isinstance(layer.bias, torch.Tensor) else None,
         conv=conv,
     )
-
-
-def _replace(root: torch.nn.Module, name: str, layer: torch.nn.Module) -> None:
-    owner_path, _, attr = name.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    setattr(owner, attr, layer)
 
 
 METHOD = Method(
