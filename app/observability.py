@@ -20,6 +20,13 @@ REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
     "squish_http_requests", "HTTP requests", ["method", "route", "status"], registry=REGISTRY
 )
+REAPER_RESENDS = Counter(
+    "squish_reaper_resends",
+    "Messages the reaper sent again because they looked lost (with a healthy broker, each "
+    "is a redundant delivery)",
+    ["task"],
+    registry=REGISTRY,
+)
 LATENCY = Histogram(
     "squish_http_request_duration_seconds",
     "HTTP request latency",

@@ -136,7 +136,7 @@ def release(session: Session, job_id: str, token: str, reason: str) -> bool:
     result = session.execute(
         update(Job)
         .where(*_owned(job_id, token))
-        .values(status=JobStatus.queued, worker=None, stage=None, enqueued_at=utcnow())
+        .values(status=JobStatus.queued, worker=None, stage=None, enqueued_at=utcnow(), resends=0)
     )
     if not _changed(result):
         return False
@@ -187,7 +187,7 @@ def recover_lost(session: Session, job: Job, max_attempts: int) -> str | None:
     result = session.execute(
         update(Job)
         .where(*guard)
-        .values(status=JobStatus.queued, worker=None, stage=None, enqueued_at=utcnow())
+        .values(status=JobStatus.queued, worker=None, stage=None, enqueued_at=utcnow(), resends=0)
     )
     if not _changed(result):
         return None
