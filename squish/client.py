@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -73,6 +74,7 @@ _CHUNK = 1024 * 1024
 # can be sent again.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 DEFAULT_RETRY_FOR_S = 60.0
+_RETRY_HINT = re.compile(r"[;,.]?\s*retry (?:in|after) [\d.]+ ?s(?:econds)?\.?$", re.IGNORECASE)
 
 
 class Replay(Enum):
@@ -687,7 +689,8 @@ def _status_reason(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         detail = None
     if isinstance(detail, str) and detail.strip():
-        return detail.strip()[:200]
+        # "database unavailable; retry in 5 s": the notice says when it retries itself.
+        return _RETRY_HINT.sub("", detail.strip())[:200] or detail.strip()[:200]
     return f"{response.status_code} {response.reason_phrase}".strip()
 
 

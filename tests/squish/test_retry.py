@@ -24,7 +24,11 @@ from squish.errors import retry_after_seconds
 from tests.conftest import free_port
 from tests.squish.service import STEPS, Live
 
-OUTAGE = {"title": "Service unavailable", "status": 503, "detail": "database unavailable"}
+OUTAGE = {
+    "title": "Service unavailable",
+    "status": 503,
+    "detail": "database unavailable; retry in 1 s",  # as app/errors.py words it
+}
 
 
 class Outage(httpx.BaseTransport):
