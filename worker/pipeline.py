@@ -23,16 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from worker import hardware
 from worker.context import RecordingReporter, Reporter, ScaledReporter, StepContext
-from worker.contract import DatasetRole, format_facts, values
+from worker.contract import DatasetRole, ModelFormat, format_facts, values
 from worker.convert import convert
 from worker.data import Dataset, fit_dataset, load_dataset
 from worker.errors import EngineError, MethodFailedError, error_for
 from worker.formats import LoadedModel, load_model, save_model
+from worker.formats.onnx import normalize_onnx, validated_output
 from worker.measurement.bench import STEP_ITERATIONS as STEP_ITERATIONS
 from worker.measurement.bench import Bench
 from worker.methods.base import Method, MethodParams
-from worker.schemas import PipelineMetrics, StepMetrics
+from worker.schemas import HardwareInfo, PipelineMetrics, StepMetrics
 from worker.spec import CheckedPipeline, DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
 
 DATASET_ROLES = values(DatasetRole)
@@ -143,6 +145,10 @@ def run_pipeline(
         "outputs": [s.to_dict() for s in model.outputs],
     }
     log.log("model loaded", data=signature)
+    machine = HardwareInfo.model_validate(hardware.worker_hardware(spec.device))
+    log.log(f"worker CPU: {hardware.worker_cpu().describe()}", data=machine.to_json())
+    if model.format == ModelFormat.onnx:  # what exporters write, as ONNX's tools want it
+        model = normalize_onnx(model, log, step="normalize")
 
     log.progress(_P_LOADED, "load_datasets")
     loaded_data = _load_datasets(datasets, model)
@@ -194,6 +200,7 @@ def run_pipeline(
         last_step_is_artifact=last_is_artifact, reporter=ScaledReporter(log, _P_SAVED, 1.0),
     )  # fmt: skip
 
+    measured.hardware = machine
     report_path = _write_report(work_dir, spec, model_format, signature, measured, started, log)
     log.progress(1.0, "done")
     return PipelineResult(artifact, spec.output_format, measured, report_path)
@@ -202,12 +209,21 @@ def run_pipeline(
 def _run_step(
     method: Method, params: MethodParams, model: LoadedModel, ctx: StepContext, *, of: int
 ) -> tuple[LoadedModel, StepMetrics]:
-    """Run one step's handler (a library's failure becomes a MethodFailedError); the model
-    it returns and the step's entry, not measured yet."""
+    """Run one step's handler (a library's failure becomes a MethodFailedError, and so does
+    an ONNX model that stock tools refuse); the model it returns and the step's entry, not
+    measured yet. Defaults that depend on the worker's hardware are filled in first, so the
+    entry's params are the ones that ran."""
     ctx.progress(0.0)
+    params = hardware.fill_defaults(params, model.format, ctx, method=method.name)
     t0 = time.monotonic()
+    given = model
     try:
         model = method.handler(model, params, ctx)
+        if model.format == given.format == ModelFormat.onnx and model.proto is not None:
+            model = validated_output(
+                model.proto, given, step=method.name, library=method.name,
+                advice="Try other parameters or another method for this model.",
+            )  # fmt: skip
     except EngineError as exc:
         exc.step = exc.step or method.name
         raise

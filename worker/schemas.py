@@ -159,6 +159,47 @@ class StepMetrics(FileFigures):
     )
 
 
+class CpuInfo(Figures):
+    """The worker's CPU, as far as int8 kernels care."""
+
+    arch: str = Field(description="`x86_64`, `aarch64`, ...")
+    name: str | SkipJsonSchema[None] = Field(None, description="The model name the OS reports.")
+    instruction_sets: list[str] = Field(
+        description=(
+            "Of the instruction sets squish looks for (`avx2`, `avx512f`, `avx512_vnni`, "
+            "`avx_vnni`, `avx512_bf16`, `amx_int8`, ..., ARM's `asimddp`, `i8mm`, ...), "
+            "those this CPU has; empty when they could not be read."
+        )
+    )
+    vnni: bool = Field(
+        description="Has an int8 dot product that accumulates in int32 (VNNI or AMX)."
+    )
+    int8_overflows: bool = Field(
+        description=(
+            "u8 x s8 int8 kernels saturate here (x86 without VNNI): what `reduce_range` "
+            "defaults follow."
+        )
+    )
+
+
+class GpuInfo(Figures):
+    """The worker's first CUDA device."""
+
+    name: str = Field(description="The device name.")
+    count: int = Field(description="CUDA devices on the worker.")
+    compute_capability: str = Field(description="`major.minor`, e.g. `9.0`.")
+    memory_bytes: int = Field(description="Memory of the first device.")
+
+
+class HardwareInfo(Figures):
+    """The machine the job ran and was measured on."""
+
+    cpu: CpuInfo = Field(description="The worker's CPU.")
+    gpu: GpuInfo | SkipJsonSchema[None] = Field(
+        None, description="The GPU a `gpu` job ran on; absent on `cpu` jobs."
+    )
+
+
 class PipelineMetrics(Figures):
     """A job's `metrics`: every figure measured, none estimated from the config."""
 
@@ -170,4 +211,11 @@ class PipelineMetrics(Figures):
     ratios: Ratios = Field(description="Original / compressed size and latency.")
     steps: list[StepMetrics] | SkipJsonSchema[None] = Field(
         None, description="One entry per pipeline step, in order."
+    )
+    hardware: HardwareInfo | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "The worker's CPU (and GPU on `gpu` jobs); the defaults that depend on it are "
+            "in each step's `params`."
+        ),
     )

@@ -82,8 +82,14 @@ def test_openapi_documents_every_metric(client: TestClient) -> None:
     assert "#/components/schemas/PipelineMetrics" in refs
 
     top = components["PipelineMetrics"]
-    assert set(top["properties"]) == {"original", "compressed", "fidelity", "ratios", "steps"}
+    assert set(top["properties"]) == {
+        "original", "compressed", "fidelity", "ratios", "steps", "hardware",
+    }  # fmt: skip
     assert set(top["required"]) == {"original", "compressed", "ratios"}
+    assert set(_properties(components, "HardwareInfo")) == {"cpu", "gpu"}
+    assert {"arch", "instruction_sets", "vnni", "int8_overflows"} <= set(
+        _properties(components, "CpuInfo")
+    )
     figures = {
         "size_bytes", "size_bytes_gzip", "parameters", "nonzero_parameters", "sparsity",
         "macs", "latency_ms",

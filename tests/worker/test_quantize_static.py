@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from tests import factories
 from tests.helpers import apply, one_thread, stock_accuracy, stock_program, stock_run
+from worker import hardware
 from worker.context import NullReporter
 from worker.data import Dataset, load_dataset
 from worker.errors import DatasetMismatchError, InvalidParamsError, UnsupportedError
@@ -238,13 +239,32 @@ def test_runs_in_a_pipeline_with_measured_accuracy(files, tmp_path: Path) -> Non
     assert load_dataset(files["eval"]).num_samples == 450
 
 
-def test_reduce_range_default_is_on_for_onnx_u8s8_only() -> None:
+AVX2 = hardware.detect_cpu("flags : fpu sse2 avx avx2 fma", "x86_64")
+AVX512_VNNI = hardware.detect_cpu("flags : avx2 avx512f avx512bw avx512_vnni", "x86_64")
+AVX_VNNI = hardware.detect_cpu("flags : avx2 avx_vnni", "x86_64")
+ARM = hardware.detect_cpu("Features : fp asimd asimddp i8mm", "aarch64")
+
+
+def test_reduce_range_default_is_on_for_onnx_u8s8_only_where_the_cpu_overflows() -> None:
     params = METHOD.validate_params({})
-    assert params.use_reduce_range("onnx") is True  # u8 x s8: safe on x86 without VNNI
-    assert params.use_reduce_range("pt2") is False
-    assert METHOD.validate_params({"activation_type": "int8"}).use_reduce_range("onnx") is False
-    assert METHOD.validate_params({"reduce_range": False}).use_reduce_range("onnx") is False
-    assert METHOD.validate_params({"reduce_range": True}).use_reduce_range("pt2") is True
+    assert params.use_reduce_range("onnx", AVX2) is True  # u8 x s8: safe on x86 without VNNI
+    assert params.use_reduce_range("pt2", AVX2) is False
+    int8 = METHOD.validate_params({"activation_type": "int8"})
+    assert int8.use_reduce_range("onnx", AVX2) is False
+    for cpu in (AVX512_VNNI, AVX_VNNI, ARM):  # no overflow: all 8 bits of weight
+        assert params.use_reduce_range("onnx", cpu) is False, cpu
+    # An explicit value wins on every CPU.
+    for cpu in (AVX2, AVX512_VNNI, ARM):
+        assert (
+            METHOD.validate_params({"reduce_range": False}).use_reduce_range("onnx", cpu) is False
+        )
+        assert METHOD.validate_params({"reduce_range": True}).use_reduce_range("pt2", cpu) is True
+        assert METHOD.validate_params({"reduce_range": True}).use_reduce_range("onnx", cpu) is True
+    # The pipeline fills the default in, so the step's recorded params say what ran.
+    assert params.for_hardware("onnx", AVX2).reduce_range is True
+    assert params.for_hardware("onnx", AVX512_VNNI).reduce_range is False
+    explicit = METHOD.validate_params({"reduce_range": True})
+    assert explicit.for_hardware("onnx", AVX512_VNNI) is explicit
 
 
 def test_onnx_default_keeps_the_residual_concat_cnn_accurate(tmp_path: Path) -> None:
@@ -301,7 +321,7 @@ def test_op_types_limit_what_onnx_runtime_quantizes(
     assert "Relu" not in every and gemm_only.count("Relu") == 2
     assert every.count("Gemm") == gemm_only.count("Gemm") == 3
     assert gemm_only.count("QuantizeLinear") > every.count("QuantizeLinear") >= 3
-    with pytest.raises(UnsupportedError, match="no layer with constant weights"):
+    with pytest.raises(UnsupportedError, match="no layer of op_types Relu with constant weights"):
         ops({"max_samples": 64, "op_types": ["Relu"]})
 
 

@@ -13,6 +13,16 @@ if TYPE_CHECKING:
 HF_TASKS = ("sequence-classification", "feature-extraction")
 
 
+def is_fixed_size(size: int | None) -> bool:
+    """Whether a dim size stored in a model file fixes that dim.
+
+    Exporters write an unknown (dynamic) dim as a symbol name, as no size at all, or as
+    ``-1`` or ``0`` (paddle2onnx, tf2onnx and older converters): only a positive size is a
+    fixed one.
+    """
+    return size is not None and size > 0
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input or output.
@@ -20,7 +30,7 @@ class TensorSpec:
     Attributes:
         name: the input/output name (pt2: the forward argument's name).
         shape: ints for static dims, a symbol name (e.g. ``"s0"``, ``"batch"``) for a
-            dynamic dim.
+            dynamic dim (a file's ``-1`` or ``0`` reads as a symbol: :func:`is_fixed_size`).
         dtype: numpy dtype name (``"float32"``, ``"int64"``, ...).
     """
 
@@ -33,7 +43,8 @@ class TensorSpec:
         return len(self.shape)
 
     def is_dynamic(self, axis: int) -> bool:
-        return not isinstance(self.shape[axis], int)
+        dim = self.shape[axis]
+        return not (isinstance(dim, int) and is_fixed_size(dim))
 
     def describe(self) -> str:
         dims = ", ".join(str(d) for d in self.shape)
@@ -79,7 +90,7 @@ class LoadedModel:
     @property
     def static_batch(self) -> int | None:
         """The batch size every input is fixed to, or None when axis 0 is dynamic."""
-        sizes = {s.shape[0] for s in self.inputs if s.rank and isinstance(s.shape[0], int)}
+        sizes = {s.shape[0] for s in self.inputs if s.rank and not s.is_dynamic(0)}
         if len(sizes) == 1 and not any(s.rank and s.is_dynamic(0) for s in self.inputs):
             return int(next(iter(sizes)))
         return None

@@ -54,7 +54,11 @@ _ONNX_MAC_OPS = {
 
 
 def _onnx_macs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> float:
-    """MACs from shapes inferred with the inputs pinned to ``feeds``' shapes.
+    return sum(onnx_macs_by_op(model, feeds).values())
+
+
+def onnx_macs_by_op(model: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """MACs by op type, from shapes inferred with the inputs pinned to ``feeds``' shapes.
 
     ONNX's own shape inference first; where its data propagation stops (``Range`` and
     ``Slice`` on shapes, as in the attention masks of exported transformers), ONNX
@@ -73,7 +77,7 @@ def _onnx_macs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> float:
                 dim.dim_value = int(size)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-        return _macs_from_shapes(inferred)
+        return _macs_by_op(inferred)
     except (onnx.shape_inference.InferenceError, ValueError, UnsupportedError) as exc:
         first = exc
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -85,10 +89,10 @@ def _onnx_macs(model: LoadedModel, feeds: dict[str, np.ndarray]) -> float:
         raise UnsupportedError(f"ONNX shape inference failed: {first}") from exc
     if inferred is None:
         raise UnsupportedError(f"ONNX shape inference failed: {first}")
-    return _macs_from_shapes(inferred)
+    return _macs_by_op(inferred)
 
 
-def _macs_from_shapes(inferred: onnx.ModelProto) -> float:
+def _macs_by_op(inferred: onnx.ModelProto) -> dict[str, float]:
     shapes: dict[str, list[int] | None] = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -97,7 +101,7 @@ def _macs_from_shapes(inferred: onnx.ModelProto) -> float:
         )
     for init in inferred.graph.initializer:
         shapes[init.name] = list(init.dims)
-    total = 0.0
+    total: dict[str, float] = {}
     for node in inferred.graph.node:
         if node.op_type not in _ONNX_MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
@@ -111,12 +115,13 @@ def _macs_from_shapes(inferred: onnx.ModelProto) -> float:
             )
         out_numel = int(np.prod(out_shape))
         if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul"):
-            total += out_numel * a_shape[-1]
+            macs = out_numel * a_shape[-1]
         elif node.op_type == "Gemm":
             trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-            total += out_numel * (a_shape[0] if trans_a else a_shape[-1])
+            macs = out_numel * (a_shape[0] if trans_a else a_shape[-1])
         elif node.op_type == "ConvTranspose":
-            total += int(np.prod(a_shape)) * int(np.prod(w_shape[1:]))
+            macs = int(np.prod(a_shape)) * int(np.prod(w_shape[1:]))
         else:
-            total += out_numel * int(np.prod(w_shape[1:]))
+            macs = out_numel * int(np.prod(w_shape[1:]))
+        total[node.op_type] = total.get(node.op_type, 0.0) + macs
     return total

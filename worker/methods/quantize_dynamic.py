@@ -2,7 +2,11 @@
 
 - onnx: ``onnxruntime.quantization.quantize_dynamic``. It quantizes MatMul (Gemm is
   rewritten to MatMul first), Conv, Attention, LSTM and Gather weights; the model then
-  runs ``DynamicQuantizeLinear`` + ``MatMulInteger``/``ConvInteger``.
+  runs ``DynamicQuantizeLinear`` + ``MatMulInteger``/``ConvInteger``. On a graph whose
+  multiply-accumulates are mostly convolutions, the default quantizes MatMul/Gemm only:
+  ONNX Runtime's ``ConvInteger`` has no fused kernel, and dynamic int8 convolutions were
+  measured 3-9x slower than float and far less faithful (cosine 0.67 on an ImageNet
+  classifier); ``op_types`` with ``Conv`` asks for them anyway.
 - pt2: torchao's PT2E flow on the exported graph (``prepare_pt2e``/``convert_pt2e`` with
   ``X86InductorQuantizer`` in dynamic mode), which annotates Linear layers. Weights are
   folded to int8 constants, the graph is re-exported with the upload's dynamic dims and
@@ -20,16 +24,27 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from worker.errors import UnsupportedError
 from worker.methods.base import Method, MethodParams, context_format
+from worker.methods.quantize_static import checked_op_types
 
 if TYPE_CHECKING:
     import numpy as np
 
     from worker.context import StepContext
     from worker.formats import LoadedModel
+
+# The operator types ONNX Runtime's dynamic quantizer handles (IntegerOps and common
+# registries of onnxruntime.quantization.registry; Gemm is rewritten to MatMul first).
+ORT_DYNAMIC_OP_TYPES = frozenset(
+    {"Attention", "Conv", "EmbedLayerNormalization", "Gather", "Gemm", "LSTM", "MatMul",
+     "Transpose"}
+)  # fmt: skip
+CONV_DOMINATED = 0.5
+"""Share of a graph's multiply-accumulates in convolutions above which the default
+``op_types`` leaves Conv float."""
 
 
 class DynamicQuantizeParams(MethodParams):
@@ -48,6 +63,12 @@ class DynamicQuantizeParams(MethodParams):
         reduce_range: quantize to 7 bits of range, which x86 CPUs without VNNI need to
             avoid overflow in their u8 x s8 int8 kernels (ONNX Runtime's and torchao's
             advice); onnx: weights, pt2: activations. Turn off only for VNNI/ARM targets.
+        op_types: onnx only: the operator types to quantize (ONNX Runtime's
+            ``op_types_to_quantize``; ``Gemm`` and ``MatMul`` both mean MatMul/Gemm).
+            Default: every type ONNX Runtime handles, except Conv on a graph whose
+            multiply-accumulates are mostly convolutions (the job's events say so):
+            dynamic int8 convolutions are slow and inaccurate in ONNX Runtime, where
+            ``quantize.static`` with calibration data gives fast int8 convolutions.
 
     Example:
         ``{"method": "quantize.dynamic", "params": {"dtype": "int8", "per_channel": true}}``
@@ -75,6 +96,17 @@ class DynamicQuantizeParams(MethodParams):
         ),
     )
 
+    op_types: tuple[str, ...] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=len(ORT_DYNAMIC_OP_TYPES),
+        description=(
+            "onnx only: operator types to quantize, e.g. ['MatMul', 'Gemm'] or ['Conv']; "
+            "null: every type ONNX Runtime handles, except Conv on convolution-dominated "
+            "graphs (slow and inaccurate as dynamic int8: use quantize.static for them)."
+        ),
+    )
+
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
         fmt = context_format(info)
@@ -83,7 +115,17 @@ class DynamicQuantizeParams(MethodParams):
                 "symmetric=false is not supported for pt2 models: torchao's x86 quantizer "
                 "only quantizes weights symmetrically; use symmetric=true, or an onnx model"
             )
+        if fmt == "pt2" and self.op_types is not None:
+            raise ValueError(
+                "op_types is for onnx models (ONNX Runtime); torchao's x86 dynamic "
+                "quantizer chooses the Linear layers of a pt2 model itself: leave op_types out"
+            )
         return self
+
+    @field_validator("op_types")
+    @classmethod
+    def _known_op_types(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return checked_op_types(value, ORT_DYNAMIC_OP_TYPES, "dynamically")
 
 
 def quantize_dynamic(
@@ -108,9 +150,13 @@ def _quantize_onnx(
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    from worker.formats import load_onnx_proto, onnx_model_from_proto
+    from worker.formats.onnx import normalize_onnx, validated_output
 
+    # DynamicQuantizeLinear exists from opset 11 (ORT would upgrade an older model itself,
+    # unchecked).
+    model = normalize_onnx(model, ctx, step=ctx.method, min_opset=11, why="DynamicQuantizeLinear")
     assert model.proto is not None
+    op_types, conv_share = _onnx_op_types(model, params, ctx)
     source = ctx.work_dir / f"step{ctx.step}_float.onnx"
     target = ctx.work_dir / f"step{ctx.step}_int8.onnx"
     onnx.save(model.proto, str(source))
@@ -121,26 +167,89 @@ def _quantize_onnx(
         per_channel=params.per_channel,
         reduce_range=params.reduce_range,
         weight_type=QuantType.QInt8,
+        op_types_to_quantize=op_types,
         extra_options={"WeightSymmetric": params.symmetric},
     )
     ctx.progress(0.8)
-    proto = load_onnx_proto(target)
+    proto = onnx.load(str(target))
     source.unlink(missing_ok=True)
     target.unlink(missing_ok=True)
+    result = validated_output(
+        proto, model, step=ctx.method, library="ONNX Runtime's quantize_dynamic",
+        advice="Try per_channel=false, op_types=['MatMul', 'Gemm'], or quantize.static.",
+    )  # fmt: skip
     quantized = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     integer_ops = sorted({n.op_type for n in proto.graph.node if n.op_type.endswith("Integer")})
     if not integer_ops:
+        if conv_share is not None:
+            raise UnsupportedError(
+                f"this graph is convolution-dominated ({conv_share:.0%} of its "
+                "multiply-accumulates in Conv) and has no MatMul or Gemm with constant "
+                "weights; dynamic int8 convolutions are slower than float and inaccurate in "
+                "ONNX Runtime, so quantize.dynamic leaves them float by default: use "
+                "quantize.static with a calibration dataset, or op_types=['Conv'] to force them",
+                step=ctx.method,
+            )
         raise UnsupportedError(
             "ONNX Runtime found no layer to quantize dynamically (it handles MatMul, Gemm, "
-            "Conv, Attention, LSTM with constant weights)",
+            "Conv, Attention, LSTM with constant weights)"
+            + (f" among op_types {', '.join(params.op_types)}" if params.op_types else ""),
             step=ctx.method,
         )
     ctx.log(
         f"quantized {len(integer_ops)} op types to int8 with ONNX Runtime: {', '.join(integer_ops)}",
-        data={"int8_initializers": len(quantized)},
+        data={"int8_initializers": len(quantized), "op_types": op_types},
     )
     ctx.progress(1.0)
-    return onnx_model_from_proto(proto)
+    return result
+
+
+def _onnx_op_types(
+    model: LoadedModel, params: DynamicQuantizeParams, ctx: StepContext
+) -> tuple[list[str] | None, float | None]:
+    """ORT's ``op_types_to_quantize``, and the graph's share of convolution MACs when the
+    default left Conv out because of it (else None)."""
+    if params.op_types is not None:
+        # ORT rewrites Gemm to MatMul before it looks at op types.
+        return sorted({"MatMul" if t == "Gemm" else t for t in params.op_types}), None
+    share = _conv_share(model)
+    if share is None or share <= CONV_DOMINATED:
+        return None, None
+    ctx.log(
+        f"{share:.0%} of this graph's multiply-accumulates are convolutions: quantizing "
+        "MatMul/Gemm only and leaving Conv float (ONNX Runtime's dynamic ConvInteger is "
+        "slower than float Conv and far less faithful); quantize.static with a calibration "
+        "dataset gives int8 convolutions, op_types=['Conv', 'MatMul'] forces dynamic ones",
+        "warning",
+        data={"conv_mac_share": share, "op_types": ["MatMul"]},
+    )
+    return ["MatMul"], share
+
+
+def _conv_share(model: LoadedModel) -> float | None:
+    """The share of the graph's multiply-accumulates in Conv/ConvTranspose, counted from
+    shapes inferred at batch 1, or from weight sizes when shapes cannot be inferred; None
+    without any conv, matmul or gemm."""
+    import numpy as np
+
+    from worker.formats import generate_inputs, weight_shapes
+    from worker.measurement.macs import onnx_macs_by_op
+
+    assert model.proto is not None
+    convs = ("Conv", "ConvTranspose")
+    try:
+        by_op = onnx_macs_by_op(model, generate_inputs(model, batch=1))
+    except UnsupportedError:
+        shapes = weight_shapes(model)
+        by_op = {}
+        for node in model.proto.graph.node:
+            if node.op_type in (*convs, "MatMul", "Gemm") and len(node.input) > 1:
+                size = float(np.prod(shapes.get(node.input[1], (0,))))
+                by_op[node.op_type] = by_op.get(node.op_type, 0.0) + size
+    total = sum(v for k, v in by_op.items() if k in (*convs, "MatMul", "Gemm"))
+    if not total:
+        return None
+    return sum(by_op.get(k, 0.0) for k in convs) / total
 
 
 def _quantize_pt2(

@@ -228,18 +228,25 @@ def _half_onnx(model: LoadedModel, ctx: StepContext) -> LoadedModel:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from worker.formats import onnx_model_from_proto
+    from worker.formats.onnx import normalize_onnx, onnx_weight_tensors, validated_output
 
+    model = normalize_onnx(model, ctx, step=ctx.method)
     assert model.proto is not None
-    floats = [t for t in model.proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    floats = [t for t in onnx_weight_tensors(model) if t.data_type == onnx.TensorProto.FLOAT]
     if not floats:
-        raise UnsupportedError("the model has no float32 weights to convert", step=ctx.method)
+        raise UnsupportedError(
+            "the model has no float32 weights to convert (as initializers or Constant nodes)",
+            step=ctx.method,
+        )
     ctx.progress(0.1)
     proto = convert_float_to_float16(model.proto, keep_io_types=True)
     # The converter appends the boundary Casts at the end; ONNX requires nodes in
     # topological order (onnx.checker refuses the model otherwise).
     OnnxModel(proto).topological_sort()
-    onnx.checker.check_model(proto)
+    result = validated_output(
+        proto, model, step=ctx.method, library="ONNX Runtime's float16 converter",
+        advice="Keep this model in float32, or try quantize.weight_only or quantize.dynamic.",
+    )  # fmt: skip
     ctx.progress(0.8)
     halves = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     kept = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
@@ -249,7 +256,7 @@ def _half_onnx(model: LoadedModel, ctx: StepContext) -> LoadedModel:
         data={"float32_initializers": kept[:20]},
     )
     ctx.progress(1.0)
-    return onnx_model_from_proto(proto)
+    return result
 
 
 METHOD = Method(

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal, Self
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from worker import hardware
 from worker.errors import DatasetMismatchError, UnsupportedError
 from worker.methods.base import Method, MethodParams, context_format
 
@@ -78,10 +79,12 @@ class StaticQuantizeParams(MethodParams):
         weight_type: ``"int8"`` or ``"uint8"`` (onnx only). pt2: int8 only.
         reduce_range: use 7 bits of range, which x86 CPUs without VNNI need to avoid
             overflow in u8 x s8 kernels (pt2: activations, onnx: weights). Default
-            (null): on for onnx with uint8 activations and int8 weights, so the artifact
-            stays accurate on any x86 CPU (measured on a pruned, distilled digits CNN on
-            an AVX2 CPU: 96.0 % in fp32, int8 90.7 % without, 96.0 % with); off
-            otherwise (pt2 runs reference kernels eagerly).
+            (null): chosen for the worker's CPU, and the choice is recorded in the job's
+            step params and events: on for onnx with uint8 activations and int8 weights
+            on an x86 CPU without VNNI (measured on a pruned, distilled digits CNN on an
+            AVX2 CPU: 96.0 % in fp32, int8 90.7 % without, 96.0 % with); off where the
+            overflow does not exist (AVX512-VNNI, AVX-VNNI, AMX, ARM), which keeps the
+            weights' eighth bit, and for pt2 (reference kernels run eagerly).
         op_types: onnx only: the operator types to quantize (ONNX Runtime's
             ``op_types_to_quantize``); default every type it handles. Transformer
             encoders keep far more fidelity with ``["MatMul", "Gemm"]`` (measured on
@@ -125,8 +128,9 @@ class StaticQuantizeParams(MethodParams):
         default=None,
         description=(
             "7 bits of range, for x86 CPUs without VNNI (pt2: activations, onnx: weights). "
-            "null: on for onnx with uint8 activations and int8 weights (u8 x s8 kernels "
-            "overflow on x86 CPUs without VNNI), off otherwise."
+            "null: chosen for the worker's CPU and recorded in the step's params: on for "
+            "onnx with uint8 activations and int8 weights where u8 x s8 kernels overflow "
+            "(x86 without VNNI), off otherwise."
         ),
     )
     op_types: tuple[str, ...] | None = Field(
@@ -158,25 +162,41 @@ class StaticQuantizeParams(MethodParams):
     @field_validator("op_types")
     @classmethod
     def _known_op_types(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is None:
-            return None
-        unknown = sorted(set(value) - ORT_STATIC_OP_TYPES)
-        if unknown:
-            raise ValueError(
-                f"ONNX Runtime cannot quantize {', '.join(unknown)} statically; op_types "
-                f"takes {', '.join(sorted(ORT_STATIC_OP_TYPES))}"
-            )
-        return tuple(dict.fromkeys(value))
+        return checked_op_types(value, ORT_STATIC_OP_TYPES, "statically")
 
     def calibration(self, fmt: str) -> str:
         """The calibration method, the backend's default filled in."""
         return self.calibrate_method or _CALIBRATION_BY_FORMAT[fmt][0]
 
-    def use_reduce_range(self, fmt: str) -> bool:
-        """``reduce_range``, the default filled in (see the field)."""
+    def use_reduce_range(self, fmt: str, cpu: hardware.Cpu | None = None) -> bool:
+        """``reduce_range``, the default filled in for ``cpu`` (default: this worker's)."""
         if self.reduce_range is not None:
             return self.reduce_range
-        return fmt == "onnx" and (self.activation_type, self.weight_type) == ("uint8", "int8")
+        cpu = cpu or hardware.worker_cpu()
+        u8s8 = (self.activation_type, self.weight_type) == ("uint8", "int8")
+        return fmt == "onnx" and u8s8 and cpu.int8_overflows
+
+    def for_hardware(self, fmt: str, cpu: hardware.Cpu) -> Self:
+        """These params with ``reduce_range`` chosen for ``cpu`` if it was left unset."""
+        if self.reduce_range is not None:
+            return self
+        return self.model_copy(update={"reduce_range": self.use_reduce_range(fmt, cpu)})
+
+
+def checked_op_types(
+    value: tuple[str, ...] | None, handled: frozenset[str], how: str
+) -> tuple[str, ...] | None:
+    """``op_types`` without repeats; a type ONNX Runtime does not quantize ``how``
+    (``"statically"``, ``"dynamically"``) is refused, naming those it does."""
+    if value is None:
+        return None
+    unknown = sorted(set(value) - handled)
+    if unknown:
+        raise ValueError(
+            f"ONNX Runtime cannot quantize {', '.join(unknown)} {how}; op_types "
+            f"takes {', '.join(sorted(handled))}"
+        )
+    return tuple(dict.fromkeys(value))
 
 
 def unsupported_reason(params: StaticQuantizeParams, fmt: str) -> str | None:
@@ -214,6 +234,7 @@ def quantize_static(
     problem = unsupported_reason(params, model.format)
     if problem:
         raise UnsupportedError(problem, step=ctx.method)
+    params = hardware.fill_defaults(params, model.format, ctx, method=ctx.method)
     dataset = ctx.datasets.get("calibration")
     if dataset is None:
         raise DatasetMismatchError(
@@ -385,8 +406,13 @@ def _quantize_onnx(
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from worker.formats import load_onnx_proto, onnx_model_from_proto
+    from worker.formats.onnx import QDQ_PER_CHANNEL_OPSET, normalize_onnx, validated_output
 
+    # QuantizeLinear/DequantizeLinear exist from opset 10 and ORT fuses them from 11; their
+    # per-channel axis needs 13 (ORT writes it whatever the model's opset).
+    opset = QDQ_PER_CHANNEL_OPSET if params.per_channel else 11
+    need = "per-channel QDQ (DequantizeLinear's axis)" if params.per_channel else "QDQ fusion"
+    model = normalize_onnx(model, ctx, step=ctx.method, min_opset=opset, why=need)
     assert model.proto is not None
     source = ctx.work_dir / f"step{ctx.step}_float.onnx"
     prepared = ctx.work_dir / f"step{ctx.step}_prepared.onnx"
@@ -420,6 +446,7 @@ def _quantize_onnx(
             return batch
 
     method = params.calibration("onnx")
+    reduce_range = params.use_reduce_range("onnx")
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     extra = {"CalibPercentile": params.percentile} if method == "percentile" else {}
     with contextlib.redirect_stdout(io.StringIO()), _histogram_errors(method, ctx):
@@ -429,7 +456,7 @@ def _quantize_onnx(
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=params.per_channel,
-            reduce_range=params.use_reduce_range("onnx"),
+            reduce_range=reduce_range,
             activation_type=types[params.activation_type],
             weight_type=types[params.weight_type],
             calibrate_method={
@@ -441,14 +468,19 @@ def _quantize_onnx(
             extra_options=extra,
         )
     ctx.progress(0.85)
-    proto = load_onnx_proto(target)
+    proto = onnx.load(str(target))
     for path in (source, prepared, target):
         path.unlink(missing_ok=True)
+    quantized = validated_output(
+        proto, model, step=ctx.method, library="ONNX Runtime's quantize_static",
+        advice="Try per_channel=false, op_types=['MatMul', 'Gemm'], or quantize.dynamic.",
+    )  # fmt: skip
     quantized_weights = _onnx_quantized_weights(proto)
     if not quantized_weights:
+        which = f" of op_types {', '.join(params.op_types)}" if params.op_types else ""
         raise UnsupportedError(
-            "ONNX Runtime found no layer with constant weights to quantize statically "
-            "(it handles MatMul, Gemm, Conv and more)",
+            f"ONNX Runtime found no layer{which} with constant weights to quantize "
+            "statically (it handles MatMul, Gemm, Conv and more)",
             step=ctx.method,
         )
     ctx.log(
@@ -458,11 +490,11 @@ def _quantize_onnx(
         data={
             "per_channel": params.per_channel,
             "activation_type": params.activation_type,
-            "reduce_range": params.use_reduce_range("onnx"),
+            "reduce_range": reduce_range,
         },
     )
     ctx.progress(1.0)
-    return onnx_model_from_proto(proto)
+    return quantized
 
 
 def _onnx_quantized_weights(proto: object) -> list[str]:

@@ -219,8 +219,9 @@ def _quantize_onnx(
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    from worker.formats import onnx_model_from_proto
+    from worker.formats.onnx import normalize_onnx, validated_output
 
+    model = normalize_onnx(model, ctx, step=ctx.method)
     assert model.proto is not None
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -241,10 +242,21 @@ def _quantize_onnx(
     ctx.progress(0.8)
     nodes = [n for n in result.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
+        convs = any(n.op_type in ("Conv", "ConvTranspose") for n in model.proto.graph.node)
         raise UnsupportedError(
-            "ONNX Runtime found no MatMul/Gemm with constant weights to quantize",
+            "ONNX Runtime found no MatMul/Gemm with constant weights to quantize"
+            + (
+                "; weight-only quantization covers MatMul/Gemm layers only: for this "
+                "model's convolutions use quantize.static with a calibration dataset"
+                if convs
+                else ""
+            ),
             step=ctx.method,
         )
+    quantized = validated_output(
+        result, model, step=ctx.method, library="ONNX Runtime's MatMulNBitsQuantizer",
+        advice="Try bits=8, another group_size, or onnx_int8_compute=false.",
+    )  # fmt: skip
     ctx.log(
         f"quantized {len(nodes)} MatMul weights to int{params.bits} (blocks of {block}, "
         f"{'symmetric' if params.symmetric else 'asymmetric'}) with ONNX Runtime's MatMulNBits, "
@@ -252,7 +264,7 @@ def _quantize_onnx(
         data={"nodes": [n.name for n in nodes]},
     )
     ctx.progress(1.0)
-    return onnx_model_from_proto(result)
+    return quantized
 
 
 METHOD = Method(
