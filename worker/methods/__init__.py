@@ -7,6 +7,7 @@ Adding a method means adding its module and one line below.
 from __future__ import annotations
 
 from worker.methods import (
+    clip,
     distill,
     finetune,
     lowrank,
@@ -41,6 +42,7 @@ REGISTRY: dict[str, Method] = {
         finetune.METHOD,
         distill.METHOD,
         lowrank.METHOD,
+        clip.METHOD,
     )
 }
 
