@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +36,20 @@ class Settings(BaseSettings):
     cancel_grace_s: Annotated[float, Field(gt=0)] = 5.0
     broker_poll_interval_s: Annotated[float, Field(gt=0)] = 0.05
 
+    # Outages the worker waits out instead of failing (or recomputing) the job.
+    storage_retry_s: Annotated[float, Field(ge=0)] = 300.0
+    """How long one download or artifact upload is retried while the object store is down."""
+    database_retry_s: Annotated[float, Field(ge=0)] = 120.0
+    """How long a worker retries recording a finished job's outcome while the database is down."""
+
+    # Work folders: one per job (or inspection) under one root, removed by the worker
+    # that made it, or by a later sweep once that process is gone (killed).
+    work_dir: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "squish-work",
+        description="The root of the work folders (default: squish-work in the temp dir).",
+    )
+    work_sweep_interval_s: Annotated[float, Field(gt=0)] = 60.0
+
     # Embedded runner.
     worker_concurrency: Annotated[int, Field(ge=1)] = 1
     worker_queues: str = "cpu"
@@ -62,6 +77,7 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if not self.storage_url:
             self.storage_url = f"file://{data / 'objects'}"
+        self.work_dir = self.work_dir.resolve()
         return self
 
     @property

@@ -11,39 +11,54 @@ A failure is recorded one way: as an :class:`~worker.errors.EngineError`, stored
 its attempts are used up, then fails as an ``InfrastructureError``; anything unexpected
 fails as an ``InternalError``.
 
+Outages of minutes do not waste work. While the object store is down, each download and
+each artifact upload is retried in place, with backoff, for `storage_retry_s` (the
+heartbeat keeps the job alive, a cancellation still stops it): a finished computation is
+never redone because its upload failed once; an upload that never gets through fails the
+job as ``infrastructure``, naming the outage. Progress and log writes skip a database that
+is down, and the outcome is recorded once it is back (for up to `database_retry_s`).
+
+Each job (or inspection) works in its own folder, ``squish-job-<id>-<pid>`` under
+`work_dir`, locked (``flock``) by the process that uses it. The process removes it when
+done; a folder whose process was killed (SIGKILL: no clean-up runs) is removed by the
+sweep every worker runs at start and every `work_sweep_interval_s` (:func:`sweep_work_dirs`).
+
 `deliver_webhook` makes one delivery attempt of a finished job's webhook
 (app/jobs/webhooks.py); the transition that finishes a job sends it after its commit.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from app.db import new_id, reset_engine, session_scope
+from app.errors import database_outage
 from app.files import delete_if_unused, object_key
 from app.jobs import lifecycle, webhooks
 from app.orm import Artifact, Dataset, Job, MLModel
 from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, get_celery, send_after_commit
-from app.settings import get_settings
-from app.storage import StorageError, get_store
+from app.settings import Settings, get_settings
+from app.storage import StorageError, StorageUnavailable, get_store
 from worker.contract import FORMATS, InspectionStatus, LogLevel, ModelFormat
 from worker.errors import (
     DatasetDeletedError,
@@ -59,6 +74,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("squish.worker")
 celery_app = get_celery()
+T = TypeVar("T")
 
 REPORT_MEDIA_TYPE = "application/json"
 TRANSIENT = (StorageError, OperationalError)
@@ -82,6 +98,12 @@ def _after_fork(**_kwargs: Any) -> None:
     # Connections must not cross a fork; warm the engine up so the first job starts fast.
     reset_engine()
     import worker.pipeline  # noqa: F401
+
+
+@worker_ready.connect
+def _start_work_dir_sweeper(**_kwargs: Any) -> None:
+    # In the main process (it needs no database): at start, then periodically.
+    WorkDirSweeper(get_settings()).start()
 
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
@@ -112,7 +134,9 @@ def deliver_webhook(job_id: str) -> str:
 class DbReporter:
     """Progress and log lines into the job's row and events, throttled; raises on cancel.
 
-    The pipeline's 0..1 maps to 0..0.98: storing the artifacts is the last step.
+    The pipeline's 0..1 maps to 0..0.98: storing the artifacts is the last step. While the
+    database is down, writes are skipped (the computation goes on; the heartbeat notices
+    a cancellation once it is back).
     """
 
     SCALE = 0.98
@@ -123,6 +147,25 @@ class DbReporter:
         self.cancelled_event = cancelled
         self._last_write = 0.0
         self.stage: str | None = None
+        self.database_down = False
+
+    def _write(self, write: Callable[[], T]) -> T | None:
+        """One write to the job's row or events; None when the database is down."""
+        try:
+            result = write()
+        except Exception as exc:
+            if not database_outage(exc):
+                raise
+            if not self.database_down:
+                self.database_down = True
+                log.warning(
+                    "job %s: database unavailable, progress not recorded: %s", self.job_id, exc
+                )
+            return None
+        if self.database_down:
+            self.database_down = False
+            log.info("job %s: database back, recording progress again", self.job_id)
+        return result
 
     def cancelled(self) -> bool:
         return self.cancelled_event.is_set()
@@ -136,32 +179,40 @@ class DbReporter:
             return
         self._last_write = now
         fraction *= self.SCALE
-        with session_scope() as session:
-            ok = lifecycle.set_progress(session, self.job_id, self.token, fraction, stage)
-            if ok:
-                lifecycle.add_event(
-                    session,
-                    self.job_id,
-                    "progress",
-                    f"stage: {stage}" if stage_changed else f"{fraction:.0%}",
-                    data={
-                        "progress": round(fraction, 4),
-                        "stage": stage if stage_changed else self.stage,
-                    },
-                )
+
+        def write() -> bool:
+            with session_scope() as session:
+                ok = lifecycle.set_progress(session, self.job_id, self.token, fraction, stage)
+                if ok:
+                    lifecycle.add_event(
+                        session,
+                        self.job_id,
+                        "progress",
+                        f"stage: {stage}" if stage_changed else f"{fraction:.0%}",
+                        data={
+                            "progress": round(fraction, 4),
+                            "stage": stage if stage_changed else self.stage,
+                        },
+                    )
+            return ok
+
+        ok = self._write(write)
         if stage_changed:
             self.stage = stage
-        if not ok:
+        if ok is False:
             self.cancelled_event.set()
             raise JobCancelled("the job was cancelled or taken over by another worker")
 
     def log(
         self, message: str, level: str = LogLevel.info, data: dict[str, Any] | None = None
     ) -> None:
-        with session_scope() as session:
-            lifecycle.add_event(
-                session, self.job_id, "log", message, level=LogLevel(level), data=data
-            )
+        def write() -> None:
+            with session_scope() as session:
+                lifecycle.add_event(
+                    session, self.job_id, "log", message, level=LogLevel(level), data=data
+                )
+
+        self._write(write)
 
 
 class Heartbeat(threading.Thread):
@@ -179,8 +230,10 @@ class Heartbeat(threading.Thread):
             try:
                 with session_scope() as session:
                     alive = lifecycle.heartbeat(session, self.job_id, self.token)
-            except OperationalError:
-                continue  # the database blinked; try again next tick
+            except Exception as exc:
+                if database_outage(exc):
+                    continue  # the database is down; try again next tick
+                raise
             if not alive:
                 self.cancelled.set()
                 break
@@ -196,7 +249,7 @@ class Heartbeat(threading.Thread):
 
 @dataclass
 class ClaimedJob:
-    """A job this worker owns: its row as claimed, the claim's token, a scratch folder."""
+    """A job this worker owns: its row as claimed, the claim's token, a work folder."""
 
     id: str
     token: str
@@ -205,20 +258,24 @@ class ClaimedJob:
     spec: dict[str, Any]
     queue: str
     attempts: int
-    work_dir: Path
+    folder: WorkDir
     cancelled: threading.Event
     reporter: DbReporter
 
+    @property
+    def work_dir(self) -> Path:
+        return self.folder.path
+
     @contextmanager
     def held(self) -> Iterator[None]:
-        """Heart-beat while the job runs here; remove the scratch folder after."""
+        """Heart-beat while the job runs here; remove the work folder after."""
         heartbeat = Heartbeat(self.id, self.token, self.cancelled)
         heartbeat.start()
         try:
             yield
         finally:
             heartbeat.done.set()
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.folder.remove()
 
 
 def claim(job_id: str) -> ClaimedJob | None:
@@ -240,7 +297,7 @@ def claim(job_id: str) -> ClaimedJob | None:
         spec=spec,
         queue=queue,
         attempts=attempts,
-        work_dir=Path(tempfile.mkdtemp(prefix=f"squish-{job_id}-")),
+        folder=WorkDir.make("job", job_id, token),
         cancelled=cancelled,
         reporter=DbReporter(job_id, token, cancelled),
     )
@@ -284,7 +341,11 @@ def fetch_inputs(job: ClaimedJob) -> Inputs:
 
     def fetch(key: str, name: str) -> Path:
         path = job.work_dir / name
-        store.get_to_file(key, path)
+        try:
+            waiting_out_storage(job, f"fetching {name}", lambda: store.get_to_file(key, path))
+        except InfrastructureError as exc:
+            # Nothing is computed yet: queue the job again (its attempts permitting).
+            raise StorageUnavailable(exc.message) from exc
         return path
 
     return Inputs(
@@ -359,7 +420,12 @@ def store_outputs(job: ClaimedJob, result: PipelineResult) -> Outputs:
                 raise JobCancelled("the job was cancelled")
             sha, size = _sha256(path), path.stat().st_size
             key = object_key(job.tenant_id, sha)
-            store.put_file(path, key, sha256=sha)
+
+            def put(path: Path = path, key: str = key, sha: str = sha) -> None:
+                store.put_file(path, key, sha256=sha)
+
+            # The computation is done: wait out a storage outage rather than redo it.
+            waiting_out_storage(job, f"storing the {name}", put)
             artifacts.append(
                 Artifact(
                     id=new_id("art"),
@@ -376,6 +442,40 @@ def store_outputs(job: ClaimedJob, result: PipelineResult) -> Outputs:
         _discard(artifacts)
         raise
     return Outputs(artifacts, result.metrics)
+
+
+STORAGE_BACKOFF_S = (1.0, 30.0)
+"""The first wait between two tries of a storage call, and the longest (it doubles)."""
+
+
+def waiting_out_storage(job: ClaimedJob, what: str, call: Callable[[], T]) -> T:
+    """``call()``, tried again while the object store is unavailable, for `storage_retry_s`.
+
+    Each wait is a warning in the job's events. A cancellation ends the wait at once
+    (JobCancelled); an outage that outlasts the budget is an InfrastructureError naming it.
+    """
+    budget = get_settings().storage_retry_s
+    start = time.monotonic()
+    delay = STORAGE_BACKOFF_S[0]
+    while True:
+        try:
+            return call()
+        except StorageUnavailable as exc:
+            waited = time.monotonic() - start
+            if waited + delay > budget:
+                raise InfrastructureError(
+                    f"object storage unavailable for {waited:.0f} s while {what}; "
+                    f"gave up after SQUISH_STORAGE_RETRY_S={budget:g}: {exc}",
+                    step=job.reporter.stage,
+                ) from exc
+            job.reporter.log(
+                f"object storage unavailable while {what}; retrying in {delay:.0f} s ({exc})",
+                level=LogLevel.warning,
+                data={"retry_in_s": delay, "waited_s": round(waited, 1)},
+            )
+            if job.cancelled.wait(delay):
+                raise JobCancelled("the job was cancelled") from exc
+            delay = min(delay * 2, STORAGE_BACKOFF_S[1])
 
 
 def _discard(artifacts: list[Artifact]) -> None:
@@ -399,7 +499,7 @@ def record_outcome(job: ClaimedJob, outcome: Outputs | Exception) -> Outcome:
         return _record_success(job, outcome)
     if isinstance(outcome, JobCancelled):
         return Outcome.cancelled  # the row says so already
-    if isinstance(outcome, TRANSIENT):
+    if isinstance(outcome, TRANSIENT) or database_outage(outcome):
         return _record_transient(job, outcome)
     if isinstance(outcome, EngineError):
         return _record_failure(job, outcome)
@@ -408,23 +508,52 @@ def record_outcome(job: ClaimedJob, outcome: Outputs | Exception) -> Outcome:
     return _record_failure(job, InternalError(message, step=job.reporter.stage))
 
 
+def waiting_out_database(job: ClaimedJob, call: Callable[[], T]) -> T:
+    """``call()`` (one transaction), tried again while the database is down, for
+    `database_retry_s`: the outcome of finished work is not given up for an outage."""
+    budget = get_settings().database_retry_s
+    start = time.monotonic()
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            waited = time.monotonic() - start
+            if not database_outage(exc) or waited + delay > budget:
+                raise
+            log.warning(
+                "job %s: database unavailable, recording the outcome again in %.0f s: %s",
+                job.id, delay, exc,
+            )  # fmt: skip
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
 def _record_success(job: ClaimedJob, outputs: Outputs) -> Outcome:
-    try:
+    def commit() -> bool:
         with session_scope() as session:
             if lifecycle.succeed(session, job.id, job.token, outputs.metrics):
                 session.add_all(outputs.artifacts)
-                return Outcome.succeeded
+                return True
+        return False
+
+    try:
+        succeeded = waiting_out_database(job, commit)
     except BaseException:
         _discard(outputs.artifacts)
         raise
+    if succeeded:
+        return Outcome.succeeded
     _discard(outputs.artifacts)  # cancelled meanwhile: keep no orphaned objects
     return Outcome.cancelled
 
 
 def _record_failure(job: ClaimedJob, error: EngineError) -> Outcome:
-    with session_scope() as session:
-        recorded = lifecycle.fail(session, job.id, job.token, error)
-    return Outcome.failed if recorded else Outcome.lost
+    def commit() -> bool:
+        with session_scope() as session:
+            return lifecycle.fail(session, job.id, job.token, error)
+
+    return Outcome.failed if waiting_out_database(job, commit) else Outcome.lost
 
 
 def _record_transient(job: ClaimedJob, exc: Exception) -> Outcome:
@@ -432,11 +561,15 @@ def _record_transient(job: ClaimedJob, exc: Exception) -> Outcome:
     reason = f"{type(exc).__name__}: {exc}"
     if job.attempts >= get_settings().max_attempts:
         return _record_failure(job, InfrastructureError(reason))
-    with session_scope() as session:
-        if not lifecycle.release(session, job.id, job.token, reason):
-            return Outcome.lost
-        send_after_commit(session, RUN_JOB, job.id, job.queue, countdown=2**job.attempts)
-    return Outcome.requeued
+
+    def commit() -> bool:
+        with session_scope() as session:
+            if not lifecycle.release(session, job.id, job.token, reason):
+                return False
+            send_after_commit(session, RUN_JOB, job.id, job.queue, countdown=2**job.attempts)
+        return True
+
+    return Outcome.requeued if waiting_out_database(job, commit) else Outcome.lost
 
 
 # --- inspection -------------------------------------------------------------------------
@@ -451,8 +584,9 @@ def inspect_model(model_id: str) -> str:
         if model is None or model.inspection_status != InspectionStatus.pending:
             return "skipped"
         key, fmt = model.storage_key, model.format
-    with tempfile.TemporaryDirectory(prefix="squish-inspect-") as tmp:
-        path = Path(tmp) / f"model.{fmt}"
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    with WorkDir.make("inspect", model_id, token) as folder:
+        path = folder.path / f"model.{fmt}"
         get_store().get_to_file(key, path)
         try:
             info: dict[str, Any] | None = inspect(path, fmt)
@@ -466,3 +600,125 @@ def inspect_model(model_id: str) -> str:
     with session_scope() as session:
         session.execute(update(MLModel).where(MLModel.id == model_id).values(**values))
     return str(values["inspection_status"])
+
+
+# --- work folders -----------------------------------------------------------------------
+
+OWNER_FILE = ".owner"
+WORK_DIR_NAME = re.compile(r"squish-(?P<kind>job|inspect)-(?P<id>[A-Za-z0-9_.-]+)-(?P<pid>[0-9]+)")
+LOCKLESS_GRACE_S = 30.0
+"""A folder without its owner file is being made right now, or its process died at once."""
+
+
+class WorkDir:
+    """``squish-<kind>-<id>-<pid>`` under `work_dir`, locked by the process that uses it.
+
+    The lock (``flock`` on its owner file, which names the claim's ``host:pid:nonce``)
+    is released by the kernel when the process dies, however it dies: a folder whose lock
+    can be taken is nobody's any more, and :func:`sweep_work_dirs` removes it.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def make(cls, kind: str, obj_id: str, token: str) -> WorkDir:
+        root = get_settings().work_dir
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = root / f"squish-{kind}-{obj_id}-{os.getpid()}"
+        if not WORK_DIR_NAME.fullmatch(path.name):
+            raise ValueError(f"not a work folder name: {path.name!r}")
+        shutil.rmtree(path, ignore_errors=True)  # a dead process's with our pid: not ours
+        path.mkdir(mode=0o700)
+        fd = os.open(path / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, token.encode())
+        return cls(path, fd)
+
+    def remove(self) -> None:
+        """Remove the folder, then let go of its lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> WorkDir:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
+
+
+def sweep_work_dirs(settings: Settings) -> list[Path]:
+    """Remove the work folders on this host whose process is gone; returns those removed."""
+    root = settings.work_dir
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        match = WORK_DIR_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        if _in_use(entry, int(match["pid"])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    if removed:
+        log.info("removed %d work folders left by stopped processes: %s", len(removed),
+                 ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
+
+
+def _in_use(folder: Path, pid: int) -> bool:
+    try:
+        fd = os.open(folder / OWNER_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Never locked: its process is making it right now, or died before it could.
+        young = time.time() - folder.stat().st_mtime < LOCKLESS_GRACE_S
+        return young and _alive(pid)
+    except NotADirectoryError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True  # its process holds the lock: it is working there
+            raise
+        host = os.read(fd, 512).decode(errors="replace").partition(":")[0]
+        # Another machine's folder (a shared root): not this worker's to judge.
+        return bool(host) and host != socket.gethostname()
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkDirSweeper(threading.Thread):
+    """Sweeps the work folders at start, then every `work_sweep_interval_s`."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="squish-work-dir-sweeper", daemon=True)
+        self.settings = settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                sweep_work_dirs(self.settings)
+            except Exception:
+                log.warning("work folder sweep failed; retrying next interval", exc_info=True)
+            if self.stopped.wait(self.settings.work_sweep_interval_s):
+                return
