@@ -1,7 +1,7 @@
 """Run the service benchmarks, print one markdown table, write ``benchmarks/out/service.json``.
 
     python -m benchmarks.run                 # everything (make bench), ~5 minutes
-    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | engine (repeatable)
+    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | engine | methods
     python -m benchmarks.run --quick         # smoke run with small sizes
 
 Every figure is measured in this run. A benchmark that cannot run (PostgreSQL or Redis
@@ -10,7 +10,9 @@ command exits 1; targets that are missed do not change the exit status.
 
 ``engine`` (:mod:`benchmarks.engine`, ~8 minutes) runs the compression engine in-process
 on three models, side by side with the libraries called directly; it prints its own
-table and writes ``benchmarks/out/engine.json``.
+table and writes ``benchmarks/out/engine.json``; ``methods`` (:mod:`benchmarks.methods`,
+~3 minutes) compares ``quantize.log`` with linear int4 and measures what ``clip`` buys,
+and writes ``benchmarks/out/methods.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
 from benchmarks import service as sb
 
 OUT = Path(__file__).resolve().parent / "out" / "service.json"
-BENCHMARKS = ("upload", "pickup", "get", "e2e", "engine")
+BENCHMARKS = ("upload", "pickup", "get", "e2e", "engine", "methods")
 ENGINE_OUT = OUT.parent / "engine.json"
 
 # Issue targets.
@@ -377,6 +379,19 @@ def main(argv: list[str] | None = None) -> int:
                 r.errors[f"engine {name}"] = error
         if selected == {"engine"}:
             return 1 if engine_failed else 0
+
+    if "methods" in selected:
+        from benchmarks import methods as mb
+
+        res = r.attempt("methods", mb.bench_methods)
+        if res is not None:
+            r.results.pop("methods", None)  # its own JSON file
+            print("## quantize.log and clip (digits CNN)\n\n" + print_table(res["rows"]) + "\n")
+            mb.OUT.parent.mkdir(parents=True, exist_ok=True)
+            mb.OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
+            r.errors.update({f"methods {name}": error for name, error in res["errors"].items()})
+        if selected == {"methods"}:
+            return 1 if res is None or res["errors"] else 0
 
     total_s = time.perf_counter() - started
     table = print_table(r.rows)
