@@ -4,8 +4,8 @@
   rewritten to MatMul first), Conv, Attention, LSTM and Gather weights; the model then
   runs ``DynamicQuantizeLinear`` + ``MatMulInteger``/``ConvInteger``. On a graph whose
   multiply-accumulates are mostly convolutions, the default quantizes MatMul/Gemm only:
-  ONNX Runtime's ``ConvInteger`` has no fused kernel, and dynamic int8 convolutions were
-  measured 3-9x slower than float and far less faithful (cosine 0.67 on an ImageNet
+  ONNX Runtime's ``ConvInteger`` has no fused kernel (the digits CNN: 5.4x slower than
+  float at batch 1, 15x at 32; reported 3-9x slower and cosine 0.67 on an ImageNet
   classifier); ``op_types`` with ``Conv`` asks for them anyway.
 - pt2: torchao's PT2E flow on the exported graph (``prepare_pt2e``/``convert_pt2e`` with
   ``X86InductorQuantizer`` in dynamic mode), which annotates Linear layers. Weights are
