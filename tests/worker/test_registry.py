@@ -48,7 +48,7 @@ EXAMPLES = {
     "quantize.weight_only": {"bits": 4, "group_size": 32, "symmetric": False},
     "quantize.qat": {"weight_bits": 4, "group_size": 64, "epochs": 2, "patience": 1},
     "quantize.binary": {"mode": "ternary", "epochs": 3, "keep_first_last": False},
-    "clip": {"mode": "percentile", "percentile": 99.5, "epochs": 1, "lr": 1e-4, "batch_size": 16},
+    "clip": {"mode": "percentile", "percentile": 99.5, "epochs": 0, "lr": 1e-4, "batch_size": 16},
     "quantize.log": {
         "bits": 3,
         "epochs": 2,
