@@ -1,6 +1,6 @@
 """Sub-byte weight storage: 1, 2, 3 or 4-bit codes packed into bytes, decoded by plain aten ops.
 
-No maintained library stores binary, ternary or CPU int4 weights in a ``torch.export``
+No maintained library stores binary, ternary, log or CPU int4 weights in a ``torch.export``
 program that loads with stock tools: torchao's int4 layouts are tensor subclasses
 (pickled by ``torch.export.save``) whose kernels need CUDA. Here a layer's weight is
 kept as
