@@ -15,7 +15,10 @@ on the ``calibration`` dataset, instead of at every call (``quantize.dynamic``).
 - onnx: ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimization,
   which ORT recommends before quantizing) and ``quantize_static`` in QDQ format, with
   minmax, percentile or entropy calibration. ONNX Runtime's CPU provider fuses the QDQ
-  pairs into int8 kernels.
+  pairs into int8 kernels. A model older than opset 13 is upgraded first when weights are
+  quantized per channel (``DequantizeLinear``'s axis), and checked to compute the same
+  outputs (:func:`worker.formats.onnx.normalize_onnx`); ``reduce_range`` defaults to what
+  the worker's CPU needs (:mod:`worker.hardware`).
 """
 
 from __future__ import annotations
