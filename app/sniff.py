@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from worker.contract import DatasetFormat, ModelFormat, values
+from worker.contract import DatasetFormat, upload_formats, values
 from worker.safety import EXPORT_HELP, HF_SAVE_HELP, NotThisFormat, Unsafe, hf, onnx, pt2
 from worker.safety import datasets as dataset_rules
 from worker.safety._zip import ZIP_ERRORS, is_zip
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 MiB = 1 << 20
-MODEL_FORMATS = values(ModelFormat)
+MODEL_FORMATS = upload_formats()
 DATASET_FORMATS = values(DatasetFormat)
 ONNX_FULL_CHECK_MAX_BYTES = 512 * MiB
 """ONNX files up to this size are parsed with onnx and checked by onnx.checker; larger

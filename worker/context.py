@@ -11,6 +11,7 @@ from worker.contract import LogLevel
 if TYPE_CHECKING:
     from worker.data import Dataset
     from worker.formats import LoadedModel
+    from worker.schemas import LayerMetrics
 
 
 class Reporter(Protocol):
@@ -95,6 +96,8 @@ class StepContext:
             loads a fresh copy (steps may have changed the pipeline's model in place).
         models: other uploaded models a step's params name (e.g. ``teacher_model_id``),
             by id: ``(local path, format)``; load one with :meth:`load_model`.
+        layers: what the step did to each layer, by name (``metrics.steps[].layers``);
+            handlers fill it with :func:`worker.layers.record_layers`.
     """
 
     step: int
@@ -107,6 +110,7 @@ class StepContext:
     progress_end: float = 1.0
     original: tuple[Path, str] | None = None
     models: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    layers: dict[str, LayerMetrics] = field(default_factory=dict)
 
     def load_original(self) -> LoadedModel:
         """A fresh copy of the uploaded model (e.g. the default teacher for distillation)."""

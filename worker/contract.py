@@ -17,12 +17,16 @@ class ModelFormat(StrEnum):
     pt2 = "pt2"
     onnx = "onnx"
     hf = "hf"
+    aoti = "aoti"
+    """An AOTInductor package: compiled by the worker, never uploaded."""
 
 
 class RuntimeName(StrEnum):
     """Where an artifact runs and is measured (``target.runtime``, DESIGN §9)."""
 
     torch = "torch"
+    inductor = "inductor"
+    """The AOTInductor runtime: ``torch._inductor.aoti_load_package``."""
     onnxruntime = "onnxruntime"
 
 
@@ -67,6 +71,13 @@ class InspectionStatus(StrEnum):
     pending = "pending"
     ready = "ready"
     failed = "failed"
+
+
+class LayerStatus(StrEnum):
+    """What a job did to one layer (``metrics.layers``)."""
+
+    changed = "changed"
+    kept = "kept"
 
 
 class LogLevel(StrEnum):
@@ -116,6 +127,9 @@ class FormatFacts:
         media_type: the media type of its download.
         runtime: the runtime an artifact in this format runs in.
         converts_to: the output formats a model in this format can be delivered as.
+        upload: whether models may be uploaded in this format (aoti packages hold compiled
+            code: squish makes them, never loads one it did not make).
+        devices: the devices an artifact in this format can be made for.
     """
 
     format: ModelFormat
@@ -123,6 +137,8 @@ class FormatFacts:
     media_type: str
     runtime: RuntimeName
     converts_to: frozenset[ModelFormat] = frozenset()
+    upload: bool = True
+    devices: frozenset[Device] = frozenset({Device.cpu, Device.gpu})
 
 
 FORMATS: dict[ModelFormat, FormatFacts] = {
@@ -133,7 +149,7 @@ FORMATS: dict[ModelFormat, FormatFacts] = {
             ".pt2",
             "application/zip",
             RuntimeName.torch,
-            frozenset({ModelFormat.onnx}),
+            frozenset({ModelFormat.onnx, ModelFormat.aoti}),
         ),
         FormatFacts(ModelFormat.onnx, ".onnx", "application/octet-stream", RuntimeName.onnxruntime),
         FormatFacts(
@@ -141,7 +157,16 @@ FORMATS: dict[ModelFormat, FormatFacts] = {
             ".zip",
             "application/zip",
             RuntimeName.torch,
-            frozenset({ModelFormat.onnx}),
+            frozenset({ModelFormat.onnx, ModelFormat.aoti}),
+        ),
+        # torch's packager insists on a name ending in .pt2 (a zip of the compiled library).
+        FormatFacts(
+            ModelFormat.aoti,
+            ".aoti.pt2",
+            "application/zip",
+            RuntimeName.inductor,
+            upload=False,
+            devices=frozenset({Device.cpu}),
         ),
     )
 }
@@ -157,12 +182,21 @@ def format_facts(fmt: str) -> FormatFacts:
 
 
 def format_of_suffix(filename: str) -> ModelFormat | None:
-    """The format a file name's suffix says (``.pt2``, ``.onnx``, ``.zip`` for hf), if any."""
+    """The format a file name's suffix says (``.pt2``, ``.onnx``, ``.zip`` for hf,
+    ``.aoti.pt2``), if any; the longest suffix that matches wins."""
     lowered = filename.lower()
-    for facts in FORMATS.values():
-        if lowered.endswith(facts.suffix):
-            return facts.format
-    return None
+    matching = [facts for facts in FORMATS.values() if lowered.endswith(facts.suffix)]
+    return max(matching, key=lambda facts: len(facts.suffix)).format if matching else None
+
+
+def upload_formats() -> tuple[str, ...]:
+    """The formats a model may be uploaded in, in declaration order."""
+    return tuple(str(fmt) for fmt, facts in FORMATS.items() if facts.upload)
+
+
+def converts_into(output_format: str) -> tuple[str, ...]:
+    """The formats whose models can be delivered as ``output_format``, besides itself."""
+    return tuple(str(f) for f, facts in FORMATS.items() if output_format in facts.converts_to)
 
 
 def conversion_problem(input_format: str, output_format: str) -> str | None:
@@ -177,10 +211,16 @@ def conversion_problem(input_format: str, output_format: str) -> str | None:
         if targets
         else f"{input_format} models are not converted"
     )
+    sources = converts_into(output_format) if output_format in values(ModelFormat) else ()
+    if sources:
+        can += f"; {output_format} is made from {' or '.join(sources)} models"
+    choices = [repr(fmt) for fmt in (input_format, *targets)]
+    choice = (
+        " or ".join(choices) if len(choices) < 3 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+    )
     return (
         f"output_format {output_format!r} cannot be produced from a {input_format} model "
-        f"({can}); omit output_format or set it to {input_format!r}"
-        + (f" or {targets[0]!r}" if targets else "")
+        f"({can}); omit output_format or set it to {choice}"
     )
 
 

@@ -1,4 +1,5 @@
-"""Converting the pipeline's model to another output format: ``pt2`` or ``hf`` → ``onnx``.
+"""Converting the pipeline's model to another output format: ``pt2`` or ``hf`` → ``onnx``
+or ``aoti``.
 
 A job whose ``output_format`` differs from its model's format is converted once, with
 ``torch.onnx.export(..., dynamo=True, external_data=False)`` into one self-contained
@@ -23,16 +24,24 @@ other step must accept the input format; a quantization step followed by a PyTor
 runs in PyTorch, and if the quantized program then cannot be converted the job fails
 with a message that says to move the quantization to the end. The API applies the same
 rule at ``POST /v1/jobs``: the policy itself is :mod:`worker.spec`'s (``step_formats``).
+
+``aoti`` is the other way round: every step runs in PyTorch (a PT2E-quantized program is
+what Inductor lowers to its int8 kernels), then the program (an hf model: exported with
+``torch.export``, ``batch`` and ``sequence`` dynamic) is compiled once by
+:func:`worker.formats.aoti.compile_program`, its dynamic dims kept, and the package is
+checked against the source on the sample inputs (the max abs error is logged), also at a
+second size of every dynamic dim.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.contract import conversion_problem
+from worker.contract import FORMATS, ModelFormat, conversion_problem
 from worker.errors import EngineError, UnsupportedError
 from worker.spec import format_problem, runs_after_conversion, step_formats
 
@@ -41,6 +50,7 @@ if TYPE_CHECKING:
 
     from worker.context import Reporter
     from worker.formats import LoadedModel
+    from worker.schemas import Conversion
 
 _CHECK_SAMPLES = 8
 
@@ -52,19 +62,22 @@ def convert(
     feeds: dict[str, np.ndarray] | None = None,
     reporter: Reporter | None = None,
 ) -> LoadedModel:
-    """The model in ``output_format`` (``onnx``), checked against the source on ``feeds``.
+    """The model in ``output_format`` (``onnx``, ``aoti``), checked against the source on
+    ``feeds``.
 
     Args:
         model: a pt2 or hf model.
-        output_format: ``"onnx"``.
+        output_format: ``"onnx"`` or ``"aoti"``.
         feeds: sample inputs (by input name) to trace an hf model with and to compare the
             converted model's outputs with the source's; generated from the signature
             when None.
-        reporter: gets a log line with the conversion's max abs error.
+        reporter: gets a log line with the conversion's max abs error (and, compiling,
+            progress calls, which raise JobCancelled for a cancelled job).
 
     Raises:
         UnsupportedError: the conversion is not supported, or the exporter failed (the
             message names the operator it could not convert and what to change).
+        MethodFailedError: AOTInductor failed to compile the program, or timed out.
     """
     problem = conversion_problem(model.format, output_format)
     if problem is not None:
@@ -78,6 +91,21 @@ def convert(
     # A static batch is run at its size; a dynamic one with 2..8 rows (1 would specialize it).
     batch = model.static_batch or min(max(rows, 2), _CHECK_SAMPLES)
     sample = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in sample.items()}
+    return _CONVERTERS[ModelFormat(output_format)](model, sample, reporter)
+
+
+def conversion_figures(converted: LoadedModel, seconds: float) -> Conversion:
+    """``metrics.conversion`` for a model that ``convert`` made in ``seconds``."""
+    from worker.schemas import CompileFigures, Conversion
+
+    fmt = ModelFormat(converted.format)
+    compiled = CompileFigures.model_validate(converted.build) if converted.build else None
+    return Conversion(format=fmt, runtime=FORMATS[fmt].runtime, seconds=seconds, compiled=compiled)
+
+
+def _to_onnx(
+    model: LoadedModel, sample: dict[str, np.ndarray], reporter: Reporter | None
+) -> LoadedModel:
     converted = _hf_to_onnx(model, sample) if model.format == "hf" else _pt2_to_onnx(model)
     _check_dynamic_dims(model, converted)
     error = _max_abs_error(model, converted, sample)
@@ -89,6 +117,106 @@ def convert(
             data={"max_abs_error": error},
         )
     return converted
+
+
+def _to_aoti(
+    model: LoadedModel, sample: dict[str, np.ndarray], reporter: Reporter | None
+) -> LoadedModel:
+    from worker.formats.aoti import compile_program
+
+    program = _hf_program(model, sample) if model.format == "hf" else model.program
+    assert program is not None
+    compiled = compile_program(program, model.inputs, model.outputs, reporter)
+    error = _compiled_error(model, compiled, sample)
+    if reporter is not None:
+        build = compiled.build
+        reporter.log(
+            f"compiled the {model.format} model with AOTInductor in "
+            f"{build['compile_seconds']:.1f}s for {build['instruction_set']} "
+            f"(torch {build['torch_version']}, {build['threads']} threads); max abs error vs "
+            f"the {model.format} model on {len(next(iter(sample.values())))} samples: "
+            f"{error:.3g}",
+            data={"max_abs_error": error, **build},
+        )
+    return compiled
+
+
+def _hf_program(model: LoadedModel, sample: dict[str, np.ndarray]) -> Any:
+    """The hf model as an ExportedProgram of its positional text inputs, batch and sequence
+    dynamic."""
+    import torch
+
+    module = model.module
+    assert module is not None
+    names = [s.name for s in model.inputs]
+    wrapper = _hf_forward_module(model, names).eval()
+    args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in names)
+    batch, sequence = _hf_dims(model)
+    try:
+        return torch.export.export(
+            wrapper, args, dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),)
+        )
+    except Exception as exc:  # export raises many types
+        raise UnsupportedError(
+            f"torch.export could not export the hf model for AOTInductor: "
+            f"{type(exc).__name__}: {str(exc)[:400]}",
+            step="convert",
+        ) from exc
+
+
+def _hf_dims(model: LoadedModel) -> tuple[Any, Any]:
+    import torch
+
+    assert model.module is not None
+    positions = getattr(model.module.config, "max_position_embeddings", None)
+    batch = torch.export.Dim("batch")
+    if isinstance(positions, int) and positions > 1:
+        return batch, torch.export.Dim("sequence", max=positions)
+    return batch, torch.export.Dim("sequence")
+
+
+def _compiled_error(
+    source: LoadedModel, compiled: LoadedModel, sample: dict[str, np.ndarray]
+) -> float:
+    """Run the package on the sample against the source; then at a second size of every
+    dynamic dim, which a package that specialized one refuses."""
+    from worker.formats import backend_for
+
+    assert compiled.package is not None
+    run = backend_for(compiled.format).runner(compiled, compiled.package, "cpu")
+    try:
+        actual = run(sample)
+    except Exception as exc:  # the package's own run errors
+        raise UnsupportedError(
+            f"the compiled package cannot run the sample inputs: {type(exc).__name__}: {exc}",
+            step="convert",
+        ) from exc
+    grown = _grown(source, sample)
+    if grown is not None:
+        try:
+            run(grown)
+        except Exception as exc:
+            raise UnsupportedError(
+                "the compiled package lost a dynamic dim of the model's inputs (it refuses "
+                f"{ {k: list(v.shape) for k, v in grown.items()} }): {str(exc)[:300]}",
+                step="convert",
+            ) from exc
+    return _worst_difference(_source_outputs(source, sample), actual, "compiled package")
+
+
+def _grown(source: LoadedModel, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The sample one longer along every dynamic dim (edge values repeated); None if none."""
+    grown, any_dynamic = {}, False
+    for spec in source.inputs:
+        widths = [(0, 1 if spec.is_dynamic(axis) else 0) for axis in range(spec.rank)]
+        any_dynamic = any_dynamic or any(w for _, w in widths)
+        grown[spec.name] = np.pad(sample[spec.name], widths, mode="edge")
+    return grown if any_dynamic else None
+
+
+_CONVERTERS: dict[
+    ModelFormat, Callable[[LoadedModel, dict[str, np.ndarray], Reporter | None], LoadedModel]
+] = {ModelFormat.onnx: _to_onnx, ModelFormat.aoti: _to_aoti}
 
 
 def _export_failed(model: LoadedModel, exc: Exception) -> UnsupportedError:
@@ -141,13 +269,7 @@ def _hf_to_onnx(model: LoadedModel, sample: dict[str, np.ndarray]) -> LoadedMode
     assert module is not None
     names = [s.name for s in model.inputs]
     wrapper = _hf_forward_module(model, names).eval()
-    config = module.config
-    positions = getattr(config, "max_position_embeddings", None)
-    batch = torch.export.Dim("batch")
-    if isinstance(positions, int) and positions > 1:
-        sequence = torch.export.Dim("sequence", max=positions)
-    else:
-        sequence = torch.export.Dim("sequence")
+    batch, sequence = _hf_dims(model)
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in names)
     was_training = module.training
     module.eval()
@@ -250,11 +372,8 @@ def _check_dynamic_dims(source: LoadedModel, converted: LoadedModel) -> None:
                 )
 
 
-def _max_abs_error(
-    source: LoadedModel, converted: LoadedModel, sample: dict[str, np.ndarray]
-) -> float:
-    """Run both on the sample (torch eagerly, the ONNX model in ONNX Runtime) and compare."""
-    import onnxruntime as ort
+def _source_outputs(source: LoadedModel, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The pt2 or hf model's outputs on the sample, run eagerly."""
     import torch
     from torch.utils import _pytree as pytree
 
@@ -264,13 +383,21 @@ def _max_abs_error(
         if source.format == "hf":
             assert source.module is not None
             tensors = {k: torch.from_numpy(v) for k, v in sample.items()}
-            expected = [_tensor_to_numpy(hf_output(source, source.module(**tensors)))]
-        else:
-            assert source.program is not None
-            flat = [torch.from_numpy(sample[s.name]) for s in source.inputs]
-            args, kwargs = pytree.tree_unflatten(flat, source.program.call_spec.in_spec)
-            leaves = pytree.tree_leaves(source.program.module()(*args, **kwargs))
-            expected = [_tensor_to_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+            return [_tensor_to_numpy(hf_output(source, source.module(**tensors)))]
+        assert source.program is not None
+        flat = [torch.from_numpy(sample[s.name]) for s in source.inputs]
+        args, kwargs = pytree.tree_unflatten(flat, source.program.call_spec.in_spec)
+        leaves = pytree.tree_leaves(source.program.module()(*args, **kwargs))
+        return [_tensor_to_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _max_abs_error(
+    source: LoadedModel, converted: LoadedModel, sample: dict[str, np.ndarray]
+) -> float:
+    """Run both on the sample (torch eagerly, the ONNX model in ONNX Runtime) and compare."""
+    import onnxruntime as ort
+
+    expected = _source_outputs(source, sample)
     assert converted.proto is not None
     try:
         session = ort.InferenceSession(
@@ -283,16 +410,20 @@ def _max_abs_error(
         raise UnsupportedError(
             f"ONNX Runtime cannot run the converted model: {exc}", step="convert"
         ) from exc
+    return _worst_difference(expected, actual, "converted model")
+
+
+def _worst_difference(expected: list[np.ndarray], actual: list[Any], what: str) -> float:
     if len(actual) != len(expected):
         raise UnsupportedError(
-            f"the converted model has {len(actual)} outputs, the source {len(expected)}",
+            f"the {what} has {len(actual)} outputs, the source {len(expected)}",
             step="convert",
         )
     worst = 0.0
     for ref, got in zip(expected, actual, strict=True):
         if ref.shape != np.shape(got):
             raise UnsupportedError(
-                f"the converted model's output shape {list(np.shape(got))} differs from the "
+                f"the {what}'s output shape {list(np.shape(got))} differs from the "
                 f"source's {list(ref.shape)}",
                 step="convert",
             )

@@ -26,15 +26,15 @@ import numpy as np
 from worker import hardware
 from worker.context import RecordingReporter, Reporter, ScaledReporter, StepContext
 from worker.contract import DatasetRole, ModelFormat, format_facts, values
-from worker.convert import convert
+from worker.convert import conversion_figures, convert
 from worker.data import Dataset, fit_dataset, load_dataset
 from worker.errors import EngineError, MethodFailedError, error_for
-from worker.formats import LoadedModel, load_model, save_model
+from worker.formats import LoadedModel, layer_names, load_model, save_model
 from worker.formats.onnx import normalize_onnx, validated_output
 from worker.measurement.bench import STEP_ITERATIONS as STEP_ITERATIONS
 from worker.measurement.bench import Bench
 from worker.methods.base import Method, MethodParams
-from worker.schemas import HardwareInfo, PipelineMetrics, StepMetrics
+from worker.schemas import Conversion, HardwareInfo, PipelineMetrics, StepMetrics
 from worker.spec import CheckedPipeline, DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
 
 DATASET_ROLES = values(DatasetRole)
@@ -152,7 +152,7 @@ def run_pipeline(
 
     log.progress(_P_LOADED, "load_datasets")
     loaded_data = _load_datasets(datasets, model)
-    _resolve(model_format, spec, loaded_data)  # now that labels are known
+    _resolve(model_format, spec, loaded_data, layer_names(model))  # labels and layers known
     feeds_by_role = {role: fit_dataset(model, role, ds) for role, ds in loaded_data.items()}
     bench = Bench.prepare(
         model, Path(model_path), feeds_by_role, loaded_data, batch_sizes=spec.batch_sizes,
@@ -162,11 +162,12 @@ def run_pipeline(
 
     # The steps, each measured on the model it leaves (the last one may be the artifact).
     steps: list[StepMetrics] = []
+    conversion: Conversion | None = None
     span = (_P_STEPS_END - _P_DATA) / max(1, len(methods))
     for index, (method, params) in enumerate(methods):
         step_start = _P_DATA + span * index
         if converting and index == convert_at:
-            model = _convert(model, spec.output_format, bench.inputs, log, step_start)
+            model, conversion = _convert(model, spec.output_format, bench.inputs, log, step_start)
         ctx = StepContext(
             step=index,
             method=method.name,
@@ -186,7 +187,7 @@ def run_pipeline(
             bench.measure_step(model, step, index, work_dir, measuring)
 
     if converting and convert_at == len(methods):
-        model = _convert(model, spec.output_format, bench.inputs, log, _P_STEPS_END)
+        model, conversion = _convert(model, spec.output_format, bench.inputs, log, _P_STEPS_END)
 
     # Save the artifact, measure it against the upload, report.
     log.progress(_P_STEPS_END, "save")
@@ -201,6 +202,7 @@ def run_pipeline(
     )  # fmt: skip
 
     measured.hardware = machine
+    measured.conversion = conversion
     report_path = _write_report(work_dir, spec, model_format, signature, measured, started, log)
     log.progress(1.0, "done")
     return PipelineResult(artifact, spec.output_format, measured, report_path)
@@ -238,6 +240,7 @@ def _run_step(
         params=params.model_dump(mode="json"),
         seconds=seconds,
         format=model.format,
+        layers=dict(ctx.layers) or None,
     )
     ctx.log(f"step {ctx.step + 1}/{of} {method.name} done in {seconds:.2f}s")
     ctx.progress(1.0)
@@ -272,6 +275,7 @@ def _resolve(
     model_format: str,
     spec: PipelineSpec,
     datasets: Mapping[str, Path | Dataset],
+    layers: list[str] | None = None,
 ) -> CheckedPipeline:
     """:func:`worker.spec.resolve_pipeline` on this spec; the first problem's error if any.
 
@@ -293,6 +297,7 @@ def _resolve(
         batch_sizes=spec.batch_sizes,
         warmup=spec.warmup,
         iterations=spec.iterations,
+        layer_names=layers,
     )
     try:
         return resolve_pipeline(request)
@@ -306,13 +311,17 @@ def _convert(
     feeds: dict[str, np.ndarray],
     log: RecordingReporter,
     at: float,
-) -> LoadedModel:
+) -> tuple[LoadedModel, Conversion]:
     log.progress(at, "convert")
+    t0 = time.monotonic()
     try:
-        return convert(model, output_format, feeds=feeds, reporter=log)
+        converted = convert(
+            model, output_format, feeds=feeds, reporter=ScaledReporter(log, at, at, "convert")
+        )
     except EngineError as exc:
         exc.step = exc.step or "convert"
         raise
+    return converted, conversion_figures(converted, time.monotonic() - t0)
 
 
 def _load_datasets(datasets: dict[str, Path], model: LoadedModel) -> dict[str, Dataset]:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.json_schema import SkipJsonSchema
 
-from worker.contract import ModelFormat
+from worker.contract import LayerStatus, ModelFormat, RuntimeName
 
 
 def _unset_is_not_null(schema: dict[str, Any]) -> None:
@@ -134,6 +134,52 @@ class Ratios(Figures):
     )
 
 
+class LayerMetrics(Figures):
+    """`metrics.layers[name]` (and a step's `layers`): what the job did to one layer."""
+
+    status: LayerStatus = Field(
+        description="`changed` (a step rewrote its weights) or `kept` (left as it was)."
+    )
+    dtype: str | SkipJsonSchema[None] = Field(
+        None, description="The type its weights were stored in by the step that changed it."
+    )
+    sparsity: float | SkipJsonSchema[None] = Field(
+        None, description="Share of its weights that are zero after the step that changed it."
+    )
+    reason: str | SkipJsonSchema[None] = Field(
+        None, description="Why a kept layer was kept (`excluded`, or what the method skips)."
+    )
+    steps: list[int] | SkipJsonSchema[None] = Field(
+        None, description="The pipeline steps (0-based) that changed it."
+    )
+
+
+class CompileFigures(Figures):
+    """How an `aoti` package was compiled: what must match where it is loaded."""
+
+    torch_version: str = Field(description="The torch that compiled it; load it with the same.")
+    instruction_set: str = Field(
+        description="The vector instruction set Inductor generated kernels for, e.g. `avx512`."
+    )
+    machine: str = Field(description="`x86_64`, `aarch64`, ...")
+    cpu: str | SkipJsonSchema[None] = Field(None, description="The worker CPU's model name.")
+    march: str = Field(description="The C++ compiler's `-march` (`native`: this CPU's flags).")
+    threads: int = Field(description="The thread count its kernels were generated for.")
+    options: dict[str, Any] = Field(description="The Inductor options it was compiled with.")
+    compile_seconds: float = Field(description="Wall-clock time of the compile.")
+
+
+class Conversion(Figures):
+    """`metrics.conversion`: the model converted (or compiled) into the output format."""
+
+    format: ModelFormat = Field(description="The artifact's format (`onnx`, `aoti`).")
+    runtime: RuntimeName = Field(description="The runtime it runs in.")
+    seconds: float = Field(description="Wall-clock time of the conversion, checks included.")
+    compiled: CompileFigures | SkipJsonSchema[None] = Field(
+        None, description="For `aoti`: how the package was compiled."
+    )
+
+
 class StepMetrics(FileFigures):
     """`metrics.steps[]`: one step of the pipeline and its model as that step left it.
 
@@ -156,6 +202,9 @@ class StepMetrics(FileFigures):
     )
     accuracy: float | SkipJsonSchema[None] = Field(
         None, description="Top-1 accuracy on the eval dataset; only with labelled eval data."
+    )
+    layers: dict[str, LayerMetrics] | SkipJsonSchema[None] = Field(
+        None, description="By layer name: the layers this step changed and those it kept."
     )
 
 
@@ -211,6 +260,16 @@ class PipelineMetrics(Figures):
     ratios: Ratios = Field(description="Original / compressed size and latency.")
     steps: list[StepMetrics] | SkipJsonSchema[None] = Field(
         None, description="One entry per pipeline step, in order."
+    )
+    layers: dict[str, LayerMetrics] | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "By layer name (as `info.layer_names`), over every step that reports layers: "
+            "`changed` by at least one step, else `kept`."
+        ),
+    )
+    conversion: Conversion | SkipJsonSchema[None] = Field(
+        None, description="The conversion into `output_format`, when there was one."
     )
     hardware: HardwareInfo | SkipJsonSchema[None] = Field(
         None,

@@ -5,10 +5,14 @@
 first problem's :class:`~worker.errors.EngineError`) call :func:`check_pipeline`, so
 both give the same answer, in the same words, for the same spec. Torch-free.
 
-The conversion policy lives here too: with an ``output_format`` other than the model's
-(pt2 or hf → onnx), a trailing run of steps whose method declares ``post_conversion``
-(ONNX Runtime quantization) gets the converted model; every other step gets the input
-format (:func:`step_formats`, and :mod:`worker.convert` for why).
+The conversion policy lives here too (:data:`QUANTIZED_AFTER_CONVERSION`,
+:func:`step_formats`, and :mod:`worker.convert` for why): with ``output_format: onnx``
+for a pt2 or hf model, a trailing run of steps whose method declares ``post_conversion``
+(ONNX Runtime quantization) gets the converted model; with ``output_format: aoti`` every
+step runs in PyTorch and the model is compiled after the last one.
+
+``exclude`` is checked here too, against the model's layer names when they are known
+(:attr:`PipelineRequest.layer_names`; :mod:`worker.layers`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from worker.contract import (
     conversion_problem,
     values,
 )
+from worker.layers import exclude_problem, excluded_entries
 from worker.methods import get_method
 from worker.methods.base import DataNeed, Method, MethodParams, UnknownMethodError
 
@@ -40,6 +45,15 @@ MAX_WARMUP = 100
 MAX_ITERATIONS = 10_000
 
 Loc = tuple[str | int, ...]
+
+QUANTIZED_AFTER_CONVERSION = frozenset({ModelFormat.onnx})
+"""Output formats whose runtime quantizes the converted model itself: a trailing run of
+``post_conversion`` steps (ONNX Runtime quantization) runs on the converted model, since
+ONNX cannot express a PyTorch-quantized program and ONNX Runtime's int8 kernels need its
+own QDQ / integer ops. Any other output format (``aoti``) is converted after the last
+step: AOTInductor compiles the program the PyTorch steps left, and a PT2E-quantized
+program is what Inductor lowers to its int8 kernels (``freezing``), so quantization steps
+run in torch *before* the compile."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,9 @@ class PipelineRequest:
     batch_sizes: Sequence[int] = (1,)
     warmup: int = 3
     iterations: int = 20
+    layer_names: Sequence[str] | None = None
+    """The model's layers (``info.layer_names``); None when not known (``exclude`` is then
+    checked when the step runs)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,11 @@ def resolve_pipeline(request: PipelineRequest) -> CheckedPipeline:
 
 def runs_after_conversion(method: Method, output_format: str) -> bool:
     """Whether a trailing step of this method runs on the converted model."""
-    return method.post_conversion and output_format in method.formats
+    return (
+        output_format in QUANTIZED_AFTER_CONVERSION
+        and method.post_conversion
+        and output_format in method.formats
+    )
 
 
 def step_formats(input_format: str, output_format: str, methods: Sequence[Method]) -> list[str]:
@@ -211,6 +232,16 @@ def _check(request: PipelineRequest) -> tuple[CheckedPipeline | None, list[Probl
                 unsupported,
             )
         )
+    elif request.device not in FORMATS[output_format].devices:
+        made_for = " or ".join(sorted(FORMATS[output_format].devices))
+        problems.append(
+            Problem(
+                ("target", "device"),
+                f"{output_format} artifacts are made for {made_for} workers only; use "
+                f"target.device {made_for!r} or another output_format",
+                unsupported,
+            )
+        )
     problems += _evaluate_problems(request)
     problems += _dataset_problems(request, model_format)
 
@@ -256,6 +287,12 @@ def _check(request: PipelineRequest) -> tuple[CheckedPipeline | None, list[Probl
             unmet = _unmet(need, request.datasets)
             if unmet is not None:
                 problems.append(Problem(unmet[0], f"{method.name} {unmet[1]}"))
+        # Layer names are the model's: a step on the converted model is checked when it runs.
+        entries = excluded_entries(params)
+        if entries and request.layer_names is not None and fmt == model_format:
+            wrong = exclude_problem(entries, request.layer_names, method.name)
+            if wrong is not None:
+                problems.append(Problem((*where, "params", "exclude"), wrong))
         steps.append(CheckedStep(method, params, fmt))
     if problems:
         return None, problems

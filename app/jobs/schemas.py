@@ -65,7 +65,8 @@ class JobCreate(Strict):
         None,
         description=(
             "Format of the compressed model; default: the model's. A pt2 or hf model can "
-            "also be delivered as onnx (converted with torch.onnx.export)."
+            "also be delivered as onnx (converted with torch.onnx.export) or aoti (compiled "
+            "with AOTInductor for the worker's CPU, after every step)."
         ),
     )
     evaluate: Evaluate = Field(default_factory=Evaluate)

@@ -33,6 +33,14 @@ def get_model(session: Session, tenant_id: str, model_id: str) -> MLModel:
     return model
 
 
+def _layer_names(model: MLModel) -> list[str] | None:
+    """The model's layers as its inspection listed them; None before inspection (or for a
+    model inspected before layer names were recorded): ``exclude`` is then checked by the
+    worker."""
+    names = (model.info or {}).get("layer_names")
+    return [str(name) for name in names] if isinstance(names, list) else None
+
+
 def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[str, Any]:
     """Resolve references and check the spec with the engine's own check; 422 says what to change."""
     model = get_model(session, tenant_id, body.model_id)
@@ -62,6 +70,7 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         batch_sizes=body.evaluate.batch_sizes,
         warmup=body.evaluate.warmup,
         iterations=body.evaluate.iterations,
+        layer_names=_layer_names(model),
     )
     try:
         checked = resolve_pipeline(request)

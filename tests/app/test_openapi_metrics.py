@@ -83,7 +83,8 @@ def test_openapi_documents_every_metric(client: TestClient) -> None:
 
     top = components["PipelineMetrics"]
     assert set(top["properties"]) == {
-        "original", "compressed", "fidelity", "ratios", "steps", "hardware",
+        "original", "compressed", "fidelity", "ratios", "steps", "hardware", "layers",
+        "conversion",
     }  # fmt: skip
     assert set(top["required"]) == {"original", "compressed", "ratios"}
     assert set(_properties(components, "HardwareInfo")) == {"cpu", "gpu"}
@@ -107,9 +108,24 @@ def test_openapi_documents_every_metric(client: TestClient) -> None:
     step = _properties(components, "StepMetrics")
     assert set(step) == figures | {
         "method", "params", "seconds", "format", "latency_iterations", "fidelity", "accuracy",
+        "layers",
     }  # fmt: skip
+    assert set(_properties(components, "LayerMetrics")) == {
+        "status", "dtype", "sparsity", "reason", "steps",
+    }  # fmt: skip
+    compiled = _properties(components, "Conversion")["compiled"]
+    assert compiled["$ref"] == "#/components/schemas/CompileFigures"
     # A figure that was not measured is absent, never null: none is documented as nullable.
-    for name in ("ModelMetrics", "Fidelity", "Ratios", "StepMetrics", "PipelineMetrics"):
+    for name in (
+        "ModelMetrics",
+        "Fidelity",
+        "Ratios",
+        "StepMetrics",
+        "PipelineMetrics",
+        "LayerMetrics",
+        "Conversion",
+        "CompileFigures",
+    ):
         for field, prop in components[name]["properties"].items():
             assert "null" not in str(prop) and "default" not in prop, (name, field, prop)
         assert components[name]["properties"]

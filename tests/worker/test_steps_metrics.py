@@ -77,7 +77,8 @@ def test_one_entry_per_step_measured_after_that_step(files, tmp_path: Path) -> N
     assert first["fidelity"]["cosine_similarity"] > second["fidelity"]["cosine_similarity"]
     assert first["accuracy"] >= 0.93 and second["accuracy"] >= 0.9
     # Top-level metrics are unchanged, and the report carries the same steps.
-    assert {"original", "compressed", "fidelity", "ratios", "steps", "hardware"} == set(metrics)
+    top = {"original", "compressed", "fidelity", "ratios", "steps", "hardware", "layers"}
+    assert top == set(metrics)
     report = json.loads(result.report_path.read_text())
     assert report["steps"] == json.loads(json.dumps(entries))
     assert not list((tmp_path / "w").glob("step*"))  # intermediate files are removed

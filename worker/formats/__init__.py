@@ -24,7 +24,7 @@ from __future__ import annotations
 from worker.contract import FORMATS as _FACTS
 from worker.contract import ModelFormat, values
 from worker.formats._torch import tensor_to_numpy as _tensor_to_numpy
-from worker.formats.base import FormatBackend, Runner
+from worker.formats.base import FormatBackend, Runner, WeightsUnreadable
 from worker.formats.hf import (
     HF_MAX_EXTRA_FILE_BYTES,
     HF_SEQUENCE_HINT,
@@ -39,6 +39,7 @@ from worker.formats.inputs import cast_feeds, generate_inputs
 from worker.formats.models import (
     inspect_model,
     layer_counts,
+    layer_names,
     load_model,
     save_model,
     weight_arrays,
@@ -69,6 +70,7 @@ __all__ = [
     "Runner",
     "Runtime",
     "TensorSpec",
+    "WeightsUnreadable",
     "_tensor_to_numpy",
     "backend_for",
     "cast_feeds",
@@ -78,6 +80,7 @@ __all__ = [
     "hf_output",
     "inspect_model",
     "layer_counts",
+    "layer_names",
     "load_hf_folder",
     "load_hf_model",
     "load_model",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from worker.errors import InvalidModelError
+from worker.errors import InvalidModelError, UnsupportedError
 from worker.safety import Unsafe
 
 if TYPE_CHECKING:
@@ -43,12 +43,18 @@ class FormatBackend(Protocol):
         """Operator (or layer type) counts, as ``info.layers`` lists them."""
         ...
 
+    def layer_names(self, model: LoadedModel) -> list[str]:
+        """The layers ``exclude`` names (``info.layer_names``): module paths of the modules
+        that hold weights (pt2, hf), names of the nodes that read weights (onnx)."""
+        ...
+
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         """What the model resource's ``info`` adds for this format beyond the common keys."""
         ...
 
     def weight_arrays(self, model: LoadedModel) -> dict[str, np.ndarray]:
-        """The weight tensors as numpy arrays (the ones :meth:`weight_shapes` lists)."""
+        """The weight tensors as numpy arrays (the ones :meth:`weight_shapes` lists);
+        raises :class:`WeightsUnreadable` where the format hides them."""
         ...
 
     def weight_shapes(self, model: LoadedModel) -> dict[str, tuple[int, ...]]:
@@ -71,3 +77,7 @@ def refused() -> Iterator[None]:
         yield
     except Unsafe as exc:
         raise InvalidModelError(exc.detail, step="load") from None
+
+
+class WeightsUnreadable(UnsupportedError):
+    """The format keeps its weights where squish cannot read them (an aoti package)."""

@@ -32,6 +32,7 @@ from worker.formats._torch import (
 )
 from worker.formats.base import Runner, refused
 from worker.formats.types import HF_TASKS, LoadedModel, TensorSpec
+from worker.layers import layer_of
 from worker.safety import hf as hf_safety
 
 if TYPE_CHECKING:
@@ -286,6 +287,10 @@ class HfBackend:
             if not any(True for _ in module.children()):
                 counts[type(module).__name__] += 1
         return counts
+
+    def layer_names(self, model: LoadedModel) -> list[str]:
+        """Module paths of the modules that hold weights (a tied weight under its first)."""
+        return list(dict.fromkeys(layer_of(name) for name in _weight_tensors(model)))
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         assert model.module is not None

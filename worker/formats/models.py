@@ -41,9 +41,11 @@ def inspect_model(path: Path, fmt: str) -> dict[str, Any]:
     """Describe a model file.
 
     Returns:
-        ``{"parameters": int, "layers": {op: count}, "inputs": [...], "outputs": [...]}``;
-        layers count operators (pt2: ``aten.linear`` ...; onnx: ``Gemm`` ...; hf: module
-        types, ``Linear`` ...), inputs and outputs are ``{"name", "shape", "dtype"}`` with a
+        ``{"parameters": int, "layers": {op: count}, "layer_names": [...], "inputs": [...],
+        "outputs": [...]}``; layers count operators (pt2: ``aten.linear`` ...; onnx:
+        ``Gemm`` ...; hf: module types, ``Linear`` ...), layer_names are the layers
+        ``exclude`` takes (module paths for pt2/hf, node names for onnx), inputs and
+        outputs are ``{"name", "shape", "dtype"}`` with a
         symbol name for a dynamic dim. hf adds ``task`` and ``architecture``.
     """
     model = load_model(path, fmt)
@@ -51,6 +53,7 @@ def inspect_model(path: Path, fmt: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "parameters": sum(int(np.prod(shape)) for shape in backend.weight_shapes(model).values()),
         "layers": dict(sorted(backend.layer_counts(model).items())),
+        "layer_names": backend.layer_names(model),
         "inputs": [s.to_dict() for s in model.inputs],
         "outputs": [s.to_dict() for s in model.outputs],
     }
@@ -78,3 +81,8 @@ def weight_shapes(model: LoadedModel) -> dict[str, tuple[int, ...]]:
     matmul/conv ops, and the weight scales ONNX Runtime multiplies after an integer matmul).
     """
     return backend_for(model.format).weight_shapes(model)
+
+
+def layer_names(model: LoadedModel) -> list[str]:
+    """The layers ``exclude`` names: module paths (pt2, hf) or node names (onnx)."""
+    return backend_for(model.format).layer_names(model)

@@ -122,6 +122,41 @@ def onnx_weight_tensors(model: LoadedModel) -> list[onnx.TensorProto]:
     return weights
 
 
+# Nodes a weight passes through on its way to the layer that uses it.
+_WEIGHT_PASS_THROUGH = frozenset(
+    {"Transpose", "Identity", "Cast", "Reshape", "DequantizeLinear", "Constant"}
+)
+
+
+def onnx_weight_layers(model: LoadedModel) -> dict[str, str]:
+    """Each weight tensor's layer: the first named node that reads it, directly or through
+    :data:`_WEIGHT_PASS_THROUGH` nodes (a transpose, a dequantize)."""
+    assert model.proto is not None
+    weights = {t.name for t in onnx_weight_tensors(model)}
+    graph = model.proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def origin(name: str) -> str | None:
+        for _ in range(4):
+            if name in weights:
+                return name
+            node = producers.get(name)
+            if node is None or node.op_type not in _WEIGHT_PASS_THROUGH or not node.input:
+                return None
+            name = node.input[0]
+        return None
+
+    layers: dict[str, str] = {}
+    for node in graph.node:
+        if not node.name or node.op_type in _WEIGHT_PASS_THROUGH:
+            continue
+        for name in node.input:
+            weight = origin(name) if name else None
+            if weight is not None:
+                layers.setdefault(weight, node.name)
+    return layers
+
+
 class OnnxBackend:
     """The onnx format (see the module docstring)."""
 
@@ -149,6 +184,11 @@ class OnnxBackend:
         for node in model.proto.graph.node:
             counts[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"] += 1
         return counts
+
+    def layer_names(self, model: LoadedModel) -> list[str]:
+        """Names of the nodes that read a weight (what ONNX Runtime's ``nodes_to_exclude``
+        takes), in graph order; unnamed nodes cannot be named."""
+        return list(dict.fromkeys(onnx_weight_layers(model).values()))
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         return {}

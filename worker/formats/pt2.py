@@ -32,6 +32,7 @@ from worker.formats._torch import (
 )
 from worker.formats.base import Runner, refused
 from worker.formats.types import LoadedModel, TensorSpec
+from worker.layers import layer_of
 from worker.safety import pt2 as pt2_safety
 
 if TYPE_CHECKING:
@@ -279,6 +280,10 @@ class Pt2Backend:
             else:
                 counts[getattr(target, "__name__", str(target))] += 1
         return counts
+
+    def layer_names(self, model: LoadedModel) -> list[str]:
+        """Module paths of the program's weights (``0.weight`` → ``0``), in graph order."""
+        return list(dict.fromkeys(layer_of(name) for name in _weight_tensors(model)))
 
     def describe(self, model: LoadedModel) -> dict[str, Any]:
         return {}

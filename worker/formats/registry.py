@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from worker.contract import ModelFormat
 from worker.errors import UnsupportedError
+from worker.formats.aoti import AotiBackend
 from worker.formats.base import FormatBackend
 from worker.formats.hf import HfBackend
 from worker.formats.onnx import OnnxBackend
@@ -17,6 +18,7 @@ BACKENDS: dict[ModelFormat, FormatBackend] = {
     ModelFormat.pt2: Pt2Backend(),
     ModelFormat.onnx: OnnxBackend(),
     ModelFormat.hf: HfBackend(),
+    ModelFormat.aoti: AotiBackend(),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class LoadedModel:
             does not write (a README, sentence-transformers' ``modules.json`` and pooling
             config, ...), by relative path; written back when the model is saved. The
             extracted folder itself is deleted once the model is loaded.
+        package: (aoti) the AOTInductor package file (``torch._inductor.aoti_load_package``).
+        build: (aoti) how the package was compiled: torch version, instruction set,
+            compile options (:mod:`worker.formats.aoti`).
     """
 
     format: str
@@ -86,6 +90,8 @@ class LoadedModel:
     tokenizer: Any = None
     task: str | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    package: Path | None = None
+    build: dict[str, Any] = field(default_factory=dict)
 
     @property
     def static_batch(self) -> int | None:

@@ -11,6 +11,7 @@ One module per kind of figure, and one that puts them together for a pipeline ru
 - :mod:`.fidelity`: outputs compared with the original's, accuracy, the evaluation inputs.
 - :mod:`.ratios`: original against compressed.
 - :mod:`.result_warnings`: what the job's events say when the result is slower or far off.
+- :mod:`.alternatives`: the other runtimes a slower result could run in, measured when cheap.
 - :mod:`.bench`: what a pipeline run measures, after each step and at the end.
 
 The figures are the typed models of :mod:`worker.schemas`; one that cannot be measured is

@@ -17,10 +17,12 @@ from worker.contract import DatasetRole, format_facts
 from worker.data import Dataset
 from worker.errors import EngineError, JobCancelled
 from worker.formats import LoadedModel, save_model
+from worker.layers import merge_layers
+from worker.measurement.alternatives import find_alternatives
 from worker.measurement.fidelity import Evaluation
 from worker.measurement.model import measure_model
 from worker.measurement.ratios import ratios
-from worker.measurement.result_warnings import warn_about_the_result
+from worker.measurement.result_warnings import slower_batches, warn_about_the_result
 from worker.measurement.runs import generated_inputs
 from worker.schemas import FileFigures, ModelMetrics, PipelineMetrics, StepMetrics
 
@@ -170,8 +172,17 @@ class Bench:
             fidelity=scores.fidelity,
             ratios=ratios(original_metrics, compressed),
             steps=steps,
+            layers=merge_layers(steps),
         )
-        warn_about_the_result(metrics, artifact[1], reporter)
+        slower = slower_batches(metrics)
+        alternatives = []
+        if slower:  # name the other runtimes; measure those that are cheap to try
+            alternatives = find_alternatives(
+                original[1], artifact, original_metrics, slower, inputs=self.inputs,
+                warmup=self.warmup, iterations=self.iterations, device=self.device,
+                reporter=reporter,
+            )  # fmt: skip
+        warn_about_the_result(metrics, artifact[1], reporter, alternatives)
         return metrics
 
 

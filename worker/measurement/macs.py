@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from worker.context import Reporter
+from worker.contract import ModelFormat
 from worker.errors import UnsupportedError
 from worker.formats import LoadedModel, Runtime
 from worker.measurement.runs import make_batch
@@ -21,8 +23,13 @@ def count_macs(runtime: Runtime, inputs: dict[str, np.ndarray], reporter: Report
     batch = model.static_batch or 1
     feeds = make_batch(inputs, batch)
     try:
-        torch_side = model.format in ("pt2", "hf")
-        total = _torch_macs(runtime, feeds) if torch_side else _onnx_macs(model, feeds)
+        counter = _COUNTERS.get(ModelFormat(model.format))
+        if counter is None:
+            raise UnsupportedError(
+                f"the kernels of {model.format} models run outside PyTorch's dispatcher "
+                "and an ONNX graph, where squish counts MACs"
+            )
+        total = counter(runtime, feeds)
     except UnsupportedError as exc:
         reporter.log(f"macs not measured: {exc.message}", "warning")
         return None
@@ -38,6 +45,13 @@ def _torch_macs(runtime: Runtime, feeds: dict[str, np.ndarray]) -> float:
     with counter:
         runtime(feeds)
     return counter.get_total_flops() / 2
+
+
+_COUNTERS: dict[ModelFormat, Callable[[Runtime, dict[str, np.ndarray]], float]] = {
+    ModelFormat.pt2: _torch_macs,
+    ModelFormat.hf: _torch_macs,
+    ModelFormat.onnx: lambda runtime, feeds: _onnx_macs(runtime.model, feeds),
+}
 
 
 _ONNX_MAC_OPS = {

@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import torch._export.serde.serialize
         import torch.ao.quantization.fx._decomposed
-        import torch.export.pt2_archive._package  # noqa: F401
+        import torch.export.pt2_archive._package
+    elif args.format == ModelFormat.aoti:
+        import torch
+        import torch._inductor  # noqa: F401  (aoti_load_package)
     elif args.format == ModelFormat.hf:
         from transformers import (  # noqa: F401  (imports torch too)
             AutoConfig,

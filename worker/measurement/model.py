@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from worker.context import Reporter
-from worker.formats import Runtime
+from worker.formats import Runtime, WeightsUnreadable
 from worker.measurement.latency import measure_latency, runnable_batch_sizes
 from worker.measurement.macs import count_macs
 from worker.measurement.memory import peak_memory
@@ -52,12 +52,16 @@ def measure_model(
     reporter.progress(0.05, "measure")
     runtime = Runtime(path, fmt, device)
     model = runtime.model
-    counts = weight_counts(model)
-    metrics.parameters = counts.parameters
-    metrics.nonzero_parameters = counts.nonzero_parameters
-    metrics.sparsity = counts.sparsity
-    if counts.sparsity is None:
-        reporter.log("sparsity not measured: the model has no weight tensors", "warning")
+    try:
+        counts = weight_counts(model)
+    except WeightsUnreadable as exc:
+        reporter.log(f"parameters and sparsity not measured: {exc.message}", "warning")
+    else:
+        metrics.parameters = counts.parameters
+        metrics.nonzero_parameters = counts.nonzero_parameters
+        metrics.sparsity = counts.sparsity
+        if counts.sparsity is None:
+            reporter.log("sparsity not measured: the model has no weight tensors", "warning")
     metrics.macs = count_macs(runtime, inputs, reporter)
     reporter.progress(0.15, "measure")
 

@@ -17,13 +17,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from worker.errors import InvalidParamsError
+from worker.formats.models import layer_names
+from worker.layers import Exclude, excluded_layers
 from worker.methods.base import Method, MethodParams
 from worker.methods.prune_structured import (
     channel_counts,
     count_parameters,
     example_inputs,
     ignored_layers,
+    layer_shapes,
     prune_groups,
+    record_pruned_layers,
     report_pruning,
 )
 
@@ -50,6 +54,8 @@ class ActivationPruneParams(MethodParams):
         ignore: more layers whose outputs are kept, by FQN (``"block1.conv1"`` or
             ``"block1.conv1.weight"``). The layers producing the model's outputs are
             always kept.
+        exclude: layers left untouched, as the model's ``info.layer_names`` lists them
+            (or ``re:`` patterns): their outputs are kept, like ``ignore``'s.
 
     Example:
         ``{"method": "prune.activation", "params": {"amount": 0.3}}``
@@ -77,6 +83,7 @@ class ActivationPruneParams(MethodParams):
             "Output layers are always kept."
         ),
     )
+    exclude: Exclude = None
 
 
 class MeanActivationImportance:
@@ -124,8 +131,10 @@ def prune_activation(
     ctx.progress(0.05)
     means = mean_abs_inputs(model, lifted, params, ctx, span=(0.05, 0.4))
     example, trace_feeds = example_inputs(model, ctx)
-    keep = ignored_layers(lifted, params.ignore, ctx)
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
+    keep = ignored_layers(lifted, (*params.ignore, *sorted(excluded)), ctx)
     before = channel_counts(lifted)
+    shapes = layer_shapes(lifted)
     params_before = count_parameters(lifted)
     prune_groups(
         lifted,
@@ -139,6 +148,7 @@ def prune_activation(
         span=(0.4, 0.85),
     )
     report_pruning(ctx, before, channel_counts(lifted), params_before, count_parameters(lifted))
+    record_pruned_layers(ctx, model, shapes, lifted, excluded)
     pruned = relower(model, lifted, example_inputs=trace_feeds)
     ctx.progress(1.0)
     return pruned

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import InvalidParamsError
+from worker.layers import Exclude, excluded_layers, layer_of, record_layers
 from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class MagnitudePruneParams(MethodParams):
             biases too with ``include_bias``) whose name contains one of them is pruned.
             By default the weights of Linear/Conv (pt2) or MatMul/Gemm/Conv (onnx) layers.
         include_bias: also prune the bias vectors of the selected layers.
+        exclude: layers left untouched, as the model's ``info.layer_names`` lists them
+            (module paths for pt2/hf, node names for onnx) or ``re:`` patterns; applied
+            after ``layers``.
         steps: pruning rounds. 1 (default) prunes once, with no data. More rounds raise
             the sparsity on a cubic schedule to ``amount``, fine-tuning on the ``train``
             dataset (inputs and labels, required then) after each round; pt2 and hf only.
@@ -83,6 +87,7 @@ class MagnitudePruneParams(MethodParams):
     include_bias: bool = Field(
         default=False, description="Also prune the bias vectors of the selected layers."
     )
+    exclude: Exclude = None
     steps: int = Field(
         default=1,
         ge=1,
@@ -154,6 +159,9 @@ def prune_magnitude(
 
     select = {"pt2": _pt2_targets, "hf": _hf_targets}.get(model.format, _onnx_targets)
     tensors = select(model, params)
+    owners = tensor_layers(model)
+    excluded = excluded_layers(params, list(dict.fromkeys(owners.values())), ctx.method)
+    tensors = {name: t for name, t in tensors.items() if owners.get(name) not in excluded}
     if not tensors:
         what = (
             f"matching {list(params.layers)}"
@@ -162,7 +170,9 @@ def prune_magnitude(
         )
         raise InvalidParamsError(f"no prunable float weights {what}", step=ctx.method)
     if params.steps > 1:
-        return _prune_iteratively(model, params, ctx, list(tensors))
+        pruned_model, final = _prune_iteratively(model, params, ctx, list(tensors))
+        _record(ctx, owners, final, excluded)
+        return pruned_model
     ctx.progress(0.1)
     pruned = l1_prune(tensors, params.amount, params.scope)
     ctx.progress(0.8)
@@ -184,8 +194,44 @@ def prune_magnitude(
         f"pruned {len(pruned)} tensors ({params.scope} scope) to sparsity {zeros / total:.4f}",
         data={"sparsity": per_tensor},
     )
+    _record(ctx, owners, pruned, excluded)
     ctx.progress(1.0)
     return model
+
+
+def tensor_layers(model: LoadedModel) -> dict[str, str]:
+    """Each weight tensor's layer, as ``info.layer_names`` names it."""
+    if model.format == "onnx":
+        from worker.formats.onnx import onnx_weight_layers
+
+        return onnx_weight_layers(model)
+    from worker.formats import weight_shapes
+
+    return {name: layer_of(name) for name in weight_shapes(model)}
+
+
+def _record(
+    ctx: StepContext,
+    owners: dict[str, str],
+    pruned: dict[str, torch.Tensor],
+    excluded: frozenset[str],
+) -> None:
+    """Per layer: changed (sparsity over its pruned tensors) or kept (and why)."""
+    import torch
+
+    zeros: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for name, tensor in pruned.items():
+        layer = owners.get(name, layer_of(name))
+        zeros[layer] = zeros.get(layer, 0) + tensor.numel() - int(torch.count_nonzero(tensor))
+        sizes[layer] = sizes.get(layer, 0) + tensor.numel()
+    kept = {
+        layer: "excluded" if layer in excluded else "not selected"
+        for layer in dict.fromkeys(owners.values())
+        if layer not in sizes
+    }
+    sparsity = {layer: round(zeros[layer] / sizes[layer], 6) for layer in sizes}
+    record_layers(ctx, list(sizes), kept, sparsity=sparsity)
 
 
 def l1_prune(
@@ -220,8 +266,9 @@ def l1_prune(
 
 def _prune_iteratively(
     model: LoadedModel, params: MagnitudePruneParams, ctx: StepContext, names: list[str]
-) -> LoadedModel:
-    """Gradual pruning: ``steps`` rounds of prune (cubic schedule) then masked fine-tuning."""
+) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """Gradual pruning: ``steps`` rounds of prune (cubic schedule) then masked fine-tuning;
+    the pruned model and its pruned tensors by name."""
     import torch
 
     from worker.errors import UnsupportedError
@@ -298,9 +345,10 @@ def _prune_iteratively(
             "sparsity": {n: round(float((~m).float().mean()), 6) for n, m in masks.items()},
         },
     )
+    final = {name: weight.detach().clone() for name, weight in weights.items()}
     result = relower(model, module, example_inputs=trace_inputs(model, data.inputs))
     ctx.progress(1.0)
-    return result
+    return result, final
 
 
 def _module_parameters(

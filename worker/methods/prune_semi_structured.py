@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from worker.errors import InvalidParamsError
+from worker.layers import Exclude, excluded_layers, record_layers
 from worker.methods.base import Method, MethodParams
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class SemiStructuredPruneParams(MethodParams):
         min_features: Linear layers with fewer input or output features than this stay
             dense: small layers gain nothing from sparse kernels, and a classifier head
             with a few outputs loses accuracy for no speed.
+        exclude: layers left dense, as the model's ``info.layer_names`` lists them
+            (module paths for pt2, node names for onnx) or ``re:`` patterns.
 
     Example:
         ``{"method": "prune.semi_structured", "params": {"min_features": 64}}``
@@ -67,6 +70,7 @@ class SemiStructuredPruneParams(MethodParams):
             "(small layers and classifier heads)."
         ),
     )
+    exclude: Exclude = None
 
 
 def prune_semi_structured(
@@ -78,6 +82,11 @@ def prune_semi_structured(
     found = _pt2_linear_weights(model) if model.format == "pt2" else _onnx_linear_weights(model)
     if params.layers is not None:
         found = {k: v for k, v in found.items() if any(s in k for s in params.layers)}
+    from worker.methods.prune_magnitude import tensor_layers
+
+    owners = tensor_layers(model)
+    excluded = excluded_layers(params, list(dict.fromkeys(owners.values())), ctx.method)
+    found = {k: v for k, v in found.items() if owners.get(k) not in excluded}
     if not found:
         what = f"matching {list(params.layers)}" if params.layers else "in this model"
         raise InvalidParamsError(f"no Linear layer weights {what}", step=ctx.method)
@@ -122,6 +131,13 @@ def prune_semi_structured(
         "weights zeroed)",
         data={"sparsity": sparsity},
     )
+    changed = {owners.get(name, name): value for name, value in sparsity.items()}
+    kept = {owners.get(name, name): why for name, why in skipped.items()}
+    kept.update({layer: "excluded" for layer in excluded})
+    for layer in dict.fromkeys(owners.values()):
+        if layer not in changed:
+            kept.setdefault(layer, "not an eligible Linear layer")
+    record_layers(ctx, list(changed), kept, sparsity=changed)
     if ctx.device == "gpu":
         _check_cuda_conversion({n: (t, eligible[n][1]) for n, t in pruned.items()}, ctx)
     else:

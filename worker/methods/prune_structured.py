@@ -23,6 +23,8 @@ from pydantic import Field
 
 from worker.contract import DatasetRole
 from worker.errors import DatasetMismatchError, InvalidParamsError, MethodFailedError
+from worker.formats.models import layer_names
+from worker.layers import Exclude, excluded_layers, record_layers
 from worker.methods.base import DataNeed, Method, MethodParams
 
 if TYPE_CHECKING:
@@ -60,6 +62,8 @@ class StructuredPruneParams(MethodParams):
             the uploaded model (``"block1.conv1"``) or its weight's (``"block1.conv1.weight"``).
             The layers that produce the model's outputs (the classifier head) are always
             kept.
+        exclude: layers left untouched, as the model's ``info.layer_names`` lists them
+            (or ``re:`` patterns): their output channels are kept, like ``ignore``'s.
 
     Example:
         ``{"method": "prune.structured", "params": {"amount": 0.5, "importance": "l1",
@@ -100,6 +104,7 @@ class StructuredPruneParams(MethodParams):
             "'block1.conv1.weight'). Output layers (the classifier head) are always kept."
         ),
     )
+    exclude: Exclude = None
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,10 @@ def prune_structured(
     if criterion.needs_gradients:
         accumulate_gradients(model, lifted, ctx, span=(0.05, 0.3))
     ctx.progress(0.3)
-    keep = ignored_layers(lifted, params.ignore, ctx)
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
+    keep = ignored_layers(lifted, (*params.ignore, *sorted(excluded)), ctx)
     before = channel_counts(lifted)
+    shapes = layer_shapes(lifted)
     params_before = count_parameters(lifted)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the 'random' baseline is reproducible
@@ -171,6 +178,7 @@ def prune_structured(
         param.grad = None
     after = channel_counts(lifted)
     report_pruning(ctx, before, after, params_before, count_parameters(lifted))
+    record_pruned_layers(ctx, model, shapes, lifted, excluded)
     pruned = relower(model, lifted, example_inputs=trace_feeds)
     ctx.progress(1.0)
     return pruned
@@ -417,6 +425,36 @@ def channel_counts(lifted: nn.Module) -> dict[str, int]:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def layer_shapes(lifted: nn.Module) -> dict[str, list[tuple[int, ...]]]:
+    """The shapes of each layer's own tensors, by (lifted) layer name."""
+    return {
+        name: [tuple(p.shape) for p in module.parameters(recurse=False)]
+        for name, module in lifted.named_children()
+    }
+
+
+def record_pruned_layers(
+    ctx: StepContext,
+    model: LoadedModel,
+    before: dict[str, list[tuple[int, ...]]],
+    lifted: nn.Module,
+    excluded: frozenset[str],
+) -> None:
+    """``metrics.steps[].layers``: a layer whose tensors shrank is changed (its weight's
+    new shape in the log), the others kept."""
+    from worker.lifting import lifted_name
+
+    after = layer_shapes(lifted)
+    changed, kept = [], {}
+    for name in layer_names(model):
+        inner = lifted_name(f"{name}.weight")
+        if inner in before and after.get(inner) != before[inner]:
+            changed.append(name)
+        else:
+            kept[name] = "excluded" if name in excluded else "no channel removed"
+    record_layers(ctx, changed, kept)
 
 
 def report_pruning(

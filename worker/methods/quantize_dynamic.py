@@ -27,6 +27,14 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from worker.errors import UnsupportedError
+from worker.layers import (
+    Exclude,
+    exclude_from_pt2e,
+    excluded_layers,
+    onnx_nodes_to_exclude,
+    record_onnx_layers,
+    record_pt2e_layers,
+)
 from worker.methods.base import Method, MethodParams, context_format
 from worker.methods.quantize_static import checked_op_types
 
@@ -69,6 +77,9 @@ class DynamicQuantizeParams(MethodParams):
             multiply-accumulates are mostly convolutions (the job's events say so):
             dynamic int8 convolutions are slow and inaccurate in ONNX Runtime, where
             ``quantize.static`` with calibration data gives fast int8 convolutions.
+        exclude: layers left float, as the model's ``info.layer_names`` lists them
+            (module paths for pt2, node names for onnx) or ``re:`` patterns: torchao's
+            module-name configuration (pt2), ONNX Runtime's ``nodes_to_exclude`` (onnx).
 
     Example:
         ``{"method": "quantize.dynamic", "params": {"dtype": "int8", "per_channel": true}}``
@@ -106,6 +117,7 @@ class DynamicQuantizeParams(MethodParams):
             "graphs (slow and inaccurate as dynamic int8: use quantize.static for them)."
         ),
     )
+    exclude: Exclude = None
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
@@ -150,12 +162,14 @@ def _quantize_onnx(
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
+    from worker.formats import layer_names
     from worker.formats.onnx import normalize_onnx, validated_output
 
     # DynamicQuantizeLinear exists from opset 11 (ORT would upgrade an older model itself,
     # unchecked).
     model = normalize_onnx(model, ctx, step=ctx.method, min_opset=11, why="DynamicQuantizeLinear")
     assert model.proto is not None
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
     op_types, conv_share = _onnx_op_types(model, params, ctx)
     source = ctx.work_dir / f"step{ctx.step}_float.onnx"
     target = ctx.work_dir / f"step{ctx.step}_int8.onnx"
@@ -168,6 +182,7 @@ def _quantize_onnx(
         reduce_range=params.reduce_range,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=op_types,
+        nodes_to_exclude=onnx_nodes_to_exclude(excluded),
         extra_options={"WeightSymmetric": params.symmetric},
     )
     ctx.progress(0.8)
@@ -196,6 +211,7 @@ def _quantize_onnx(
             + (f" among op_types {', '.join(params.op_types)}" if params.op_types else ""),
             step=ctx.method,
         )
+    record_onnx_layers(ctx, model, result, excluded)
     ctx.log(
         f"quantized {len(integer_ops)} op types to int8 with ONNX Runtime: {', '.join(integer_ops)}",
         data={"int8_initializers": len(quantized), "op_types": op_types},
@@ -264,7 +280,7 @@ def _quantize_pt2(
         get_default_x86_inductor_quantization_config,
     )
 
-    from worker.formats import pt2_example_args, reexport_pt2
+    from worker.formats import layer_names, pt2_example_args, reexport_pt2
 
     assert model.program is not None
     config = get_default_x86_inductor_quantization_config(
@@ -281,6 +297,8 @@ def _quantize_pt2(
         )
         config = dataclasses.replace(config, weight=per_tensor)
     quantizer = X86InductorQuantizer().set_global(config)
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
+    exclude_from_pt2e(quantizer, excluded)
     feeds = _trace_feeds(model, ctx)
     ctx.progress(0.1)
     prepared = prepare_pt2e(model.program.module(), quantizer)
@@ -298,6 +316,7 @@ def _quantize_pt2(
         raise UnsupportedError(
             "torchao's x86 dynamic quantizer found no Linear layer to quantize", step=ctx.method
         )
+    record_pt2e_layers(ctx, model, converted, excluded)
     ctx.progress(0.6)
     quantized = reexport_pt2(converted, model, feeds)
     ctx.log(

@@ -34,6 +34,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from worker import hardware
 from worker.errors import DatasetMismatchError, UnsupportedError
+from worker.layers import (
+    Exclude,
+    exclude_from_pt2e,
+    excluded_layers,
+    onnx_nodes_to_exclude,
+    record_onnx_layers,
+    record_pt2e_layers,
+)
 from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
@@ -95,6 +103,9 @@ class StaticQuantizeParams(MethodParams):
             keeps the most (0.992).
         max_samples: at most this many calibration samples are used.
         batch_size: calibration batch size (a model with a fixed batch uses its own).
+        exclude: layers left float, as the model's ``info.layer_names`` lists them
+            (module paths for pt2, node names for onnx) or ``re:`` patterns: torchao's
+            module-name configuration (pt2), ONNX Runtime's ``nodes_to_exclude`` (onnx).
 
     Example:
         ``{"method": "quantize.static", "params": {"calibrate_method": "entropy"}}``
@@ -151,6 +162,7 @@ class StaticQuantizeParams(MethodParams):
     batch_size: int = Field(
         default=32, ge=1, le=4096, description="Calibration batch size (a fixed batch wins)."
     )
+    exclude: Exclude = None
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
@@ -299,7 +311,7 @@ def _quantize_pt2(
         get_default_x86_inductor_quantization_config,
     )
 
-    from worker.formats import pt2_example_args, reexport_pt2
+    from worker.formats import layer_names, pt2_example_args, reexport_pt2
 
     assert model.program is not None
     config = get_default_x86_inductor_quantization_config(
@@ -313,6 +325,8 @@ def _quantize_pt2(
         )
         config = dataclasses.replace(config, input_activation=spec, output_activation=spec)
     quantizer = X86InductorQuantizer().set_global(config)
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
+    exclude_from_pt2e(quantizer, excluded)
     prepared = prepare_pt2e(model.program.module(), quantizer)
     ctx.progress(0.1)
     with torch.no_grad():
@@ -327,6 +341,7 @@ def _quantize_pt2(
             "torchao's x86 static quantizer found no Linear or Conv layer to quantize",
             step=ctx.method,
         )
+    record_pt2e_layers(ctx, model, converted, excluded)
     ctx.progress(0.8)
     # Traced with inputs generated from the signature: the saved program keeps its
     # example inputs, and calibration data has no business inside the artifact.
@@ -409,6 +424,7 @@ def _quantize_onnx(
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from worker.formats import layer_names
     from worker.formats.onnx import QDQ_PER_CHANNEL_OPSET, normalize_onnx, validated_output
 
     # QuantizeLinear/DequantizeLinear exist from opset 10 and ORT fuses them from 11; their
@@ -417,6 +433,7 @@ def _quantize_onnx(
     need = "per-channel QDQ (DequantizeLinear's axis)" if params.per_channel else "QDQ fusion"
     model = normalize_onnx(model, ctx, step=ctx.method, min_opset=opset, why=need)
     assert model.proto is not None
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
     source = ctx.work_dir / f"step{ctx.step}_float.onnx"
     prepared = ctx.work_dir / f"step{ctx.step}_prepared.onnx"
     target = ctx.work_dir / f"step{ctx.step}_static_int8.onnx"
@@ -468,6 +485,7 @@ def _quantize_onnx(
                 "entropy": CalibrationMethod.Entropy,
             }[method],
             op_types_to_quantize=list(params.op_types) if params.op_types else None,
+            nodes_to_exclude=onnx_nodes_to_exclude(excluded),
             extra_options=extra,
         )
     ctx.progress(0.85)
@@ -486,6 +504,7 @@ def _quantize_onnx(
             "statically (it handles MatMul, Gemm, Conv and more)",
             step=ctx.method,
         )
+    record_onnx_layers(ctx, model, quantized, excluded)
     ctx.log(
         f"quantized {len(quantized_weights)} weight tensors to {params.weight_type} with ONNX "
         f"Runtime (QDQ, {method} calibration on "

@@ -33,6 +33,13 @@ from typing import TYPE_CHECKING, Literal, Self
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import UnsupportedError
+from worker.layers import (
+    Exclude,
+    excluded_layers,
+    onnx_nodes_to_exclude,
+    record_layers,
+    record_onnx_layers,
+)
 from worker.methods.base import Method, MethodParams, context_format
 
 if TYPE_CHECKING:
@@ -70,6 +77,10 @@ class WeightOnlyQuantizeParams(MethodParams):
             (measured 16x faster than float math for 8-bit weights at batch 1 on a
             256-512-512-10 MLP); ``false``: dequantize and compute in float32
             (accuracy level 1). pt2 artifacts always compute in float.
+        exclude: layers left float, as the model's ``info.layer_names`` lists them
+            (module paths for pt2, node names for onnx) or ``re:`` patterns: left out of
+            torchao's ``quantize_`` filter (pt2), ONNX Runtime's ``nodes_to_exclude``
+            (onnx).
 
     Example:
         ``{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}}``
@@ -97,6 +108,7 @@ class WeightOnlyQuantizeParams(MethodParams):
             "accuracy level 4, fast on CPU); false: float32 math. pt2 computes in float."
         ),
     )
+    exclude: Exclude = None
 
     @model_validator(mode="after")
     def _supported_by_backend(self, info: ValidationInfo) -> Self:
@@ -135,12 +147,17 @@ def _quantize_pt2(
     from torch import nn
     from torchao.quantization import quantize_
 
-    from worker.lifting import lift, relower
+    from worker.formats import layer_names
+    from worker.lifting import lift, lifted_name, relower
 
     module = lift(model)
     ctx.progress(0.1)
     group = params.group_size or (None if params.bits == 8 else DEFAULT_GROUP)
+    names = layer_names(model)
+    excluded = excluded_layers(params, names, ctx.method)
+    lifted = {lifted_name(f"{name}.weight"): name for name in names}  # back to the model's
     linears = {name: m for name, m in module.named_modules() if type(m) is nn.Linear}
+    linears = {n: m for n, m in linears.items() if lifted.get(n, n) not in excluded}
     chosen = {n for n, m in linears.items() if group is None or m.in_features % group == 0}
     skipped = sorted(set(linears) - chosen)
     if not chosen:
@@ -166,6 +183,11 @@ def _quantize_pt2(
         for name in sorted(chosen):
             _replace(module, name, int4_layer(module.get_submodule(name)))
     ctx.progress(0.7)
+    kept = {lifted.get(n, n): f"inputs not divisible by {group}" for n in skipped}
+    kept.update({name: "excluded" for name in excluded})
+    kept.update({n: "not a Linear layer" for n in names if n not in kept})
+    changed = [lifted.get(n, n) for n in sorted(chosen)]
+    record_layers(ctx, changed, kept, dtype=f"int{params.bits}")
     quantized = relower(model, module)
     layout = f"groups of {group}" if group else "one scale per output channel"
     ctx.log(
@@ -219,10 +241,12 @@ def _quantize_onnx(
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
+    from worker.formats import layer_names
     from worker.formats.onnx import normalize_onnx, validated_output
 
     model = normalize_onnx(model, ctx, step=ctx.method)
     assert model.proto is not None
+    excluded = excluded_layers(params, layer_names(model), ctx.method)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     wrapped = ONNXModel(proto)
@@ -236,6 +260,7 @@ def _quantize_onnx(
             block_size=block,
             is_symmetric=params.symmetric,
             accuracy_level=4 if params.onnx_int8_compute else 1,
+            nodes_to_exclude=onnx_nodes_to_exclude(excluded),
         )
         quantizer.process()
     result = quantizer.model.model
@@ -257,6 +282,7 @@ def _quantize_onnx(
         result, model, step=ctx.method, library="ONNX Runtime's MatMulNBitsQuantizer",
         advice="Try bits=8, another group_size, or onnx_int8_compute=false.",
     )  # fmt: skip
+    record_onnx_layers(ctx, model, quantized, excluded)
     ctx.log(
         f"quantized {len(nodes)} MatMul weights to int{params.bits} (blocks of {block}, "
         f"{'symmetric' if params.symmetric else 'asymmetric'}) with ONNX Runtime's MatMulNBits, "
