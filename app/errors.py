@@ -302,7 +302,7 @@ class Problem(BaseModel):
 
 
 _RESPONSE_DESCRIPTIONS = {
-    400: "Malformed request body (the `detail` says what is wrong)",
+    400: "Malformed request body: not JSON, or a multipart form the parser refuses",
     401: "Missing, malformed or invalid API key",
     404: "No such resource (or it belongs to another tenant)",
     409: "The resource's state does not allow this",
@@ -354,7 +354,8 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             takes_input = bool(operation.get("parameters") or operation.get("requestBody"))
-            shared = [(422, takes_input or "422" in responses)]
+            takes_json = "application/json" in operation.get("requestBody", {}).get("content", {})
+            shared = [(400, takes_json), (422, takes_input or "422" in responses)]
             shared += [(401, bool(operation.get("security"))), (503, path.startswith("/v1/"))]
             for status, applies in shared:
                 if applies:
@@ -387,7 +388,12 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized"}
+        titles = {
+            400: "Bad request",
+            404: "Not found",
+            405: "Method not allowed",
+            401: "Unauthorized",
+        }
         return problem(
             exc.status_code,
             titles.get(exc.status_code, "Error"),

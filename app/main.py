@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import IntegrityError
 
 from app import health, methods
@@ -32,6 +33,10 @@ def _register_operator_key(key: str) -> None:
         pass
 
 
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
 def create_app(*, run_reaper: bool = True) -> FastAPI:
     settings = get_settings()
 
@@ -53,6 +58,9 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
         version="0.1.0",
         summary="Model compression as a service: prune, distill and quantize over HTTP.",
         lifespan=lifespan,
+        # operationId = the route's function name: `upload_model`, not
+        # `upload_model_v1_models_post`, in a generated client.
+        generate_unique_id_function=_operation_id,
     )
     install_handlers(app)
     app.add_middleware(MetricsMiddleware)

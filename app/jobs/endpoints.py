@@ -26,7 +26,27 @@ _EVENT_STREAM = {
         "stream ends after the job's terminal status. A stream that has to end early (the "
         "database went away) ends with an `error` event whose data is a problem."
     ),
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {
+            # Before OpenAPI 3.2 the schema of an event stream describes one event.
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "description": "The event id (Last-Event-ID)."},
+                    "event": {
+                        "type": "string",
+                        "description": "`status`, `progress`, `log`, or `error` (the last).",
+                    },
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "description": "`{id, kind, level, message, data, created_at}`.",
+                    },
+                    "retry": {"type": "integer", "description": "Reconnect after (ms)."},
+                },
+            }
+        }
+    },
 }
 _REPORT_MEDIA_TYPE = "application/json"  # the report artifact (worker.tasks.REPORT_MEDIA_TYPE)
 
