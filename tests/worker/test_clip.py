@@ -14,6 +14,7 @@ from tests import factories, factories_text
 from tests.helpers import apply, saved, stock_accuracy, stock_program, stock_weights
 from worker.context import RecordingReporter
 from worker.data import Dataset
+from worker.errors import InvalidParamsError
 from worker.formats import load_model
 from worker.methods import clip
 from worker.spec import DatasetInfo, PipelineRequest, check_pipeline
@@ -239,3 +240,59 @@ def test_hf_weight_matrices_are_clipped_and_load_with_transformers(tmp_path: Pat
         assert logged["clipped"][layer] == int(((w < low) | (w > high)).sum())
     assert "bert.embeddings.word_embeddings" in logged["clipped"]
     assert factories_text.text_accuracy(stock, factories_text.tiny_tokenizer()) >= 0.9
+
+
+# --------------------------------------------------------------------------------------
+# exclude and metrics.layers
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_exclude_leaves_layers_as_they_were(files, tmp_path: Path, fmt: str) -> None:
+    from tests.helpers import step_context
+    from worker.formats import layer_names
+
+    model = load_model(files[fmt], fmt)
+    names = layer_names(model)
+    assert len(names) == 3
+    ctx = step_context(tmp_path, METHOD.name)
+    params = METHOD.validate_params({"mode": "sigma", "k": 1.0, "exclude": [names[1]]}, fmt)
+    out = saved(METHOD.handler(model, params, ctx), tmp_path / f"clipped.{fmt}")
+    before, after = stock_weights(files[fmt]), stock_weights(out)
+    changed = [n for n in before if not np.array_equal(before[n], after[n])]
+    assert len(changed) == 2  # the other two weight matrices
+    assert (str(ctx.layers[names[1]].status), ctx.layers[names[1]].reason) == ("kept", "excluded")
+    for layer in (names[0], names[2]):
+        entry = ctx.layers[layer].to_json()
+        assert entry["status"] == "changed" and entry["clipped"] > 0 and entry["steps"] == [0]
+    assert sum(ctx.layers[n].to_json()["clipped"] for n in (names[0], names[2])) == sum(
+        int((before[n] != after[n]).sum()) for n in changed
+    )
+    with pytest.raises(InvalidParamsError, match="exclude names no layer"):
+        apply(METHOD, load_model(files[fmt], fmt), {"exclude": ["fc9"]}, tmp_path)
+    problems = check_pipeline(
+        PipelineRequest(fmt, [("clip", {"exclude": ["fc9"]})], layer_names=names)
+    )
+    assert [p.loc for p in problems] == [("pipeline", 0, "params", "exclude")]
+
+
+def test_a_job_reports_the_weights_clipped_per_layer(files, tmp_path: Path) -> None:
+    from worker.pipeline import PipelineSpec, run_pipeline
+
+    reporter = RecordingReporter()
+    spec = PipelineSpec(
+        steps=[("clip", {"mode": "range", "min": -0.3, "max": 0.3}), ("quantize.static", {})],
+        output_format="pt2", batch_sizes=[1], warmup=1, iterations=3,
+    )  # fmt: skip
+    datasets = {"eval": files["eval"], "calibration": files["calibration"]}
+    result = run_pipeline(files["pt2"], "pt2", spec, datasets, tmp_path / "work", reporter)
+    weights = stock_weights(files["pt2"])
+    outside = {n.removesuffix(".weight"): int((np.abs(w) > 0.3).sum()) for n, w in weights.items()}
+    clip_step = result.metrics["steps"][0]
+    assert {n: e["clipped"] for n, e in clip_step["layers"].items()} == {
+        n: c for n, c in outside.items() if n in MLP_WEIGHTS.values()
+    }
+    assert all(e["clipped"] > 0 for e in clip_step["layers"].values())
+    assert clip_log(reporter)["clipped"] == {
+        k: v for k, v in outside.items() if k in clip_step["layers"]
+    }
+    assert result.metrics["compressed"]["accuracy"] >= 0.9

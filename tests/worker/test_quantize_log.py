@@ -313,3 +313,50 @@ def test_bits_data_needs_and_refusals(files, tmp_path: Path) -> None:
             torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.randn(2, 4), tmp_path / "t.pt2"
         )
         apply(METHOD, load_model(tiny, "pt2"), {}, tmp_path)
+
+
+def test_exclude_keeps_layers_float_and_the_step_says_what_it_did(files, tmp_path: Path) -> None:
+    from tests.helpers import step_context
+    from worker.packing import decode_packed
+
+    def run(params: dict):
+        ctx = step_context(tmp_path, METHOD.name)
+        model = load_model(files["pt2"], "pt2")
+        return METHOD.handler(model, METHOD.validate_params(params, "pt2"), ctx), ctx
+
+    model, ctx = run({"bits": 4, "keep_first_last": False, "exclude": ["2"]})
+    state = model.program.state_dict  # type: ignore[union-attr]
+    assert "2.weight" in state and "2.packed" not in state
+    assert {"0.packed", "4.packed"} <= set(state)
+    assert (ctx.layers["2"].status, ctx.layers["2"].reason) == ("kept", "excluded")
+    for layer in ("0", "4"):
+        entry = ctx.layers[layer]
+        weight = decode_packed(
+            state[f"{layer}.packed"], state[f"{layer}.scale"], state[f"{layer}.offset"],
+            state[f"{layer}.packed_layout"], state[f"{layer}.levels"],
+        )  # fmt: skip
+        assert (entry.status, entry.dtype, entry.steps) == ("changed", "log4", [0])
+        assert entry.sparsity == round(float((weight == 0).float().mean()), 6)
+    _, ctx = run({"bits": 3})  # the default keeps the first and last layers float
+    assert {n: (str(e.status), e.reason) for n, e in ctx.layers.items()} == {
+        "0": ("kept", "first or last layer"),
+        "2": ("changed", None),
+        "4": ("kept", "first or last layer"),
+    }
+
+
+def test_exclude_names_real_layers(files, tmp_path: Path) -> None:
+    from worker.methods import get_method
+
+    with pytest.raises(InvalidParamsError, match="its layers are 0, 2, 4"):
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"exclude": ["fc9"]}, tmp_path)
+    with pytest.raises(UnsupportedError, match="exclude fewer layers"):
+        apply(METHOD, load_model(files["pt2"], "pt2"), {"exclude": ["2"]}, tmp_path)
+    problems = check_pipeline(
+        PipelineRequest("pt2", [("quantize.log", {"exclude": ["fc9"]})], layer_names=["0", "2"])
+    )
+    assert [p.loc for p in problems] == [("pipeline", 0, "params", "exclude")]
+    schema = METHOD.params.model_json_schema()["properties"]["exclude"]
+    assert (
+        schema == get_method("prune.magnitude").params.model_json_schema()["properties"]["exclude"]
+    )

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from worker.contract import DatasetRole
 from worker.errors import InvalidParamsError
+from worker.layers import Exclude, excluded_layers, layer_of, record_layers
 from worker.methods.base import DataNeed, Method, MethodParams, context_format
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class ClipParams(MethodParams):
             dataset; pt2 and hf); the weights stay inside their range. 0: clip only.
         lr: Adam learning rate of the fine-tuning.
         batch_size: fine-tuning batch size.
+        exclude: layers left as they are, as the model's ``info.layer_names`` lists them
+            (module paths for pt2/hf, node names for onnx) or ``re:`` patterns.
 
     Example:
         ``{"method": "clip", "params": {"mode": "percentile", "percentile": 99.9, "epochs": 1}}``
@@ -96,6 +99,7 @@ class ClipParams(MethodParams):
     )
     lr: float = Field(default=1e-4, gt=0.0, le=1.0, description="Adam learning rate.")
     batch_size: int = Field(default=32, ge=1, le=65_536, description="Fine-tuning batch size.")
+    exclude: Exclude = None
 
     @model_validator(mode="after")
     def _one_mode(self, info: ValidationInfo) -> Self:
@@ -127,10 +131,22 @@ def _datasets_for(params: ClipParams) -> list[DataNeed]:
 
 def clip(model: LoadedModel, params: ClipParams, ctx: StepContext) -> LoadedModel:
     """Clamp the weights to their range (and fine-tune inside it); returns the model."""
-    tensors = _targets(model)
+    from worker.formats import layer_names
+
+    if model.format == "onnx":
+        from worker.formats.onnx import normalize_onnx
+
+        model = normalize_onnx(model, ctx, step=ctx.method)  # Constant weights: initializers
+    names = layer_names(model)
+    excluded = excluded_layers(params, names, ctx.method)
+    found = _targets(model)
+    layers = _layers(model, list(found))
+    tensors = {name: t for name, t in found.items() if layers[name] not in excluded}
     if not tensors:
         raise InvalidParamsError(
-            "the model has no float weight matrices or kernels to clip", step=ctx.method
+            "the model has no float weight matrices or kernels to clip"
+            + (" once exclude is applied" if found else ""),
+            step=ctx.method,
         )
     ctx.progress(0.05)
     bounds = {name: clip_bounds(t, params) for name, t in tensors.items()}
@@ -138,14 +154,17 @@ def clip(model: LoadedModel, params: ClipParams, ctx: StepContext) -> LoadedMode
         name: int(((t < bounds[name][0]) | (t > bounds[name][1])).sum())
         for name, t in tensors.items()
     }
-    layers = {name: _layer(model, name) for name in tensors}
     _write(model, {name: t.clamp(*bounds[name]) for name, t in tensors.items()})
+    per_layer: dict[str, int] = {}
+    for name, count in clipped.items():
+        per_layer[layers[name]] = per_layer.get(layers[name], 0) + count
+    _record(ctx, per_layer, names, excluded)
     total = sum(t.numel() for t in tensors.values())
     ctx.log(
         f"clipped {sum(clipped.values())} of {total} weights in {len(tensors)} tensors "
         f"({_describe(params)})",
         data={
-            "clipped": {layers[name]: count for name, count in clipped.items()},
+            "clipped": per_layer,
             "bounds": {layers[name]: [low, high] for name, (low, high) in bounds.items()},
             "weights": total,
         },
@@ -251,15 +270,29 @@ def _tensor(model: LoadedModel, name: str) -> torch.Tensor:
     return model.program.state_dict[name]
 
 
-def _layer(model: LoadedModel, tensor_name: str) -> str:
-    """The layer a weight belongs to: its module path (pt2, hf), its reader node (onnx)."""
+def _layers(model: LoadedModel, tensor_names: list[str]) -> dict[str, str]:
+    """The layer of each weight, as ``info.layer_names`` names it: its module path (pt2,
+    hf), the node that reads it (onnx)."""
     if model.format == "onnx":
-        assert model.proto is not None
-        for node in model.proto.graph.node:
-            if tensor_name in node.input and node.name:
-                return str(node.name)
-        return tensor_name
-    return tensor_name.rpartition(".")[0] or tensor_name
+        from worker.formats.onnx import onnx_weight_layers
+
+        readers = onnx_weight_layers(model)
+        return {name: readers.get(name, name) for name in tensor_names}
+    return {name: layer_of(name) for name in tensor_names}
+
+
+def _record(
+    ctx: StepContext, clipped: dict[str, int], names: list[str], excluded: frozenset[str]
+) -> None:
+    """``metrics.layers``: a layer with clipped weights changed; the others kept, and why;
+    ``clipped`` counts each examined layer's clipped weights."""
+    changed = [layer for layer, count in clipped.items() if count]
+    kept = {layer: "every weight inside its range" for layer, count in clipped.items() if not count}
+    kept.update({layer: "no weight matrix or kernel" for layer in names if layer not in clipped})
+    kept.update({layer: "excluded" for layer in excluded})
+    record_layers(ctx, changed, kept)
+    for layer, count in clipped.items():
+        ctx.layers[layer] = ctx.layers[layer].model_copy(update={"clipped": count})
 
 
 def _finetune(

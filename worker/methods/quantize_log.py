@@ -29,6 +29,7 @@ from pydantic import Field
 
 from worker.contract import DatasetRole
 from worker.errors import UnsupportedError
+from worker.layers import Exclude, excluded_layers, record_layers
 from worker.methods.base import DataNeed, Method, MethodParams
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class LogQuantizeParams(MethodParams):
         keep_first_last: keep the first and the last layer in float32 (the usual
             practice: they are small and the most sensitive; on the digits CNN the stem
             conv alone, at 4 bits, costs 12 points of accuracy without training).
+        exclude: layers left float, as the model's ``info.layer_names`` lists them
+            (module paths) or ``re:`` patterns.
 
     Example:
         ``{"method": "quantize.log", "params": {"bits": 4, "epochs": 2}}``
@@ -77,6 +80,7 @@ class LogQuantizeParams(MethodParams):
     keep_first_last: bool = Field(
         default=True, description="Keep the first and last layers in float32."
     )
+    exclude: Exclude = None
 
 
 def _datasets_for(params: LogQuantizeParams) -> list[DataNeed]:
@@ -91,18 +95,28 @@ def quantize_log(model: LoadedModel, params: LogQuantizeParams, ctx: StepContext
     """Quantize the weights to powers of two, training through the quantizer first."""
     from torch.nn.utils import parametrize
 
-    from worker.lifting import lift, relower
+    from worker.formats import layer_names
+    from worker.lifting import lift, lifted_name, relower
     from worker.packing import log_layer, packable_layers, replace_layer
 
+    names = layer_names(model)
+    excluded = excluded_layers(params, names, ctx.method)
     module = lift(model)
-    layers = packable_layers(module)
-    targets = layers[1:-1] if params.keep_first_last else layers
+    # the lifted module names a layer "a_b" where the model (and exclude) says "a.b"
+    back = {lifted_name(f"{name}.weight"): name for name in names}
+    layers = [(back.get(name, name), layer) for name, layer in packable_layers(module)]
+    ends = {layers[0][0], layers[-1][0]} if params.keep_first_last and layers else set()
+    kept = {name: "first or last layer" for name, _ in layers if name in ends}
+    kept.update({name: "excluded" for name, _ in layers if name in excluded})
+    targets = [(name, layer) for name, layer in layers if name not in kept]
     if not targets:
         raise UnsupportedError(
             f"the model has {len(layers)} Linear/Conv layers: nothing is left to quantize"
-            + ("; set keep_first_last=false" if layers else ""),
+            + ("; set keep_first_last=false" if ends else "")
+            + (" or exclude fewer layers" if excluded else ""),
             step=ctx.method,
         )
+    lifted = {name: lifted for lifted, name in back.items()}
     ctx.progress(0.05)
     if params.epochs > 0:
         for _, layer in targets:
@@ -120,9 +134,10 @@ def quantize_log(model: LoadedModel, params: LogQuantizeParams, ctx: StepContext
         packed = log_layer(layer, params.bits, channel_scales(weight, params.bits))
         packed_bytes += int(packed.packed.numel())
         zeros[name] = round(float((packed.decode_weight() == 0).float().mean()), 6)
-        replace_layer(module, name, packed)
+        replace_layer(module, lifted.get(name, name), packed)
     quantized = relower(model, module)
-    kept = [name for name, _ in layers if name not in zeros]
+    others = {name: "not a Linear/Conv layer" for name in names if name not in zeros}
+    record_layers(ctx, list(zeros), others | kept, dtype=f"log{params.bits}", sparsity=zeros)
     ctx.log(
         f"stored {len(targets)} layers as {params.bits}-bit log weights ({packed_bytes} packed "
         "bytes plus one float32 scale per output channel)"
