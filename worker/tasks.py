@@ -444,7 +444,7 @@ def store_outputs(job: ClaimedJob, result: PipelineResult) -> Outputs:
     return Outputs(artifacts, result.metrics)
 
 
-STORAGE_BACKOFF_S = (1.0, 30.0)
+STORAGE_BACKOFF_S = (1.0, 15.0)
 """The first wait between two tries of a storage call, and the longest (it doubles)."""
 
 
