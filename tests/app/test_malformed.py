@@ -263,7 +263,7 @@ def test_a_multipart_body_the_parser_refuses_is_4xx_naming_the_problem(
 @pytest.fixture
 def served(embedded: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The app under uvicorn on a free port (resets happen between real sockets only)."""
-    monkeypatch.setenv("SQUISH_MAX_UPLOAD_BYTES", str(1 << 20))
+    monkeypatch.setenv("SQUISH_MAX_UPLOAD_BYTES", str(16 << 20))
     from app.main import create_app
     from app.settings import get_settings
     from tests.squish.service import serving
@@ -293,15 +293,20 @@ def _early_answers(key: str) -> dict[str, tuple[dict[str, str], bytes, int]]:
         ),
         "too-large": (
             {**multi, **auth},
-            multipart(BOUNDARY, _part("file", b"x" * (3 << 20), "m.onnx")),
+            multipart(BOUNDARY, _part("file", b"x" * (20 << 20), "m.onnx")),
             413,
         ),
         "not-multipart": ({"Content-Type": "text/plain", **auth}, b"x" * BIG, 415),
+        "boundary-2000": (
+            {"Content-Type": f"multipart/form-data; boundary={'b' * 2000}", **auth},
+            multipart("b" * 2000, _part("file", b"x" * BIG, "m.onnx")),
+            400,
+        ),
     }
 
 
 @pytest.mark.parametrize("case", ["no-key", "field-too-long", "too-many-parts", "too-large",
-                                  "not-multipart"])  # fmt: skip
+                                  "not-multipart", "boundary-2000"])  # fmt: skip
 def test_an_early_refusal_reaches_the_client_instead_of_a_reset(
     served: str, embedded: dict[str, str], case: str
 ) -> None:
