@@ -60,6 +60,8 @@ CNN_SPEEDUP_X = 2.0
 CNN_ACC_DROP_POINTS = 1.0
 MINILM_COSINE = 0.99
 MINILM_SIZE_FRACTION = 0.3
+AOTI_VS_EAGER_X = 2.5  # MLP 4 x Linear(1024) int8 aoti vs fp32 eager, batch 1
+AOTI_VS_FP32_AOTI_X = 1.3  # ... vs the fp32 model compiled to aoti, batch 1
 
 # Fixed English sentences: the MiniLM eval (and calibration) texts.
 SENTENCES = [
@@ -438,9 +440,15 @@ def _save_pt2(module: Any, example: Any, dst: Path) -> Path:
 
 
 def direct_pt2e(
-    src: Path, dst: Path, example: Any, calib: np.ndarray | None, dynamic: bool
+    src: Path,
+    dst: Path,
+    example: Any,
+    calib: np.ndarray | None,
+    dynamic: bool,
+    exclude: tuple[str, ...] = (),
 ) -> Path:
-    """torchao PT2E with X86InductorQuantizer, as torchao's tutorial does it."""
+    """torchao PT2E with X86InductorQuantizer, as torchao's tutorial does it (``exclude``:
+    modules left float with its module-name configuration)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -450,7 +458,10 @@ def direct_pt2e(
 
     program = torch.export.load(src)
     config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=dynamic)
-    prepared = prepare_pt2e(program.module(), X86InductorQuantizer().set_global(config))
+    quantizer = X86InductorQuantizer().set_global(config)
+    for name in exclude:
+        quantizer.set_module_name_qconfig(name, None)
+    prepared = prepare_pt2e(program.module(), quantizer)
     with torch.no_grad():
         if calib is None:
             prepared(example)
@@ -491,6 +502,7 @@ class EngineBench:
         self.records: list[dict[str, Any]] = []  # one per squish run
         self.direct: list[dict[str, Any]] = []  # one per direct comparison
         self.headlines: list[dict[str, Any]] = []
+        self.aoti: list[dict[str, Any]] = []  # one per model of the aoti section
         self.errors: dict[str, str] = {}
         self._n = 0
 
@@ -812,6 +824,10 @@ def run_engine(root: Path) -> EngineBench:
     bench.headlines.append(
         {"name": "minilm", "record": head2, "conversion": conv, "variants": variants}
     )
+
+    # ---- int8 compiled by AOTInductor, against every other way to run it.
+    cnn.extra["aoti_exclude"] = AOTI_CNN_EXCLUDE
+    run_aoti(bench, [wide_mlp_subject(root), cnn])
     return bench
 
 
@@ -832,6 +848,217 @@ def _brief(measured: dict[str, Any]) -> dict[str, Any]:
         "size_bytes": measured["size_bytes"],
         "p50_ms": {b: p50(measured, b) for b in BATCH_SIZES},
     }
+
+
+# --------------------------------------------------------------------------- aoti
+
+
+def wide_mlp_subject(root: Path) -> Subject:
+    """4 x (Linear(1024) + ReLU), seeded, dynamic batch; random normal inputs (no labels,
+    so quality is the cosine to the fp32 outputs)."""
+    import torch
+    from torch import nn
+
+    from tests.factories import write_npz
+
+    folder = root / "mlp1024"
+    folder.mkdir()
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    module = nn.Sequential(*layers).eval()
+    example = torch.randn(4, 1024)
+    pt2 = _save_pt2(module, example, folder / "mlp1024.pt2")
+    rng = np.random.default_rng(0)
+    calibration = write_npz(folder / "calibration.npz", rng.standard_normal((512, 1024), "f4"))
+    evaluation = write_npz(folder / "eval.npz", rng.standard_normal((256, 1024), "f4"))
+    return Subject(
+        "MLP 4x Linear(1024)",
+        {"pt2": pt2},
+        {"calibration": calibration, "eval": evaluation},
+        "embeddings",
+        example=example,
+    )
+
+
+def cnn_subject(root: Path) -> Subject:
+    """The digits residual CNN, as make_subjects builds it (for running this part alone)."""
+    from tests import factories_cnn
+
+    folder = root / "cnn_aoti"
+    folder.mkdir()
+    with _quiet():
+        pt2 = factories_cnn.cnn_pt2(folder / "cnn.pt2")
+    images = {
+        "train": factories_cnn.images_npz(folder / "images_train.npz", "train"),
+        "test": factories_cnn.images_npz(folder / "images_test.npz", "test"),
+    }
+    roles = {"train": images["train"], "calibration": images["train"], "eval": images["test"]}
+    return Subject(
+        "digits CNN", {"pt2": pt2}, roles, "digits", example=factories_cnn.example_images(),
+        extra={"aoti_exclude": AOTI_CNN_EXCLUDE},
+    )  # fmt: skip
+
+
+def direct_aoti(program_path: Path, dst: Path, reference: Path) -> Path:
+    """``aoti_compile_and_package`` as torchao's PT2E tutorial lowers an int8 program:
+    freezing on, autograd off. squish's signature metadata is added (it changes no kernel)
+    so that the package loads in squish's runtime for the paired timing."""
+    import torch
+
+    from worker.formats import load_model
+    from worker.formats.aoti import SIGNATURE_KEY
+
+    program = torch.export.load(str(program_path))
+    model = load_model(reference, "pt2")
+    signature = {
+        "inputs": [s.to_dict() for s in model.inputs],
+        "outputs": [s.to_dict() for s in model.outputs],
+    }
+    options = {"freezing": True, "aot_inductor.metadata": {SIGNATURE_KEY: json.dumps(signature)}}
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(dst), inductor_configs=options
+        )
+    return dst
+
+
+AOTI_BASELINES = ("fp32 eager (pt2)", "fp32 aoti", "ORT int8 (onnx)", "direct int8 aoti")
+AOTI_CNN_EXCLUDE = ("stem.0",)
+"""The CNN's first convolution (one input channel) stays float on the aoti path: torch
+2.13's Inductor miscompiles frozen int8 convolutions with one input channel (the job fails
+saying so, and names this exclude)."""
+
+
+def run_aoti(bench: EngineBench, subjects: list[Subject]) -> None:
+    """``quantize.static`` → aoti against (a) the fp32 upload in eager PyTorch, (b) the fp32
+    model compiled with AOTInductor, (c) ONNX Runtime int8 (squish's pt2 → onnx →
+    ``quantize.static``), (d) the same PT2E int8 program compiled by calling torch directly;
+    each pair timed in alternation in one process, quality scored on the same inputs."""
+    for s in subjects:
+        scorer = Scorer.for_subject(s)
+        exclude = tuple(s.extra.get("aoti_exclude", ()))
+        params = {"exclude": list(exclude)} if exclude else {}
+        label = "quantize.static → aoti" + (f" (exclude {', '.join(exclude)})" if exclude else "")
+        rec = bench.squish(s, "pt2", label, [("quantize.static", params)], output_format="aoti")
+        ort = bench.squish(
+            s, "pt2", "quantize.static → onnx (ORT)", [("quantize.static", {})],
+            output_format="onnx",
+        )  # fmt: skip
+        entry: dict[str, Any] = {"model": s.name, "record": rec, "pairs": {}, "errors": {}}
+        bench.aoti.append(entry)
+        if rec is None:
+            continue
+        work = bench._work("aoti baselines")
+        squish_file = (Path(rec["artifact"]), "aoti")
+        builders: dict[str, Callable[[], tuple[Path, str]]] = {
+            "fp32 eager (pt2)": lambda s=s: (s.files["pt2"], "pt2"),
+            "fp32 aoti": lambda s=s, work=work: (
+                direct_aoti(s.files["pt2"], work / "fp32.aoti.pt2", s.files["pt2"]),
+                "aoti",
+            ),
+            "direct int8 aoti": lambda s=s, work=work, exclude=exclude: (
+                direct_aoti(
+                    direct_pt2e(
+                        s.files["pt2"],
+                        work / "int8.pt2",
+                        s.example,
+                        scorer_inputs(s),
+                        False,
+                        exclude,
+                    ),
+                    work / "int8.aoti.pt2",
+                    s.files["pt2"],
+                ),
+                "aoti",
+            ),
+        }
+        if ort is not None:
+            builders["ORT int8 (onnx)"] = lambda ort=ort: (Path(ort["artifact"]), "onnx")
+        for name in AOTI_BASELINES:
+            if name not in builders:
+                continue
+            _log(f"aoti {s.name}: vs {name} ...")
+            try:
+                t0 = time.perf_counter()
+                with _quiet():
+                    other = builders[name]()
+                built = round(time.perf_counter() - t0, 1)
+                pair = paired_latency(other, squish_file, scorer.feeds)
+                quality = scorer.score(*other)
+                entry["pairs"][name] = {
+                    "paired": pair,
+                    "build_seconds": built,
+                    "size_bytes": other[0].stat().st_size,
+                    "quality": next(iter(quality.values())),
+                }
+                _log(
+                    f"aoti {s.name}: {name} p50 {_f(pair[1]['p50_a'], 3)}/"
+                    f"{_f(pair[32]['p50_a'], 3)} ms, squish {_f(pair[1]['p50_b'], 3)}/"
+                    f"{_f(pair[32]['p50_b'], 3)} ms"
+                )
+            except Exception as exc:  # report, go on
+                traceback.print_exc()
+                entry["errors"][name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                bench.errors[f"aoti {s.name} vs {name}"] = entry["errors"][name]
+        entry["squish_quality"] = next(iter(scorer.score(*squish_file).values()))
+
+
+def build_aoti_rows(bench: EngineBench) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for entry in bench.aoti:
+        rec = entry["record"]
+        label = f"AOTI {entry['model']} {rec['label'] if rec else 'quantize.static → aoti'}"
+        if rec is None:
+            rows.append(_row(label, "not measured", "", False, "the squish run failed"))
+            continue
+        compiled = rec["metrics"].get("conversion", {})
+        options = compiled.get("compiled", {}).get("options")
+        for name in AOTI_BASELINES:
+            if name in entry["errors"]:
+                rows.append(
+                    _row(f"{label} vs {name}", "not measured", "", False, entry["errors"][name])
+                )
+                continue
+            if name not in entry["pairs"]:
+                continue
+            pair = entry["pairs"][name]
+            paired = pair["paired"]
+            speed = {b: _div(1.0, paired[b]["ratio"]) for b in BATCH_SIZES}
+            target, met = "—", None
+            if entry["model"].startswith("MLP") and name == "fp32 eager (pt2)":
+                target, met = f">= {AOTI_VS_EAGER_X}x at b1", (speed[1] or 0) >= AOTI_VS_EAGER_X
+            elif entry["model"].startswith("MLP") and name == "fp32 aoti":
+                target = f">= {AOTI_VS_FP32_AOTI_X}x at b1"
+                met = (speed[1] or 0) >= AOTI_VS_FP32_AOTI_X
+            elif name == "direct int8 aoti":
+                ratio = {b: paired[b]["ratio"] for b in BATCH_SIZES}
+                target = f"squish/direct <= {DIRECT_LATENCY_RATIO}"
+                met = all(r <= DIRECT_LATENCY_RATIO for r in ratio.values())
+            quality = f"{_q(rec, entry['squish_quality'])} vs {_q(rec, pair['quality'])}"
+            rows.append(
+                _row(
+                    f"{label} vs {name}",
+                    f"b1 {_f(speed[1], 2)}x, b32 {_f(speed[32], 2)}x faster",
+                    target,
+                    met,
+                    f"paired p50 {name} {_f(paired[1]['p50_a'], 3)}/{_f(paired[32]['p50_a'], 3)} "
+                    f"ms → squish aoti {_f(paired[1]['p50_b'], 3)}/{_f(paired[32]['p50_b'], 3)} ms "
+                    f"(b1/b32); quality {quality}; size {pair['size_bytes']} B vs "
+                    f"{rec['compressed_size_bytes']} B",
+                )
+            )
+        rows.append(
+            _row(
+                f"{label}: compile",
+                f"{_f(compiled.get('seconds'), 1)} s",
+                "—",
+                None,
+                f"Inductor options {options}; whole job {rec['seconds']} s",
+            )
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------- the table
@@ -856,7 +1083,9 @@ def _q(rec: dict[str, Any], value: float | None) -> str:
 
 
 def build_rows(bench: EngineBench) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, str]] = build_aoti_rows(bench)
+    if not bench.headlines:  # the aoti section alone
+        return rows
     # Headline 1.
     h1 = next(h for h in bench.headlines if h["name"] == "cnn")
     rec = h1["record"]
@@ -1070,15 +1299,20 @@ def _headline_label(bench: EngineBench, model: str) -> str:
     )
 
 
-def bench_engine() -> dict[str, Any]:
-    """Run everything; returns ``{"rows", "records", "direct", "headlines", "errors", ...}``."""
+def bench_engine(only: str | None = None) -> dict[str, Any]:
+    """Run everything (``only="aoti"``: the AOTInductor section alone); returns
+    ``{"rows", "records", "direct", "headlines", "errors", ...}``."""
     import torch
 
     started = time.perf_counter()
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="squish-bench-engine-"))
     try:
-        bench = run_engine(root)
+        if only == "aoti":
+            bench = EngineBench(root)
+            run_aoti(bench, [wide_mlp_subject(root), cnn_subject(root)])
+        else:
+            bench = run_engine(root)
         rows = build_rows(bench)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -1089,6 +1323,7 @@ def bench_engine() -> dict[str, Any]:
         "rows": rows,
         "records": bench.records,
         "direct": bench.direct,
+        "aoti": [{k: v for k, v in a.items() if k != "record"} for a in bench.aoti],
         "headlines": [
             {k: v for k, v in h.items() if k not in ("record", "conversion", "variants")}
             | {"label": (h.get("record") or {}).get("label")}
@@ -1107,11 +1342,17 @@ def bench_engine() -> dict[str, Any]:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from benchmarks.run import print_table
 
-    out = Path(__file__).resolve().parent / "out" / "engine.json"
-    res = bench_engine()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine")
+    parser.add_argument("--only", choices=["aoti"], help="run one section alone")
+    args = parser.parse_args(argv)
+    name = "engine_aoti.json" if args.only else "engine.json"
+    out = Path(__file__).resolve().parent / "out" / name
+    res = bench_engine(args.only)
     print(print_table(res["rows"]))
     print(f"\n{len(res['rows'])} rows; {res['seconds']:.0f} s; JSON: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ second size of every dynamic dim.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from worker.schemas import Conversion
 
 _CHECK_SAMPLES = 8
+COMPILED_MIN_COSINE = 0.99
+"""Below this cosine to the source's outputs (int8 kernels against the reference ops they
+replace agree to 0.9999 and more), a compiled package is wrong, not approximate."""
 
 
 def convert(
@@ -122,21 +126,37 @@ def _to_onnx(
 def _to_aoti(
     model: LoadedModel, sample: dict[str, np.ndarray], reporter: Reporter | None
 ) -> LoadedModel:
-    from worker.formats.aoti import compile_program
+    from worker.errors import MethodFailedError
+    from worker.formats.aoti import compile_program, single_channel_int8_convs
 
     program = _hf_program(model, sample) if model.format == "hf" else model.program
     assert program is not None
     compiled = compile_program(program, model.inputs, model.outputs, reporter)
-    error = _compiled_error(model, compiled, sample)
+    error, cosine = _compiled_error(model, compiled, sample)
+    rows = len(next(iter(sample.values())))
+    if cosine < COMPILED_MIN_COSINE:  # a wrong lowering must not pass as a fast model
+        hint = ""
+        convs = single_channel_int8_convs(program)
+        if convs:
+            hint = (
+                f"; its int8 convolutions with a single input channel ({', '.join(convs)}) "
+                f"are miscompiled by this torch's Inductor with freezing: keep them float "
+                f'with the quantization step\'s exclude, e.g. "exclude": {json.dumps(convs)}'
+            )
+        raise MethodFailedError(
+            f"the compiled package computes something else than the {model.format} model "
+            f"(cosine {cosine:.4f} of their outputs on {rows} samples){hint}; otherwise use "
+            "output_format 'onnx' or 'pt2' for this model",
+            step="convert",
+        )
     if reporter is not None:
         build = compiled.build
         reporter.log(
             f"compiled the {model.format} model with AOTInductor in "
             f"{build['compile_seconds']:.1f}s for {build['instruction_set']} "
             f"(torch {build['torch_version']}, {build['threads']} threads); max abs error vs "
-            f"the {model.format} model on {len(next(iter(sample.values())))} samples: "
-            f"{error:.3g}",
-            data={"max_abs_error": error, **build},
+            f"the {model.format} model on {rows} samples: {error:.3g} (cosine {cosine:.6f})",
+            data={"max_abs_error": error, "cosine_similarity": cosine, **build},
         )
     return compiled
 
@@ -177,9 +197,10 @@ def _hf_dims(model: LoadedModel) -> tuple[Any, Any]:
 
 def _compiled_error(
     source: LoadedModel, compiled: LoadedModel, sample: dict[str, np.ndarray]
-) -> float:
-    """Run the package on the sample against the source; then at a second size of every
-    dynamic dim, which a package that specialized one refuses."""
+) -> tuple[float, float]:
+    """Run the package on the sample against the source (max abs error, cosine of the
+    flattened outputs); then at a second size of every dynamic dim, which a package that
+    specialized one refuses."""
     from worker.formats import backend_for
 
     assert compiled.package is not None
@@ -201,7 +222,13 @@ def _compiled_error(
                 f"{ {k: list(v.shape) for k, v in grown.items()} }): {str(exc)[:300]}",
                 step="convert",
             ) from exc
-    return _worst_difference(_source_outputs(source, sample), actual, "compiled package")
+    expected = _source_outputs(source, sample)
+    worst = _worst_difference(expected, actual, "compiled package")
+    a = np.concatenate([np.ravel(x).astype(np.float64) for x in expected])
+    b = np.concatenate([np.ravel(x).astype(np.float64) for x in actual])
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(a @ b / norms) if norms > 0 else float(np.array_equal(a, b))
+    return worst, cosine
 
 
 def _grown(source: LoadedModel, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:

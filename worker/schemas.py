@@ -163,6 +163,12 @@ class CompileFigures(Figures):
     )
     machine: str = Field(description="`x86_64`, `aarch64`, ...")
     cpu: str | SkipJsonSchema[None] = Field(None, description="The worker CPU's model name.")
+    cpu_instruction_sets: list[str] = Field(
+        description=(
+            "The worker CPU's instruction sets (as `metrics.hardware` lists them): the "
+            "kernels may use any of them (`march`), so the CPU that loads it needs them all."
+        )
+    )
     march: str = Field(description="The C++ compiler's `-march` (`native`: this CPU's flags).")
     threads: int = Field(description="The thread count its kernels were generated for.")
     options: dict[str, Any] = Field(description="The Inductor options it was compiled with.")

@@ -239,6 +239,37 @@ def test_a_compile_that_fails_fails_the_job_with_the_reason(
     assert "output_format 'onnx' or 'pt2'" in failed.value.message
 
 
+def test_a_miscompiled_package_fails_the_job_and_names_the_layers_to_exclude(
+    tmp_path: Path,
+) -> None:
+    """torch 2.13's Inductor computes frozen int8 convolutions with one input channel
+    wrongly; the check against the program's outputs fails the job instead of delivering
+    a fast wrong model, and says which layers to keep float."""
+    import torch
+    from torch import nn
+
+    from tests.factories import write_npz
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    ).eval()  # fmt: skip
+    example = torch.rand(4, 1, 8, 8)
+    dims = ({0: torch.export.Dim.DYNAMIC},)
+    upload = tmp_path / "conv.pt2"
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=dims), upload)
+    data = write_npz(
+        tmp_path / "calibration.npz", np.random.default_rng(0).random((64, 1, 8, 8), "f4")
+    )
+    spec = PipelineSpec(steps=[("quantize.static", {})], output_format="aoti")
+    with pytest.raises(MethodFailedError) as failed:
+        run_pipeline(upload, "pt2", spec, {"calibration": data}, tmp_path / "w", NullReporter())
+    assert failed.value.step == "convert"
+    assert "computes something else than the pt2 model" in failed.value.message
+    assert '"exclude": ["0"]' in failed.value.message
+
+
 def test_a_compile_is_bounded_in_time_and_stops_when_the_job_is_cancelled(
     files: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -74,7 +74,7 @@ def _why_not_cheap(target: ModelFormat, path: Path, fmt: str) -> str | None:
     if target == ModelFormat.aoti:
         return "compiling with AOTInductor takes tens of seconds to minutes"
     if fmt not in _CONVERTIBLE:
-        return f"the {fmt} artifact cannot be converted; the job would convert before it"
+        return f"a {fmt} artifact does not convert: the job would convert the model before it"
     model = load_model(path, fmt)
     if _quantized(model):
         return (
