@@ -146,6 +146,9 @@ class LayerMetrics(Figures):
     sparsity: float | SkipJsonSchema[None] = Field(
         None, description="Share of its weights that are zero after the step that changed it."
     )
+    clipped: int | SkipJsonSchema[None] = Field(
+        None, description="`clip`: how many of its weights were clamped to the range."
+    )
     reason: str | SkipJsonSchema[None] = Field(
         None, description="Why a kept layer was kept (`excluded`, or what the method skips)."
     )

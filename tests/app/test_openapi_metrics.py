@@ -111,7 +111,7 @@ def test_openapi_documents_every_metric(client: TestClient) -> None:
         "layers",
     }  # fmt: skip
     assert set(_properties(components, "LayerMetrics")) == {
-        "status", "dtype", "sparsity", "reason", "steps",
+        "status", "dtype", "sparsity", "clipped", "reason", "steps",
     }  # fmt: skip
     compiled = _properties(components, "Conversion")["compiled"]
     assert compiled["$ref"] == "#/components/schemas/CompileFigures"
