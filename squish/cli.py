@@ -37,6 +37,7 @@ from worker.contract import (
     DatasetRole,
     JobStatus,
     ModelFormat,
+    RuntimeName,
     format_of_suffix,
     values,
 )
@@ -449,7 +450,7 @@ class _CompressCommand(click.Command):
     help="Where the job runs and is measured.",
 )
 @click.option(
-    "--runtime", type=click.Choice(["torch", "onnxruntime"]), help="Runtime to measure latency in."
+    "--runtime", type=click.Choice(values(RuntimeName)), help="Runtime to measure latency in."
 )
 @click.option(
     "-b",

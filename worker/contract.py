@@ -172,6 +172,10 @@ FORMATS: dict[ModelFormat, FormatFacts] = {
 }
 
 
+REPORT_MEDIA_TYPE = "application/json"
+"""The media type of a job's ``report`` artifact (JSON: spec, metrics, log)."""
+
+
 def format_facts(fmt: str) -> FormatFacts:
     """The facts of ``fmt``; raises ValueError naming the known formats when it is none."""
     try:

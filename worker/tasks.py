@@ -59,7 +59,7 @@ from app.orm import Artifact, Dataset, Job, MLModel
 from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, get_celery, send_after_commit
 from app.settings import Settings, get_settings
 from app.storage import StorageError, StorageUnavailable, get_store
-from worker.contract import FORMATS, InspectionStatus, LogLevel, ModelFormat
+from worker.contract import FORMATS, REPORT_MEDIA_TYPE, InspectionStatus, LogLevel, ModelFormat
 from worker.errors import (
     DatasetDeletedError,
     EngineError,
@@ -76,7 +76,6 @@ log = logging.getLogger("squish.worker")
 celery_app = get_celery()
 T = TypeVar("T")
 
-REPORT_MEDIA_TYPE = "application/json"
 TRANSIENT = (StorageError, OperationalError)
 """Failures of this worker's surroundings, not of the job: worth another attempt."""
 

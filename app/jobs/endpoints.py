@@ -15,7 +15,7 @@ from app.jobs import events, service
 from app.jobs.schemas import JobCreate, JobOut
 from app.orm import Artifact, Job, JobStatus
 from app.pagination import Cursor, Limit, Page, paginate
-from worker.contract import FORMATS
+from worker.contract import FORMATS, REPORT_MEDIA_TYPE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,7 +48,6 @@ _EVENT_STREAM = {
         }
     },
 }
-_REPORT_MEDIA_TYPE = "application/json"  # the report artifact (worker.tasks.REPORT_MEDIA_TYPE)
 
 
 @router.post(
@@ -167,7 +166,7 @@ def job_events(
     "/{job_id}/artifacts/{name}",
     response_class=StreamingResponse,
     responses=download_responses(
-        [*(facts.media_type for facts in FORMATS.values()), _REPORT_MEDIA_TYPE]
+        [*(facts.media_type for facts in FORMATS.values()), REPORT_MEDIA_TYPE]
     ),
 )
 def download_artifact(

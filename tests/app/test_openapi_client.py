@@ -174,10 +174,3 @@ def test_a_generated_client_runs_the_whole_flow_unmodified(
 
     again = create_job.sync_detailed(client=client, body=spec, idempotency_key="flow-1")
     assert again.status_code == 200 and again.parsed.id == job.id
-
-
-def test_the_report_media_type_documented_is_the_workers() -> None:
-    from app.jobs.endpoints import _REPORT_MEDIA_TYPE
-    from worker.tasks import REPORT_MEDIA_TYPE
-
-    assert _REPORT_MEDIA_TYPE == REPORT_MEDIA_TYPE
