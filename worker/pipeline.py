@@ -59,8 +59,8 @@ class PipelineSpec:
 
     Attributes:
         steps: ``(method name, params)`` in order; params as normalized by the API.
-        output_format: the artifact's format: the input format, or ``onnx`` for a pt2 or
-            hf model (see :mod:`worker.convert` for where the conversion happens).
+        output_format: the artifact's format: the input format, or ``onnx`` or ``aoti`` for
+            a pt2 or hf model (see :mod:`worker.convert` for where the conversion happens).
         device: ``"cpu"`` or ``"gpu"`` (methods and measurement).
         batch_sizes: latency batch sizes.
         warmup / iterations: untimed and timed runs per latency batch size.

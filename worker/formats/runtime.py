@@ -18,7 +18,8 @@ class Runtime:
     pt2 runs ``torch.export.load(...).module()`` eagerly under ``torch.inference_mode``;
     hf runs the transformers module (loaded with ``from_pretrained``) the same way and
     returns its ``logits`` or ``last_hidden_state``; onnx runs an
-    ``onnxruntime.InferenceSession`` (CPU provider, or CUDA for ``gpu``).
+    ``onnxruntime.InferenceSession`` (CPU provider, or CUDA for ``gpu``); aoti loads the
+    package with ``torch._inductor.aoti_load_package`` and calls it with the inputs in order.
     """
 
     def __init__(self, path: Path, fmt: str, device: str = "cpu") -> None:

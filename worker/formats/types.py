@@ -60,7 +60,7 @@ class LoadedModel:
     """A model in memory, as it flows between pipeline steps.
 
     Attributes:
-        format: ``"pt2"``, ``"onnx"`` or ``"hf"``.
+        format: ``"pt2"``, ``"onnx"``, ``"hf"`` or ``"aoti"`` (a compiled artifact).
         inputs / outputs: the signature; for pt2 the user inputs in flattened order.
         program: (pt2) the ExportedProgram.
         proto: (onnx) the ModelProto.
