@@ -22,12 +22,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/squish serve
 
+# Two pytest workers (one per core; engine tests run torch on one thread each); the tests
+# that share Redis and real worker processes stay on one of them (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # The quick loop: no real worker processes, no external services.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not services" -x $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not services" -x $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	scripts/check-large-files

@@ -29,6 +29,24 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("SQUISH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
+# Tests that must not run beside each other on two xdist workers, by group: those sharing
+# the Redis database (flushed by the e2e fixtures), and the outage tests, which time
+# private servers' outages. Each group runs on one worker, one test after the other.
+XDIST_GROUPS = {
+    "tests/e2e/test_service.py": "redis",
+    "tests/app/test_reaper_backoff.py": "redis",
+    "tests/e2e/test_faults.py": "faults",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        group = XDIST_GROUPS.get(Path(str(item.path)).relative_to(root).as_posix())
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def require(service: str, ok: bool, why: str = "") -> None:
     """A missing service skips locally, but fails in CI: it must never silently skip there."""
     if ok:
