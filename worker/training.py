@@ -442,3 +442,39 @@ def _evaluate(
                     classify = False
             tick()
     return total / n, (correct / n if classify else None)
+
+
+def loss_summary(history: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``"(train loss a -> b)"`` and the history without the per-epoch losses, for a log line."""
+    losses = history["train_loss"]
+    text = f"(train loss {losses[0]:.4f} -> {losses[-1]:.4f})"
+    return text, {k: v for k, v in history.items() if k != "train_loss"}
+
+
+def train_through_quantizer(
+    model: LoadedModel,
+    module: torch.nn.Module,
+    ctx: StepContext,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    quantizer: str,
+) -> None:
+    """Train a module whose layers quantize in the forward (straight-through), and log it."""
+    data = training_data(model, ctx, labels_required=True)
+    history = fit_supervised(
+        model,
+        module,
+        data,
+        ctx,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        progress_range=(0.05, 0.85),
+    )
+    text, data_out = loss_summary(history)
+    ctx.log(
+        f"trained {history['epochs_run']} epochs through the {quantizer} quantizer {text}",
+        data=data_out,
+    )

@@ -306,7 +306,7 @@ def _finetune(
     from torch.nn.utils import parametrize
 
     from worker.lifting import lift, relower
-    from worker.training import fit_supervised, trace_inputs, training_data
+    from worker.training import fit_supervised, loss_summary, trace_inputs, training_data
 
     data = training_data(model, ctx, labels_required=True)
     module = lift(model)
@@ -327,10 +327,9 @@ def _finetune(
     with torch.no_grad():  # the latent weights may have left the range: clamp them back
         for name, (owner, attr) in held.items():
             getattr(owner, attr).clamp_(*bounds[name])
+    losses, summary = loss_summary(history)
     ctx.log(
-        f"fine-tuned {history['epochs_run']} epochs inside the clipped range "
-        f"(train loss {history['train_loss'][0]:.4f} -> {history['train_loss'][-1]:.4f})",
-        data={k: v for k, v in history.items() if k != "train_loss"},
+        f"fine-tuned {history['epochs_run']} epochs inside the clipped range {losses}", data=summary
     )
     return relower(model, module, example_inputs=trace_inputs(model, data.inputs))
 

@@ -76,7 +76,7 @@ class FinetuneParams(MethodParams):
 def finetune(model: LoadedModel, params: FinetuneParams, ctx: StepContext) -> LoadedModel:
     """Train the model on ``train``; returns the re-exported, fine-tuned model."""
     from worker.lifting import lift, relower
-    from worker.training import fit_supervised, trace_inputs, training_data
+    from worker.training import fit_supervised, loss_summary, trace_inputs, training_data
 
     data = training_data(model, ctx, labels_required=True)
     module = lift(model)
@@ -101,13 +101,9 @@ def finetune(model: LoadedModel, params: FinetuneParams, ctx: StepContext) -> Lo
         progress_range=(0.05, 0.9),
     )
     tuned = relower(model, module, example_inputs=trace_inputs(model, data.inputs))
-    summary = {k: v for k, v in history.items() if k != "train_loss"}
+    losses, summary = loss_summary(history)
     summary["final_train_loss"] = history["train_loss"][-1]
-    ctx.log(
-        f"fine-tuned for {history['epochs_run']} epochs "
-        f"(train loss {history['train_loss'][0]:.4f} -> {history['train_loss'][-1]:.4f})",
-        data=summary,
-    )
+    ctx.log(f"fine-tuned for {history['epochs_run']} epochs {losses}", data=summary)
     ctx.progress(1.0)
     return tuned
 

@@ -129,23 +129,16 @@ def quantize_binary(
 def _train(
     model: LoadedModel, module: torch.nn.Module, params: BinaryQuantizeParams, ctx: StepContext
 ) -> None:
-    from worker.training import fit_supervised, training_data
+    from worker.training import train_through_quantizer
 
-    data = training_data(model, ctx, labels_required=True)
-    history = fit_supervised(
+    train_through_quantizer(
         model,
         module,
-        data,
         ctx,
         epochs=params.epochs,
         lr=params.lr,
         batch_size=params.batch_size,
-        progress_range=(0.05, 0.85),
-    )
-    ctx.log(
-        f"trained {history['epochs_run']} epochs through the {params.mode} quantizer "
-        f"(train loss {history['train_loss'][0]:.4f} -> {history['train_loss'][-1]:.4f})",
-        data={k: v for k, v in history.items() if k != "train_loss"},
+        quantizer=params.mode,
     )
 
 
