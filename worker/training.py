@@ -478,3 +478,19 @@ def train_through_quantizer(
         f"trained {history['epochs_run']} epochs through the {quantizer} quantizer {text}",
         data=data_out,
     )
+
+
+def straight_through(quantize: Callable[[torch.Tensor], torch.Tensor]) -> torch.nn.Module:
+    """A parametrization: the forward sees ``quantize(weight)``, the gradient reaches the
+    latent float weight unchanged (the straight-through estimator)."""
+    import torch
+
+    class StraightThrough(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quantize = quantize
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight + (self.quantize(weight) - weight).detach()
+
+    return StraightThrough()

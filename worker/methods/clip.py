@@ -365,26 +365,11 @@ def _module_weights(
     return held
 
 
-def _ste_class() -> type:
-    import torch
-
-    class _StraightThroughClamp(torch.nn.Module):
-        """Parametrization: the forward sees the clamped weight, the gradient reaches the
-        latent weight unchanged (so a weight at the bound can move back inside)."""
-
-        def __init__(self, low: float, high: float) -> None:
-            super().__init__()
-            self.low, self.high = low, high
-
-        def forward(self, weight: torch.Tensor) -> torch.Tensor:
-            return weight + (weight.clamp(self.low, self.high) - weight).detach()
-
-    return _StraightThroughClamp
-
-
 def straight_through_clamp(low: float, high: float) -> torch.nn.Module:
     """A parametrization module clamping to ``[low, high]`` with a straight-through gradient."""
-    return _ste_class()(low, high)  # type: ignore[no-any-return]
+    from worker.training import straight_through
+
+    return straight_through(lambda weight: weight.clamp(low, high))
 
 
 METHOD = Method(

@@ -20,6 +20,7 @@ still multiply float weights, so this saves storage and memory, not time.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -169,26 +170,11 @@ def dequantized(weight: torch.Tensor, mode: str) -> torch.Tensor:
     return (codes.to(weight.dtype) - offset) * (alpha * step)
 
 
-def _ste_class() -> type:
-    import torch
-
-    class _StraightThrough(torch.nn.Module):
-        """Parametrization: the forward sees the quantized weight, the gradient reaches
-        the latent float weight unchanged (straight-through estimator)."""
-
-        def __init__(self, mode: str) -> None:
-            super().__init__()
-            self.mode = mode
-
-        def forward(self, weight: torch.Tensor) -> torch.Tensor:
-            return weight + (dequantized(weight, self.mode) - weight).detach()
-
-    return _StraightThrough
-
-
 def straight_through(mode: str) -> torch.nn.Module:
     """A parametrization module applying the straight-through binarizer of ``mode``."""
-    return _ste_class()(mode)  # type: ignore[no-any-return]
+    from worker.training import straight_through as through
+
+    return through(functools.partial(dequantized, mode=mode))
 
 
 def pack_layer(layer: torch.nn.Module, mode: str) -> PackedLayer:

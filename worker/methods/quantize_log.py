@@ -23,6 +23,7 @@ ops; the file's size is the packed size and ``parameters`` count the logical wei
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -195,26 +196,11 @@ def dequantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return (levels[log_codes(weight, scale, bits).long()] * scale).to(weight.dtype)
 
 
-def _ste_class() -> type:
-    import torch
-
-    class _StraightThrough(torch.nn.Module):
-        """Parametrization: the forward sees the log-quantized weight, the gradient reaches
-        the latent float weight unchanged (straight-through estimator)."""
-
-        def __init__(self, bits: int) -> None:
-            super().__init__()
-            self.bits = bits
-
-        def forward(self, weight: torch.Tensor) -> torch.Tensor:
-            return weight + (dequantized(weight, self.bits) - weight).detach()
-
-    return _StraightThrough
-
-
 def straight_through(bits: int) -> torch.nn.Module:
     """A parametrization module applying the straight-through log quantizer of ``bits``."""
-    return _ste_class()(bits)  # type: ignore[no-any-return]
+    from worker.training import straight_through as through
+
+    return through(functools.partial(dequantized, bits=bits))
 
 
 METHOD = Method(
