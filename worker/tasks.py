@@ -408,13 +408,14 @@ def store_outputs(job: ClaimedJob, result: PipelineResult) -> Outputs:
     """
     job.reporter.progress(1.0, "storing")
     store = get_store()
+    facts = FORMATS[ModelFormat(result.artifact_format)]
     files = (
-        ("model", result.artifact_path, FORMATS[ModelFormat(result.artifact_format)].media_type),
-        ("report", result.report_path, REPORT_MEDIA_TYPE),
+        ("model", result.artifact_path, facts.media_type, facts.suffix),
+        ("report", result.report_path, REPORT_MEDIA_TYPE, ".json"),
     )
     artifacts: list[Artifact] = []
     try:
-        for name, path, media_type in files:
+        for name, path, media_type, suffix in files:
             if job.cancelled.is_set():
                 raise JobCancelled("the job was cancelled")
             sha, size = _sha256(path), path.stat().st_size
@@ -430,7 +431,7 @@ def store_outputs(job: ClaimedJob, result: PipelineResult) -> Outputs:
                     id=new_id("art"),
                     job_id=job.id,
                     name=name,
-                    filename=f"{job.id}-{name}{path.suffix}",  # .pt2, .onnx, .zip (hf), .json
+                    filename=f"{job.id}-{name}{suffix}",  # .pt2, .aoti.pt2, .onnx, .zip, .json
                     media_type=media_type,
                     size_bytes=size,
                     sha256=sha,

@@ -429,6 +429,8 @@ def test_a_succeeded_job_sends_its_webhook_after_the_commit(
     artifacts = {a["name"]: a for a in payload["artifacts"]}
     assert artifacts["model"]["media_type"] == "application/octet-stream"
     assert artifacts["report"]["media_type"] == "application/json"
+    assert artifacts["model"]["filename"] == f"{job_id}-model.onnx"  # the format's own suffix
+    assert artifacts["report"]["filename"] == f"{job_id}-report.json"
     assert all(get_store().exists(f"tenants/{tenant}/{a['sha256']}") for a in artifacts.values())
     assert job_row(job_id).webhook_delivered_at is not None
 
