@@ -456,27 +456,39 @@ def train_through_quantizer(
     module: torch.nn.Module,
     ctx: StepContext,
     *,
+    layers: list[torch.nn.Module],
+    quantize: Callable[[torch.Tensor], torch.Tensor],
     epochs: int,
     lr: float,
     batch_size: int,
     quantizer: str,
 ) -> None:
-    """Train a module whose layers quantize in the forward (straight-through), and log it."""
-    data = training_data(model, ctx, labels_required=True)
-    history = fit_supervised(
-        model,
-        module,
-        data,
-        ctx,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        progress_range=(0.05, 0.85),
-    )
-    text, data_out = loss_summary(history)
+    """Train ``module`` with each of ``layers``' weights seen through ``quantize``
+    (straight-through), on the labelled train data, and log it; the latent float weights
+    are left in place for the caller to quantize."""
+    from torch.nn.utils import parametrize
+
+    for layer in layers:
+        parametrize.register_parametrization(layer, "weight", straight_through(quantize))
+    try:
+        data = training_data(model, ctx, labels_required=True)
+        history = fit_supervised(
+            model,
+            module,
+            data,
+            ctx,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            progress_range=(0.05, 0.85),
+        )
+    finally:
+        for layer in layers:
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    text, summary = loss_summary(history)
     ctx.log(
         f"trained {history['epochs_run']} epochs through the {quantizer} quantizer {text}",
-        data=data_out,
+        data=summary,
     )
 
 

@@ -85,7 +85,6 @@ def quantize_binary(
     model: LoadedModel, params: BinaryQuantizeParams, ctx: StepContext
 ) -> LoadedModel:
     """Binarize (or ternarize) the weights, training through the quantizer first."""
-    from torch.nn.utils import parametrize
 
     from worker.lifting import lift, relower
     from worker.packing import packable_layers, replace_layer
@@ -101,13 +100,19 @@ def quantize_binary(
         )
     ctx.progress(0.05)
     if params.epochs > 0:
-        for _, layer in targets:
-            parametrize.register_parametrization(layer, "weight", straight_through(params.mode))
-        try:
-            _train(model, module, params, ctx)
-        finally:
-            for _, layer in targets:
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        from worker.training import train_through_quantizer
+
+        train_through_quantizer(
+            model,
+            module,
+            ctx,
+            layers=[layer for _, layer in targets],
+            quantize=functools.partial(dequantized, mode=params.mode),
+            epochs=params.epochs,
+            lr=params.lr,
+            batch_size=params.batch_size,
+            quantizer=params.mode,
+        )
     ctx.progress(0.85)
     packed_bytes = 0
     for name, layer in targets:
@@ -125,22 +130,6 @@ def quantize_binary(
     )
     ctx.progress(1.0)
     return quantized
-
-
-def _train(
-    model: LoadedModel, module: torch.nn.Module, params: BinaryQuantizeParams, ctx: StepContext
-) -> None:
-    from worker.training import train_through_quantizer
-
-    train_through_quantizer(
-        model,
-        module,
-        ctx,
-        epochs=params.epochs,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        quantizer=params.mode,
-    )
 
 
 def binarize(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,7 +94,6 @@ def _datasets_for(params: LogQuantizeParams) -> list[DataNeed]:
 
 def quantize_log(model: LoadedModel, params: LogQuantizeParams, ctx: StepContext) -> LoadedModel:
     """Quantize the weights to powers of two, training through the quantizer first."""
-    from torch.nn.utils import parametrize
 
     from worker.formats import layer_names
     from worker.lifting import lift, lifted_name, relower
@@ -120,13 +119,19 @@ def quantize_log(model: LoadedModel, params: LogQuantizeParams, ctx: StepContext
     lifted = {name: lifted for lifted, name in back.items()}
     ctx.progress(0.05)
     if params.epochs > 0:
-        for _, layer in targets:
-            parametrize.register_parametrization(layer, "weight", straight_through(params.bits))
-        try:
-            _train(model, module, params, ctx)
-        finally:
-            for _, layer in targets:
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        from worker.training import train_through_quantizer
+
+        train_through_quantizer(
+            model,
+            module,
+            ctx,
+            layers=[layer for _, layer in targets],
+            quantize=functools.partial(dequantized, bits=params.bits),
+            epochs=params.epochs,
+            lr=params.lr,
+            batch_size=params.batch_size,
+            quantizer=f"{params.bits}-bit log",
+        )
     ctx.progress(0.85)
     packed_bytes = 0
     zeros: dict[str, float] = {}
@@ -147,22 +152,6 @@ def quantize_log(model: LoadedModel, params: LogQuantizeParams, ctx: StepContext
     )
     ctx.progress(1.0)
     return quantized
-
-
-def _train(
-    model: LoadedModel, module: torch.nn.Module, params: LogQuantizeParams, ctx: StepContext
-) -> None:
-    from worker.training import train_through_quantizer
-
-    train_through_quantizer(
-        model,
-        module,
-        ctx,
-        epochs=params.epochs,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        quantizer=f"{params.bits}-bit log",
-    )
 
 
 def channel_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
