@@ -7,6 +7,19 @@ from app.orm.job import Job
 from app.orm.job_event import JobEvent
 from app.orm.model import MLModel
 from app.orm.tenant import Tenant
+from app.orm.webhook_delivery import WebhookDelivery
+from app.orm.webhook_secret import WebhookSecret
 from worker.contract import JobStatus
 
-__all__ = ["ApiKey", "Artifact", "Dataset", "Job", "JobEvent", "JobStatus", "MLModel", "Tenant"]
+__all__ = [
+    "ApiKey",
+    "Artifact",
+    "Dataset",
+    "Job",
+    "JobEvent",
+    "JobStatus",
+    "MLModel",
+    "Tenant",
+    "WebhookDelivery",
+    "WebhookSecret",
+]
