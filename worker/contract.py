@@ -115,6 +115,9 @@ class ErrorCode(StrEnum):
     """Storage or the database failed on every attempt."""
     internal_error = "internal_error"
     """A bug in squish; the worker's log has the traceback."""
+    constraints_unmet = "constraints_unmet"
+    """The result (or every trial of a search) violates a constraint of the spec; the
+    message names each one with the value measured, and the artifacts stay available."""
 
 
 @dataclass(frozen=True)
