@@ -99,6 +99,13 @@ class InfrastructureError(EngineError):
     code = ErrorCode.infrastructure
 
 
+class ConstraintsUnmetError(EngineError):
+    """The result violates a constraint of the spec (worker.constraints); the message names
+    each one with the value measured, and the job keeps its metrics and artifacts."""
+
+    code = ErrorCode.constraints_unmet
+
+
 class InternalError(EngineError):
     """A bug: anything the engine did not expect."""
 
@@ -119,6 +126,7 @@ _BY_CODE: dict[ErrorCode, type[EngineError]] = {
         DatasetDeletedError,
         WorkerLostError,
         InfrastructureError,
+        ConstraintsUnmetError,
         InternalError,
     )
 }
