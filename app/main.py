@@ -22,6 +22,7 @@ from app.observability import MetricsMiddleware
 from app.reaper import Reaper
 from app.settings import get_settings
 from app.uploads import DrainRequestBody
+from app.webhook_secrets.endpoints import router as webhooks_router
 
 
 def _register_operator_key(key: str) -> None:
@@ -66,7 +67,14 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     # Outermost of ours: an early answer (401, 413, 503, ...) still reads the request body.
     app.add_middleware(DrainRequestBody)
-    for router in (models_router, datasets_router, jobs_router, methods.router, health.router):
+    for router in (
+        models_router,
+        datasets_router,
+        jobs_router,
+        webhooks_router,
+        methods.router,
+        health.router,
+    ):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +54,18 @@ class Settings(BaseSettings):
     worker_concurrency: Annotated[int, Field(ge=1)] = 1
     worker_queues: str = "cpu"
 
+    # Webhooks and operations.
+    webhook_allow_private: bool | None = Field(
+        None,
+        description=(
+            "POST webhooks to private, loopback, link-local, multicast and reserved addresses; "
+            "default: on only in embedded mode (the folder broker), off otherwise."
+        ),
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per line (with job_id in a job)."
+    )
+
     @field_validator("api_key")
     @classmethod
     def _no_placeholder_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -78,6 +90,8 @@ class Settings(BaseSettings):
         if not self.storage_url:
             self.storage_url = f"file://{data / 'objects'}"
         self.work_dir = self.work_dir.resolve()
+        if self.webhook_allow_private is None:
+            self.webhook_allow_private = self.embedded_broker
         return self
 
     @property

@@ -15,6 +15,7 @@ from app.db import get_read_engine, new_id, utcnow
 from app.errors import Conflict, NotFound, Unprocessable, describe
 from app.jobs import lifecycle
 from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
+from app.netguard import submitted_webhook_url
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
 from app.queue import RUN_JOB, send_after_commit
 from worker.contract import DatasetFormat, InspectionStatus
@@ -105,7 +106,7 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         "target": {"device": body.target.device, "runtime": str(checked.runtime)},
         "output_format": str(checked.output_format),
         "evaluate": body.evaluate.model_dump(),
-        "webhook_url": str(body.webhook_url) if body.webhook_url else None,
+        "webhook_url": submitted_webhook_url(body.webhook_url),  # 422 if refused
     }
 
 

@@ -1,4 +1,4 @@
-"""Webhooks: POST a finished job to its `webhook_url`, once, from their own task.
+"""Webhooks: POST a finished job to its `webhook_url`, signed, once, from their own task.
 
 A job that becomes terminal with a `webhook_url` owes a delivery (app/jobs/lifecycle.py
 stamps `webhook_next_at` and sends the delivery task after that commit). :func:`deliver`,
@@ -11,12 +11,21 @@ message was lost (a restart, a broker outage, a worker killed mid-delivery):
 
 A worker killed after the POST but before recording it makes the delivery be tried again
 once its claim lapses (:data:`CLAIM_S`): a receiver sees each job at least once, and twice
-only after such a crash.
+only after such a crash (with the same `webhook-id`, so it can tell).
+
+Each POST is signed as Standard Webhooks are (`squish.webhooks`: `webhook-id`,
+`webhook-timestamp`, `webhook-signature`) with the tenant's secrets
+(app/webhook_secrets/service.py), and each attempt is recorded as a `WebhookDelivery` row
+(`GET /v1/jobs/{id}/deliveries`). Before every attempt the URL is checked again
+(app/netguard.py): a host that now resolves to a private address is not called, and the
+attempt is recorded as `refused` and retried like a failure.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -26,11 +35,15 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import netguard
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs.service import artifacts_of, to_out
-from app.orm import Job
+from app.orm import Job, WebhookDelivery
 from app.queue import DELIVER_WEBHOOK, send_after_commit
+from app.settings import get_settings
+from app.webhook_secrets.service import signing_secrets
+from squish.webhooks import signature_headers
 from worker.contract import LogLevel
 
 log = logging.getLogger("squish.webhooks")
@@ -58,13 +71,38 @@ class Delivery(StrEnum):
     """Nothing to do now: no webhook, already delivered, or another delivery holds it."""
 
 
+class Outcome(StrEnum):
+    """What one attempt (one `WebhookDelivery` row) came to."""
+
+    delivered = "delivered"
+    failed = "failed"
+    refused = "refused"
+    """The URL's host resolves to an address squish does not call: nothing was sent."""
+
+
 @dataclass(frozen=True)
 class _Claimed:
     url: str
-    body: dict[str, Any]
+    webhook_id: str
+    event: str
+    body: bytes
+    secrets: list[str]
     attempt: int
     queue: str
     finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    outcome: Outcome
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+def webhook_id_of(job_id: str) -> str:
+    """The `webhook-id` of a job's delivery: one per job (one terminal event), on every try."""
+    return "msg_" + job_id.removeprefix("job_")
 
 
 def backoff_s(attempt: int) -> float:
@@ -78,12 +116,14 @@ def deliver(job_id: str) -> Delivery:
         claimed = _claim(session, job_id)
     if claimed is None:
         return Delivery.skipped
-    status_code, problem = _post(claimed)
+    attempt = _attempt(claimed)
     with session_scope() as session:
-        if problem is None:
-            _record_delivered(session, job_id, claimed, status_code)
+        _record_attempt(session, job_id, claimed, attempt)
+        if attempt.outcome is Outcome.delivered:
+            _record_delivered(session, job_id, claimed, attempt.status_code)
             return Delivery.delivered
-        return _record_failed(session, job_id, claimed, problem)
+        assert attempt.error is not None
+        return _record_failed(session, job_id, claimed, attempt.error)
 
 
 def _claim(session: Session, job_id: str) -> _Claimed | None:
@@ -107,29 +147,69 @@ def _claim(session: Session, job_id: str) -> _Claimed | None:
     job = session.get(Job, job_id)
     assert job is not None
     payload = to_out(job, artifacts_of(session, [job.id])[job.id]).model_dump(mode="json")
+    event = f"job.{payload['status']}"
     return _Claimed(
         url=job.spec["webhook_url"],
-        body={"event": f"job.{payload['status']}", "job": payload},
+        webhook_id=webhook_id_of(job.id),
+        event=event,
+        body=json.dumps({"event": event, "job": payload}, separators=(",", ":")).encode(),
+        secrets=signing_secrets(session, job.tenant_id),
         attempt=job.webhook_attempts,
         queue=job.queue,
         finished_at=job.finished_at,
     )
 
 
-def _post(claimed: _Claimed) -> tuple[int | None, str | None]:
-    """(status code, None) when the receiver took it; (status code or None, why) when not."""
+def _attempt(claimed: _Claimed) -> _Attempt:
+    """Check the URL again, then POST the signed body (unless refused)."""
     try:
+        netguard.check_url(claimed.url, allow_private=bool(get_settings().webhook_allow_private))
+    except netguard.UrlRefused as exc:
+        return _Attempt(Outcome.refused, error=f"not sent: {exc}")
+    headers = {
+        "User-Agent": USER_AGENT,
+        "Content-Type": "application/json",
+        **signature_headers(claimed.secrets, claimed.webhook_id, int(time.time()), claimed.body),
+    }
+    start = time.perf_counter()
+    try:
+        # No redirects: a redirect could lead to an address the check above would refuse.
         response = httpx.post(
             claimed.url,
-            json=claimed.body,
+            content=claimed.body,
             timeout=TIMEOUT_S,
-            headers={"User-Agent": USER_AGENT},
+            headers=headers,
+            follow_redirects=False,
         )
     except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        duration_ms = (time.perf_counter() - start) * 1000
+        return _Attempt(
+            Outcome.failed, error=f"{type(exc).__name__}: {exc}", duration_ms=duration_ms
+        )
+    duration_ms = (time.perf_counter() - start) * 1000
     if response.status_code < 300:
-        return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}"
+        return _Attempt(Outcome.delivered, response.status_code, duration_ms=duration_ms)
+    return _Attempt(
+        Outcome.failed,
+        response.status_code,
+        error=f"HTTP {response.status_code}",
+        duration_ms=duration_ms,
+    )
+
+
+def _record_attempt(session: Session, job_id: str, claimed: _Claimed, attempt: _Attempt) -> None:
+    session.add(
+        WebhookDelivery(
+            job_id=job_id,
+            webhook_id=claimed.webhook_id,
+            event=claimed.event,
+            attempt=claimed.attempt,
+            outcome=attempt.outcome,
+            status_code=attempt.status_code,
+            error=attempt.error[:2000] if attempt.error else None,
+            duration_ms=round(attempt.duration_ms, 3) if attempt.duration_ms is not None else None,
+        )
+    )
 
 
 def _record_delivered(

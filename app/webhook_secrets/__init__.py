@@ -1,0 +1,1 @@
+"""Webhook signing: each tenant's secrets (read, rotate) and its jobs' delivery log."""
