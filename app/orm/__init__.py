@@ -6,6 +6,8 @@ from app.orm.dataset import Dataset
 from app.orm.job import Job
 from app.orm.job_event import JobEvent
 from app.orm.model import MLModel
+from app.orm.search import Search
+from app.orm.search_trial import SearchTrial
 from app.orm.tenant import Tenant
 from app.orm.webhook_delivery import WebhookDelivery
 from app.orm.webhook_secret import WebhookSecret
@@ -19,6 +21,8 @@ __all__ = [
     "JobEvent",
     "JobStatus",
     "MLModel",
+    "Search",
+    "SearchTrial",
     "Tenant",
     "WebhookDelivery",
     "WebhookSecret",
