@@ -1,8 +1,8 @@
 """The ``squish`` command line.
 
 ``squish compress`` uploads a model, runs a compression job, shows its progress and
-downloads the result; ``squish models|datasets|jobs|artifacts|methods`` manage the
-server's resources (tables for people, ``--json`` for scripts). When the server
+downloads the result; ``squish models|datasets|jobs|artifacts|methods|webhook-secret``
+manage the server's resources (tables for people, ``--json`` for scripts). When the server
 package is installed, its commands (``serve``, ``worker``, ``db``, ...) appear too.
 
 Exit codes: 0 success; 1 the job failed or was cancelled, the wait timed out, the
@@ -1089,6 +1089,74 @@ def jobs_events(ctx: click.Context, job_id: str, last_event_id: str | None, as_j
             f"{_fmt_time(event.get('created_at'))}  {event.get('kind', '')!s:<8}  "
             f"{marker}{event.get('message', '')}".rstrip()
         )
+
+
+DELIVERY_COLUMNS: list[Column] = [
+    ("ATTEMPT", lambda d: d.get("attempt")),
+    ("OUTCOME", lambda d: d.get("outcome")),
+    ("STATUS", lambda d: d.get("status_code")),
+    ("MS", lambda d: f"{d['duration_ms']:.0f}" if d.get("duration_ms") is not None else None),
+    ("AT", lambda d: _fmt_time(d.get("created_at"))),
+    ("ERROR", lambda d: d.get("error")),
+]
+
+
+@jobs.command("deliveries")
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def jobs_deliveries(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """List the attempts to deliver a job's webhook."""
+    items = _client(ctx).list_deliveries(job_id)
+    if as_json:
+        _print_json(items)
+    elif not items:
+        click.echo("no webhook delivery attempts (yet)")
+    else:
+        _table(items, DELIVERY_COLUMNS)
+
+
+# -- webhook secret ----------------------------------------------------------------
+
+
+@cli.group("webhook-secret")
+def webhook_secret() -> None:
+    """Show or rotate the secret that signs your webhooks (squish.webhooks.verify)."""
+
+
+def _secret_fields(secret: Mapping[str, Any]) -> None:
+    expires = secret.get("previous_expires_at")
+    _fields(
+        [
+            ("secret", secret.get("secret")),
+            ("created", _fmt_time(secret.get("created_at"))),
+            ("previous signs until", _fmt_time(expires) if expires else None),
+        ]
+    )
+
+
+@webhook_secret.command("show")
+@json_option
+@click.pass_context
+def webhook_secret_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the current signing secret."""
+    secret = _client(ctx).webhook_secret()
+    if as_json:
+        _print_json(secret)
+    else:
+        _secret_fields(secret)
+
+
+@webhook_secret.command("rotate")
+@json_option
+@click.pass_context
+def webhook_secret_rotate(ctx: click.Context, as_json: bool) -> None:
+    """Replace the signing secret; the old one keeps signing beside it for 24 h."""
+    secret = _client(ctx).rotate_webhook_secret()
+    if as_json:
+        _print_json(secret)
+    else:
+        _secret_fields(secret)
 
 
 # -- artifacts ---------------------------------------------------------------------

@@ -458,6 +458,25 @@ class Client:
             resume=resume,
         )
 
+    # -- webhooks ----------------------------------------------------------------
+
+    def webhook_secret(self) -> dict[str, Any]:
+        """The secret that signs this tenant's webhooks: ``{"secret": "whsec_…", ...}``.
+
+        Check a received webhook with `squish.webhooks.verify` and this secret.
+        """
+        return self._get_json("/v1/webhook-secret")
+
+    def rotate_webhook_secret(self) -> dict[str, Any]:
+        """Replace the signing secret; returns the new one (``previous_expires_at``: when
+        the old one stops signing; until then deliveries carry both signatures)."""
+        return _json(self._request("POST", "/v1/webhook-secret/rotate", replay=Replay.ONCE))
+
+    def list_deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """Every attempt to deliver a job's webhook, oldest first (``webhook_id``, ``event``,
+        ``attempt``, ``outcome``, ``status_code``, ``error``, ``duration_ms``, ``created_at``)."""
+        return list(self._get_json(f"/v1/jobs/{_seg(job_id)}/deliveries").get("items", []))
+
     # -- service -----------------------------------------------------------------
 
     def methods(self) -> list[dict[str, Any]]:
