@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from worker import schemas
 from worker.contract import DatasetRole, ErrorCode
 from worker.schemas import PipelineMetrics
 from worker.spec import DatasetInfo, Loc, Problem
@@ -94,16 +95,9 @@ class Constraints(BaseModel):
         return all(value is None for value in self.model_dump().values())
 
 
-class Violation(BaseModel):
-    """One bound the result does not meet: ``measured`` is absent when it was not measured."""
-
-    constraint: str = Field(
-        description="The constraint, e.g. `accuracy_drop`, `latency_ms.batch_1`."
-    )
-    bound: float = Field(description="The bound the spec set.")
-    measured: float | None = Field(
-        None, description="What the result measured; null: not measured."
-    )
+class Violation(schemas.Violation):
+    """One bound the result does not meet (the fields are :class:`worker.schemas.Violation`'s,
+    which search results type their violations with)."""
 
     def describe(self) -> str:
         """``"latency_ms.batch_1 ≤ 0.5: measured 0.71"``."""

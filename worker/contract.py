@@ -80,6 +80,32 @@ class LayerStatus(StrEnum):
     kept = "kept"
 
 
+class TrialStatus(StrEnum):
+    """A search trial: ``queued`` → ``running`` → ``succeeded`` | ``failed`` (``cancelled``
+    when the search stopped before it ran)."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Objective(StrEnum):
+    """What a search optimizes (``search.objectives``, DESIGN §10): ``latency`` (p50 at the
+    first batch size) and ``size`` (bytes) are minimized, ``accuracy`` and ``fidelity``
+    (cosine similarity) maximized."""
+
+    latency = "latency"
+    size = "size"
+    accuracy = "accuracy"
+    fidelity = "fidelity"
+
+    @property
+    def maximized(self) -> bool:
+        return self in {Objective.accuracy, Objective.fidelity}
+
+
 class LogLevel(StrEnum):
     """The level of a job's log event."""
 
@@ -175,8 +201,22 @@ FORMATS: dict[ModelFormat, FormatFacts] = {
 }
 
 
+class ArtifactName(StrEnum):
+    """The artifacts of a succeeded job (``GET /v1/jobs/{id}/artifacts/{name}``)."""
+
+    model = "model"
+    """The compressed model, in ``output_format``."""
+    report = "report"
+    """JSON: the spec, the model's signature, the metrics and the log."""
+    card = "card"
+    """The compression card: one self-contained HTML page (identity, recipe, metrics, charts)."""
+
+
 REPORT_MEDIA_TYPE = "application/json"
 """The media type of a job's ``report`` artifact (JSON: spec, metrics, log)."""
+
+CARD_MEDIA_TYPE = "text/html"
+"""The media type of a job's ``card`` artifact (served with ``charset=utf-8``)."""
 
 
 def format_facts(fmt: str) -> FormatFacts:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.json_schema import SkipJsonSchema
 
-from worker.contract import LayerStatus, ModelFormat, RuntimeName
+from worker.contract import ErrorCode, LayerStatus, ModelFormat, Objective, RuntimeName, TrialStatus
 
 
 def _unset_is_not_null(schema: dict[str, Any]) -> None:
@@ -286,4 +286,199 @@ class PipelineMetrics(Figures):
             "The worker's CPU (and GPU on `gpu` jobs); the defaults that depend on it are "
             "in each step's `params`."
         ),
+    )
+    search: SearchMetrics | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "A search job's trials, Pareto set, chosen trial and verdict (DESIGN §10); "
+            "updated while the search runs."
+        ),
+    )
+
+
+class Violation(BaseModel):
+    """One bound a result does not meet: ``measured`` is absent when it was not measured."""
+
+    constraint: str = Field(
+        description="The constraint, e.g. `accuracy_drop`, `latency_ms.batch_1`."
+    )
+    bound: float = Field(description="The bound the spec set.")
+    measured: float | None = Field(
+        None, description="What the result measured; null: not measured."
+    )
+
+
+class TrialError(Figures):
+    """Why a trial failed: the engine's error, as a failed job's ``error``."""
+
+    code: ErrorCode = Field(description="The stable error code (as a job's `error.code`).")
+    message: str = Field(description="What went wrong and, where known, what to change.")
+    step: str | SkipJsonSchema[None] = Field(None, description="The stage it happened in.")
+
+
+class Interval(Figures):
+    """A figure measured on a sample, with its sample size and 95 % confidence interval."""
+
+    value: float = Field(description="The figure measured on the sample.")
+    n: int = Field(description="Samples it was measured on.")
+    ci95: list[float] = Field(
+        description=(
+            "`[low, high]`: 95 % confidence interval (Wilson for accuracy, normal over the "
+            "per-sample cosines for cosine similarity)."
+        )
+    )
+
+
+class PairedLatency(Figures):
+    """One batch size timed in alternating rounds, the original and the artifact side by side."""
+
+    original_p50: float = Field(description="Median over the rounds of the original's p50, ms.")
+    compressed_p50: float = Field(description="Median over the rounds of the artifact's p50, ms.")
+    speedup: float = Field(description="Median over the rounds of original p50 / artifact p50.")
+    speedup_range: list[float] = Field(
+        description="`[lowest, highest]` per-round speedup: the spread of the figure."
+    )
+    rounds: int = Field(description="Alternating rounds (each times both models).")
+
+
+class HoldoutFigures(Figures):
+    """A trial verified on the held-out split of the eval data, which no trial was ranked on.
+
+    `accuracy` and `cosine_similarity` are the figures of DESIGN §12 (`value`, `n`,
+    `ci95` each); `accuracy_drop` is the original's held-out accuracy minus the trial's.
+    """
+
+    accuracy: Interval | SkipJsonSchema[None] = Field(
+        None, description="Top-1 accuracy on the held-out split (labelled eval data only)."
+    )
+    original_accuracy: Interval | SkipJsonSchema[None] = Field(
+        None, description="The original's top-1 accuracy on the same held-out split."
+    )
+    accuracy_drop: float | SkipJsonSchema[None] = Field(
+        None, description="original_accuracy - accuracy, absolute."
+    )
+    cosine_similarity: Interval | SkipJsonSchema[None] = Field(
+        None, description="Cosine similarity of its outputs to the original's, held out."
+    )
+    n: int = Field(description="Samples in the held-out split.")
+    ci95: list[float] | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "The 95 % interval of the constrained figure: accuracy's when labelled, else "
+            "cosine similarity's."
+        ),
+    )
+    latency: dict[str, PairedLatency] | SkipJsonSchema[None] = Field(
+        None,
+        description="By batch size: repeated paired timings against the original.",
+    )
+    violations: list[Violation] | SkipJsonSchema[None] = Field(
+        None, description="The constraints the held-out figures do not meet."
+    )
+    feasible: bool | SkipJsonSchema[None] = Field(
+        None, description="Meets every constraint on the held-out figures."
+    )
+
+
+class SearchTrial(Figures):
+    """`metrics.search.trials[]`: one recipe the search ran (a retried trial counts once)."""
+
+    number: int = Field(description="The trial's number in the study, from 0.")
+    pipeline: list[dict[str, Any]] = Field(
+        description="The recipe's steps, as a job's `pipeline` (`method`, `params`)."
+    )
+    output_format: ModelFormat = Field(description="The artifact format of the recipe.")
+    runtime: RuntimeName = Field(description="The runtime the artifact runs and is timed in.")
+    status: TrialStatus = Field(description="`queued`, `running`, `succeeded`, `failed`, ...")
+    metrics: PipelineMetrics | SkipJsonSchema[None] = Field(
+        None,
+        description="Its figures, shaped as a pipeline job's, on the search split.",
+    )
+    objectives: dict[str, float] | SkipJsonSchema[None] = Field(
+        None, description="By objective (`latency`, `size`, ...): the value it was ranked on."
+    )
+    feasible: bool | SkipJsonSchema[None] = Field(
+        None, description="Meets every constraint on the search split."
+    )
+    violations: list[Violation] | SkipJsonSchema[None] = Field(
+        None, description="The constraints it does not meet, with what was measured."
+    )
+    holdout: HoldoutFigures | SkipJsonSchema[None] = Field(
+        None, description="Pareto trials: the figures verified on the held-out split."
+    )
+    seconds: float | SkipJsonSchema[None] = Field(None, description="Wall-clock time it ran.")
+    reused: list[str] | SkipJsonSchema[None] = Field(
+        None, description="The leading steps taken from an earlier trial instead of rerun."
+    )
+    error: TrialError | SkipJsonSchema[None] = Field(None, description="Why it failed.")
+
+
+class Unmet(Figures):
+    """A constraint no trial met: the bound, and the closest value any trial measured."""
+
+    constraint: str = Field(description="The constraint, e.g. `latency_ms.batch_1`.")
+    bound: float = Field(description="The bound the spec set.")
+    closest: float | SkipJsonSchema[None] = Field(
+        None, description="The value nearest the bound any trial measured; absent: none did."
+    )
+    trial: int | SkipJsonSchema[None] = Field(None, description="The trial that measured it.")
+
+
+class LayerSensitivity(Figures):
+    """`metrics.search.sensitivity[layer]`: the model's output when only this layer changes."""
+
+    parameters: int | SkipJsonSchema[None] = Field(None, description="Weights in the layer.")
+    quantized_cosine: float | SkipJsonSchema[None] = Field(
+        None, description="Output cosine similarity with only this layer's weights in int8."
+    )
+    quantized_accuracy: float | SkipJsonSchema[None] = Field(
+        None, description="Top-1 accuracy with only this layer in int8 (labelled data only)."
+    )
+    pruned_cosine: float | SkipJsonSchema[None] = Field(
+        None,
+        description="Output cosine similarity with only this layer pruned by `pruned_amount`.",
+    )
+    pruned_accuracy: float | SkipJsonSchema[None] = Field(
+        None, description="Top-1 accuracy with only this layer pruned (labelled data only)."
+    )
+    pruned_amount: float | SkipJsonSchema[None] = Field(
+        None, description="The share of the layer's weights zeroed for `pruned_*`."
+    )
+    rank: int | SkipJsonSchema[None] = Field(
+        None, description="1 = the layer whose int8 weights change the output most."
+    )
+
+
+class SearchMetrics(Figures):
+    """`metrics.search`: what a search tried, its Pareto set, its choice and its verdict."""
+
+    objectives: list[Objective] = Field(description="The objectives, in priority order.")
+    trials: list[SearchTrial] = Field(description="Every trial, by number.")
+    pareto: list[int] = Field(
+        description="Numbers of the trials no other succeeded trial dominates on the objectives."
+    )
+    best: int | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "The chosen trial: the feasible Pareto trial best on the first objective, then "
+            "the next; when none is feasible, the closest one (its model stays downloadable)."
+        ),
+    )
+    met: bool | SkipJsonSchema[None] = Field(
+        None, description="Whether the chosen trial meets every constraint; absent while running."
+    )
+    unmet: list[Unmet] | SkipJsonSchema[None] = Field(
+        None, description="When no trial is feasible: each constraint no trial met."
+    )
+    sensitivity: dict[str, LayerSensitivity] | SkipJsonSchema[None] = Field(
+        None, description="By layer name (as `info.layer_names`): per-layer sensitivity."
+    )
+    holdout: HoldoutFigures | SkipJsonSchema[None] = Field(
+        None, description="The chosen trial on the held-out split (`accuracy` or `cosine`)."
+    )
+    search_split: int | SkipJsonSchema[None] = Field(
+        None, description="Eval samples trials were ranked on."
+    )
+    holdout_split: int | SkipJsonSchema[None] = Field(
+        None, description="Eval samples held out to verify the Pareto set and the choice."
     )

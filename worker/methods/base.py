@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo
@@ -41,6 +42,97 @@ class DataNeed:
     why: str = ""
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A searched parameter taking one of ``values`` (``Choice((True, False))``)."""
+
+    values: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("a Choice needs at least one value")
+
+    def contains(self, value: Any) -> bool:
+        return value in self.values
+
+    def grid(self) -> list[Any]:
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A searched number in ``[low, high]``, on a grid of ``step`` when given, log-scaled if
+    ``log``; ``integer`` for an int parameter (``Range(1, 10, step=1, integer=True)``)."""
+
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"Range: low ({self.low}) must be below high ({self.high})")
+        if self.log and self.step is not None:
+            raise ValueError("Range: a log-scaled range takes no step")
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return not self.integer or float(value).is_integer()
+        steps = (value - self.low) / self.step
+        return abs(steps - round(steps)) < 1e-6
+
+    def grid(self) -> list[Any]:
+        """The values a grid search tries: every step, else low, the geometric or
+        arithmetic middle, and high."""
+        if self.step is not None:
+            count = round((self.high - self.low) / self.step)
+            values = [self.low + i * self.step for i in range(count + 1)]
+        elif self.log:
+            values = [self.low, (self.low * self.high) ** 0.5, self.high]
+        else:
+            values = [self.low, (self.low + self.high) / 2, self.high]
+        if self.integer:
+            return sorted({round(v) for v in values})
+        return [round(v, 10) for v in values]
+
+
+Distribution = Choice | Range
+
+
+class SearchRole(StrEnum):
+    """Where a searched method goes in a recipe: structural step, recovery, then precision."""
+
+    structure = "structure"
+    recovery = "recovery"
+    precision = "precision"
+
+
+@dataclass(frozen=True)
+class Searchable:
+    """How a search (``worker.search.space``) may use a method: declared next to its params.
+
+    Attributes:
+        role: its place in a recipe.
+        params: the searched parameters and their distributions; the others keep the
+            params model's defaults.
+        defaults: the known-good values the search tries first, for the searched
+            parameters that have no default in the params model (each inside its
+            distribution).
+        exclude: the method takes ``exclude``: the search may keep the layers the
+            sensitivity analysis ranks most sensitive in float.
+    """
+
+    role: SearchRole
+    params: Mapping[str, Distribution] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    exclude: bool = False
+
+
 Handler = Callable[["LoadedModel", Any, "StepContext"], "LoadedModel"]
 NeedsFor = Callable[[Any], Iterable["DataNeed | str"]]
 
@@ -66,6 +158,7 @@ class Method:
         post_conversion: with an ``output_format`` the model converts to, a trailing
             run of such steps gets the converted model (ONNX Runtime quantization), see
             :func:`worker.spec.step_formats`.
+        search: how a search may use it (:class:`Searchable`); None: it is not searched.
     """
 
     name: str
@@ -79,6 +172,7 @@ class Method:
     model_refs: tuple[str, ...] = ()
     datasets_for: NeedsFor | None = None
     post_conversion: bool = False
+    search: Searchable | None = None
 
     def needs(self, params: MethodParams) -> list[DataNeed]:
         """The data a step with these (validated) params cannot run without."""

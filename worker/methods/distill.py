@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.errors import InvalidParamsError, UnsupportedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, Range, Searchable, SearchRole
 
 if TYPE_CHECKING:
     import torch
@@ -505,4 +505,5 @@ METHOD = Method(
     datasets_optional=frozenset({"eval"}),
     devices=frozenset({"cpu"}),
     model_refs=("teacher_model_id", "student_model_id"),
+    search=Searchable(SearchRole.recovery, {"epochs": Range(2, 10, step=2, integer=True)}),
 )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, Range, Searchable, SearchRole
 
 if TYPE_CHECKING:
     import torch
@@ -129,4 +129,5 @@ METHOD = Method(
     datasets_required=frozenset({"train"}),
     datasets_optional=frozenset({"eval"}),
     devices=frozenset({"cpu"}),
+    search=Searchable(SearchRole.recovery, {"epochs": Range(1, 5, step=1, integer=True)}),
 )

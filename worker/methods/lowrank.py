@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import Field, model_validator
 
 from worker.errors import InvalidParamsError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, Range, Searchable, SearchRole
 
 if TYPE_CHECKING:
     import numpy as np
@@ -378,4 +378,9 @@ METHOD = Method(
     formats=frozenset({"pt2", "onnx"}),
     handler=lowrank,
     devices=frozenset({"cpu"}),
+    search=Searchable(
+        SearchRole.structure,
+        {"rank_ratio": Range(0.2, 0.8, step=0.1)},
+        defaults={"rank_ratio": 0.5},
+    ),
 )

@@ -19,7 +19,7 @@ from pydantic import Field
 from worker.errors import InvalidParamsError
 from worker.formats.models import layer_names
 from worker.layers import Exclude, excluded_layers
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, Range, Searchable, SearchRole
 from worker.methods.prune_structured import (
     channel_counts,
     count_parameters,
@@ -230,4 +230,7 @@ METHOD = Method(
     datasets_required=frozenset({"calibration"}),
     # the pruning is CPU tensor work with the same code path on either queue's workers
     devices=frozenset({"cpu", "gpu"}),
+    search=Searchable(
+        SearchRole.structure, {"amount": Range(0.1, 0.7, step=0.1)}, defaults={"amount": 0.3}
+    ),
 )

@@ -27,7 +27,7 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import InvalidParamsError
 from worker.layers import Exclude, excluded_layers, layer_of, record_layers
-from worker.methods.base import Method, MethodParams, context_format
+from worker.methods.base import Method, MethodParams, Range, Searchable, SearchRole, context_format
 
 if TYPE_CHECKING:
     import torch
@@ -521,4 +521,7 @@ METHOD = Method(
     datasets_optional=frozenset({"train", "eval"}),
     devices=frozenset({"cpu", "gpu"}),
     datasets_for=lambda params: frozenset({"train"}) if params.steps > 1 else frozenset(),
+    search=Searchable(
+        SearchRole.structure, {"amount": Range(0.3, 0.9, step=0.1)}, defaults={"amount": 0.5}
+    ),
 )

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from worker.errors import InvalidParamsError
 from worker.layers import Exclude, excluded_layers, record_layers
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Method, MethodParams, Searchable, SearchRole
 
 if TYPE_CHECKING:
     import torch
@@ -309,4 +309,5 @@ METHOD = Method(
     formats=frozenset({"pt2", "onnx"}),
     handler=prune_semi_structured,
     devices=frozenset({"cpu", "gpu"}),
+    search=Searchable(SearchRole.structure),
 )

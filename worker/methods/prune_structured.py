@@ -25,7 +25,7 @@ from worker.contract import DatasetRole
 from worker.errors import DatasetMismatchError, InvalidParamsError, MethodFailedError
 from worker.formats.models import layer_names
 from worker.layers import Exclude, excluded_layers, record_layers
-from worker.methods.base import DataNeed, Method, MethodParams
+from worker.methods.base import DataNeed, Method, MethodParams, Range, Searchable, SearchRole
 
 if TYPE_CHECKING:
     import numpy as np
@@ -492,4 +492,7 @@ METHOD = Method(
     datasets_for=_datasets_for,
     # the pruning is CPU tensor work with the same code path on either queue's workers
     devices=frozenset({"cpu", "gpu"}),
+    search=Searchable(
+        SearchRole.structure, {"amount": Range(0.1, 0.7, step=0.1)}, defaults={"amount": 0.3}
+    ),
 )

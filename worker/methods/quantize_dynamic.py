@@ -35,7 +35,7 @@ from worker.layers import (
     record_onnx_layers,
     record_pt2e_layers,
 )
-from worker.methods.base import Method, MethodParams, context_format
+from worker.methods.base import Choice, Method, MethodParams, Searchable, SearchRole, context_format
 from worker.methods.quantize_static import checked_op_types
 
 if TYPE_CHECKING:
@@ -358,4 +358,5 @@ METHOD = Method(
     datasets_optional=frozenset({"calibration"}),
     devices=frozenset({"cpu"}),
     post_conversion=True,
+    search=Searchable(SearchRole.precision, {"per_channel": Choice((True, False))}, exclude=True),
 )

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal, Self
 from pydantic import Field, ValidationInfo, model_validator
 
 from worker.errors import UnsupportedError
-from worker.methods.base import Method, MethodParams, context_format
+from worker.methods.base import Choice, Method, MethodParams, Searchable, SearchRole, context_format
 
 if TYPE_CHECKING:
     import torch
@@ -267,4 +267,5 @@ METHOD = Method(
     handler=quantize_half,
     devices=frozenset({"cpu", "gpu"}),
     post_conversion=True,
+    search=Searchable(SearchRole.precision, {"dtype": Choice(("fp16", "bf16"))}),
 )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from worker.errors import UnsupportedError
-from worker.methods.base import Method, MethodParams
+from worker.methods.base import Choice, Method, MethodParams, Range, Searchable, SearchRole
 
 if TYPE_CHECKING:
     import torch
@@ -244,4 +244,8 @@ METHOD = Method(
     datasets_optional=frozenset({"eval"}),
     devices=frozenset({"cpu"}),
     post_conversion=True,
+    search=Searchable(
+        SearchRole.precision,
+        {"weight_bits": Choice((8, 4)), "epochs": Range(1, 3, step=1, integer=True)},
+    ),
 )

@@ -42,7 +42,7 @@ from worker.layers import (
     record_onnx_layers,
     record_pt2e_layers,
 )
-from worker.methods.base import Method, MethodParams, context_format
+from worker.methods.base import Choice, Method, MethodParams, Searchable, SearchRole, context_format
 
 if TYPE_CHECKING:
     from worker.context import StepContext
@@ -545,4 +545,5 @@ METHOD = Method(
     datasets_required=frozenset({"calibration"}),
     devices=frozenset({"cpu"}),
     post_conversion=True,
+    search=Searchable(SearchRole.precision, {"per_channel": Choice((True, False))}, exclude=True),
 )

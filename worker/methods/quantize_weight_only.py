@@ -40,7 +40,7 @@ from worker.layers import (
     record_layers,
     record_onnx_layers,
 )
-from worker.methods.base import Method, MethodParams, context_format
+from worker.methods.base import Choice, Method, MethodParams, Searchable, SearchRole, context_format
 
 if TYPE_CHECKING:
     import torch
@@ -301,4 +301,5 @@ METHOD = Method(
     handler=quantize_weight_only,
     devices=frozenset({"cpu", "gpu"}),
     post_conversion=True,
+    search=Searchable(SearchRole.precision, {"bits": Choice((8, 4))}, exclude=True),
 )
