@@ -66,6 +66,10 @@ def worker_argv(queues: str, concurrency: int, name: str | None = None) -> list[
     ]
     if name:
         argv += ["--hostname", name]
+    from app.settings import get_settings
+
+    if get_settings().log_format == "json":
+        argv.insert(argv.index("worker"), "--quiet")  # no banner among the JSON lines
     return argv
 
 

@@ -11,14 +11,14 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import IntegrityError
 
-from app import health, methods
+from app import health, methods, ui
 from app.datasets.endpoints import router as datasets_router
 from app.db import session_scope
 from app.errors import document_problems, install_handlers
 from app.jobs.endpoints import router as jobs_router
 from app.keys import DEFAULT_TENANT, register_key
 from app.models.endpoints import router as models_router
-from app.observability import MetricsMiddleware
+from app.observability import MetricsMiddleware, configure_logging
 from app.reaper import Reaper
 from app.settings import get_settings
 from app.uploads import DrainRequestBody
@@ -76,6 +76,8 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
         health.router,
     ):
         app.include_router(router)
+    # The web dashboard: static files, no API route of its own (it calls /v1 like any client).
+    app.mount(ui.MOUNT, ui.files(), name="ui")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -84,4 +86,5 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     logging.getLogger("squish").setLevel(logging.INFO)
+    configure_logging(settings.log_format)
     return app
