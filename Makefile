@@ -26,7 +26,9 @@ run: $(STAMP)
 # that share Redis and real worker processes stay on one of them (tests/conftest.py).
 TEST_WORKERS ?= 2
 
+# The dashboard's browser tests drive Debian's chromium: installed here when missing (as root).
 test: $(STAMP)
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # The quick loop: no real worker processes, no external services.
