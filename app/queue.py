@@ -1,5 +1,5 @@
 """The Celery app and the only messages squish sends: "run job X", "inspect model Y",
-"deliver the webhook of job X".
+"deliver the webhook of job X", and a search's "step", "run trial T" and "finish".
 
 Messages carry ids only; the database holds the state, so a lost message is re-sent by the
 reaper and a duplicate one is harmless. Torch-free: the API imports this.
@@ -23,6 +23,12 @@ log = logging.getLogger("squish.queue")
 RUN_JOB = "squish.run_job"
 INSPECT_MODEL = "squish.inspect_model"
 DELIVER_WEBHOOK = "squish.deliver_webhook"
+# Log a job answered from the result cache where its `export` says (worker/export.py).
+EXPORT_JOB = "squish.export_job"
+# A search job (worker/search_tasks.py): ask for trials, run one trial, finish the search.
+SEARCH_STEP = "squish.search_step"
+RUN_TRIAL = "squish.run_trial"
+FINISH_SEARCH = "squish.finish_search"
 QUEUES = values(Device)  # target.device is the queue
 
 

@@ -10,6 +10,9 @@
   message is harmless (the claim is conditional) but it is load, so each re-send is
   counted in /metrics (`squish_reaper_resends_total`);
 - a model still `pending` inspection after `requeue_after_s` gets its message re-sent;
+- a search (app/search/trials.py): its job is kept alive while trials are queued or
+  running; a trial whose worker stopped heart-beating is run once more, then failed; lost
+  trial, step and finishing messages are re-sent;
 - a finished job whose webhook is owed but was neither delivered nor claimed for
   `requeue_after_s` (its message was lost) gets its delivery re-sent, until the delivery
   gives up (app/jobs/webhooks.py).
@@ -36,6 +39,7 @@ from app.jobs import lifecycle, webhooks
 from app.observability import REAPER_RESENDS
 from app.orm import Job, JobStatus, MLModel
 from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, get_celery, send
+from app.search import trials as searches
 from app.settings import Settings
 from worker.contract import Device, InspectionStatus
 
@@ -120,6 +124,8 @@ def sweep(settings: Settings, *, judge_heartbeats: bool = True) -> dict[str, int
     failed = 0
     stale: list[Job] = []
     with session_scope() as session:
+        # First: a search whose trials are queued or running keeps its job's heartbeat.
+        to_send.extend(searches.sweep(session, now, settings))
         if judge_heartbeats:
             stale = lifecycle.stale_running(
                 session, now - timedelta(seconds=settings.heartbeat_timeout_s)

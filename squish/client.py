@@ -294,6 +294,71 @@ class Client:
         )
         return _json(response)
 
+    def search(
+        self,
+        model_id: str,
+        *,
+        datasets: Mapping[str, str],
+        constraints: Mapping[str, Any] | None = None,
+        objectives: Sequence[str] = ("latency", "size"),
+        budget: Mapping[str, Any] | None = None,
+        methods: Sequence[str] | None = None,
+        runtimes: Sequence[str] | None = None,
+        strategy: str | None = None,
+        seed: int | None = None,
+        holdout_fraction: float | None = None,
+        target: Mapping[str, Any] | None = None,
+        evaluate: Mapping[str, Any] | None = None,
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit a search job: squish finds the recipe (DESIGN §10); returns it (``queued``).
+
+        ``wait(job["id"], on_progress=...)`` then reports each change of the trial table
+        (``job["metrics"]["search"]["trials"]``); the finished job's artifact ``model`` is
+        the best trial's, ``trial-N`` each Pareto trial's. When no trial meets the
+        constraints the job fails with ``error.code == "constraints_unmet"``, and its
+        metrics and the closest trial's model stay available.
+
+        Args:
+            model_id: the model to compress.
+            datasets: dataset ids by role; ``eval`` is required (it is split into the
+                search split and the held-out split), ``train`` enables recovery steps.
+            constraints: bounds, e.g. ``{"accuracy_drop": 0.01, "latency_ms": {"batch_1": 0.5}}``.
+            objectives: 1 to 3 of ``latency``, ``size``, ``accuracy``, ``fidelity``.
+            budget: ``{"max_trials": 24, "max_seconds": 3600, "parallel_trials": 2}``.
+            methods / runtimes: restrict the space.
+            strategy: ``tpe`` (default), ``nsga2``, ``random`` or ``grid``.
+            seed: makes the proposals reproducible.
+            holdout_fraction: share of the eval data held out (default 0.3).
+
+        Raises:
+            ValidationFailed: the search cannot run (e.g. ``accuracy_drop`` without labels).
+        """
+        search: dict[str, Any] = {"objectives": list(objectives)}
+        extra = {
+            "constraints": dict(constraints) if constraints else None,
+            "budget": dict(budget) if budget else None,
+            "methods": list(methods) if methods is not None else None,
+            "runtimes": list(runtimes) if runtimes is not None else None,
+            "strategy": strategy,
+            "seed": seed,
+            "holdout_fraction": holdout_fraction,
+        }
+        search.update({k: v for k, v in extra.items() if v is not None})
+        body: dict[str, Any] = {"model_id": model_id, "search": search, "datasets": dict(datasets)}
+        optional = {
+            "target": dict(target) if target else None,
+            "evaluate": dict(evaluate) if evaluate else None,
+            "webhook_url": webhook_url,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        key = idempotency_key or uuid.uuid4().hex
+        response = self._request(
+            "POST", "/v1/jobs", replay=Replay.SAFE, json=body, headers={"Idempotency-Key": key}
+        )
+        return _json(response)
+
     def get_job(self, job_id: str) -> dict[str, Any]:
         """Return the job resource (status, progress, stage, metrics, artifacts, ...)."""
         return self._get_json(f"/v1/jobs/{_seg(job_id)}")
@@ -328,7 +393,8 @@ class Client:
             timeout: give up after this many seconds (``None``: wait for ever).
             poll_interval: seconds between polls.
             on_progress: called with the job whenever its status, progress or stage
-                changes (and once with the first reading).
+                changes, or (a search) the status of one of its trials (and once with the
+                first reading).
             raise_on_failure: raise `JobFailed` / `JobCancelled` instead of returning
                 a failed or cancelled job.
 
@@ -336,10 +402,10 @@ class Client:
             WaitTimeout: ``timeout`` passed; the job keeps running on the server.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen: tuple[Any, Any, Any] | None = None
+        seen: tuple[Any, ...] | None = None
         while True:
             job = self.get_job(job_id)
-            state = (job.get("status"), job.get("progress"), job.get("stage"))
+            state = (job.get("status"), job.get("progress"), job.get("stage"), _trials(job))
             if state != seen:
                 seen = state
                 if on_progress is not None:
@@ -664,6 +730,12 @@ class Client:
                 # Unbuffered: whatever arrived before a break is kept for the resume.
                 for chunk in response.iter_bytes():
                     out.write(chunk)
+
+
+def _trials(job: Mapping[str, Any]) -> tuple[tuple[Any, Any], ...]:
+    """A search job's trials as (number, status): what `wait` reports a change of."""
+    search = (job.get("metrics") or {}).get("search") or {}
+    return tuple((t.get("number"), t.get("status")) for t in search.get("trials") or ())
 
 
 class _Retrying:

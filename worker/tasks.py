@@ -1,8 +1,9 @@
 """Celery tasks: thin adapters between the queue, the database and the engine.
 
 `run_job` is five steps, one function each: :func:`claim` the job (a conditional UPDATE),
-:func:`fetch_inputs`, :func:`run` the pipeline, :func:`store_outputs`, and
-:func:`record_outcome`. While the job is claimed a heartbeat thread keeps the claim alive
+:func:`fetch_inputs`, :func:`run` the pipeline, :func:`store_outputs` (the model, the
+report, and the compression card rendered once the model's sha256 is known; a card that
+cannot be rendered is a warning event, not a failure), and :func:`record_outcome`. While the job is claimed a heartbeat thread keeps the claim alive
 and notices cancellation; the pipeline checks for it at every progress report, and a job
 that does not stop within `cancel_grace_s` is stopped by ending this pool process.
 
@@ -42,25 +43,52 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from celery.signals import worker_process_init, worker_ready
-from sqlalchemy import update
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+)
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from app.db import new_id, reset_engine, session_scope
 from app.errors import database_outage
 from app.files import delete_if_unused, object_key
 from app.jobs import lifecycle, webhooks
-from app.orm import Artifact, Dataset, Job, MLModel
-from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, get_celery, send_after_commit
+from app.observability import JOB_ID, capture_warnings, format_handlers
+from app.orm import Artifact, Dataset, Job, JobEvent, JobStatus, MLModel
+from app.queue import (
+    DELIVER_WEBHOOK,
+    EXPORT_JOB,
+    INSPECT_MODEL,
+    RUN_JOB,
+    get_celery,
+    send_after_commit,
+)
 from app.settings import Settings, get_settings
 from app.storage import StorageError, StorageUnavailable, get_store
-from worker.contract import FORMATS, REPORT_MEDIA_TYPE, InspectionStatus, LogLevel, ModelFormat
+from worker.card import CardWarning, FileRef
+from worker.constraints import Constraints, Violation, as_dicts, unmet_message, violations
+from worker.contract import (
+    CARD_MEDIA_TYPE,
+    FORMATS,
+    REPORT_MEDIA_TYPE,
+    ArtifactName,
+    InspectionStatus,
+    LogLevel,
+    ModelFormat,
+)
 from worker.errors import (
+    ConstraintsUnmetError,
     DatasetDeletedError,
     EngineError,
     InfrastructureError,
@@ -99,6 +127,34 @@ def _after_fork(**_kwargs: Any) -> None:
     import worker.pipeline  # noqa: F401
 
 
+capture_warnings(get_settings().log_format)  # from the start, before Celery sets up logging
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_kwargs: Any) -> None:
+    # SQUISH_LOG_FORMAT (text or json) for Celery's handlers, with the job id in a job.
+    format_handlers(logger.handlers, get_settings().log_format)
+
+
+_JOB_TASKS = (RUN_JOB, DELIVER_WEBHOOK, EXPORT_JOB)
+_job_tokens: dict[str, Any] = {}
+
+
+@task_prerun.connect
+def _enter_job(task_id: str, task: Any, args: Any = (), **_kwargs: Any) -> None:
+    # Every line logged while a task runs for a job carries its id (app/observability.py).
+    if task.name in _JOB_TASKS and args:
+        _job_tokens[task_id] = JOB_ID.set(str(args[0]))
+
+
+@task_postrun.connect
+def _leave_job(task_id: str, **_kwargs: Any) -> None:
+    token = _job_tokens.pop(task_id, None)
+    if token is not None:
+        JOB_ID.reset(token)
+
+
 @worker_ready.connect
 def _start_work_dir_sweeper(**_kwargs: Any) -> None:
     # In the main process (it needs no database): at start, then periodically.
@@ -114,10 +170,16 @@ def run_job(job_id: str) -> str:
     with job.held():
         try:
             inputs = fetch_inputs(job)
+            if job.spec.get("search") is not None:
+                # The search goes on in its own tasks (worker/search_tasks.py).
+                return search_tasks.start(job, inputs)
             result = run(job, inputs)
-            outputs = store_outputs(job, result)
+            outputs = store_outputs(job, result, inputs)
         except Exception as exc:
             return record_outcome(job, exc)
+        outputs.unmet = judge(job.spec, result)
+        if not outputs.unmet:
+            export_result(job, result, outputs)
         return record_outcome(job, outputs)
 
 
@@ -125,6 +187,46 @@ def run_job(job_id: str) -> str:
 def deliver_webhook(job_id: str) -> str:
     """One delivery attempt of a finished job's webhook; a failed one schedules the next."""
     return webhooks.deliver(job_id)
+
+
+@celery_app.task(name=EXPORT_JOB, acks_late=True, ignore_result=True)
+def export_job(job_id: str) -> str:
+    """Log a job answered from the result cache where its ``export`` says, from its stored
+    artifacts (a job that ran is exported by :func:`run_job`, from its work folder)."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != JobStatus.succeeded or not job.spec.get("export"):
+            return "skipped"
+        spec, metrics = job.spec, job.metrics or {}
+        done = session.scalar(
+            select(JobEvent.id).where(
+                JobEvent.job_id == job_id, JobEvent.message.startswith(EXPORTED)
+            )
+        )
+        if done is not None:
+            return "skipped"  # a repeated message: exported already
+        stored = [
+            (a.name, a.storage_key, a.filename)
+            for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))
+            if a.name in EXPORTED_ARTIFACTS
+        ]
+
+    def log_event(message: str, level: str = LogLevel.info, data: Any = None) -> None:
+        with session_scope() as session:
+            lifecycle.add_event(session, job_id, "log", message, level=LogLevel(level), data=data)
+
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    with WorkDir.make("job", job_id, token) as folder:
+        files: dict[str, Path] = {}
+        try:
+            for name, key, filename in stored:
+                files[name] = folder.path / filename
+                get_store().get_to_file(key, files[name])
+        except StorageError as exc:
+            log_event(f"MLflow export failed (the job's result is not affected): {exc}",
+                      LogLevel.warning, {"export": "mlflow"})  # fmt: skip
+            return "failed"
+        return _export(job_id, spec, files, metrics, log_event)
 
 
 # --- claim ------------------------------------------------------------------------------
@@ -147,6 +249,8 @@ class DbReporter:
         self._last_write = 0.0
         self.stage: str | None = None
         self.database_down = False
+        self.warnings: list[CardWarning] = []
+        """This attempt's warnings, for the card when the database cannot list them."""
 
     def _write(self, write: Callable[[], T]) -> T | None:
         """One write to the job's row or events; None when the database is down."""
@@ -205,6 +309,9 @@ class DbReporter:
     def log(
         self, message: str, level: str = LogLevel.info, data: dict[str, Any] | None = None
     ) -> None:
+        if level == LogLevel.warning:
+            self.warnings.append(CardWarning(message, datetime.now(UTC)))
+
         def write() -> None:
             with session_scope() as session:
                 lifecycle.add_event(
@@ -224,6 +331,7 @@ class Heartbeat(threading.Thread):
         self.settings = get_settings()
 
     def run(self) -> None:
+        JOB_ID.set(self.job_id)  # this thread's log lines carry the job id
         interval = min(self.settings.heartbeat_interval_s, 1.0)
         while not self.done.wait(interval):
             try:
@@ -314,6 +422,10 @@ class Inputs:
     datasets: dict[str, Path]
     models: dict[str, tuple[Path, str]]
     """Models the steps' params name, by id: (path, format)."""
+    model_ref: FileRef | None = None
+    """The uploaded model's identity (sha256, size, name), for the card."""
+    dataset_refs: dict[str, FileRef] = field(default_factory=dict)
+    """Each dataset's identity by role, for the card."""
 
 
 def fetch_inputs(job: ClaimedJob) -> Inputs:
@@ -323,12 +435,17 @@ def fetch_inputs(job: ClaimedJob) -> Inputs:
         if model is None:
             raise ModelDeletedError("the job's model was deleted")
         model_key, model_format = model.storage_key, model.format
+        model_ref = FileRef(model.sha256, model.size_bytes, str(model.format), model.name, model.id)
         datasets: dict[str, tuple[str, str]] = {}
+        dataset_refs: dict[str, FileRef] = {}
         for role, dataset_id in job.spec["datasets"].items():
             dataset = session.get(Dataset, dataset_id)
             if dataset is None:
                 raise DatasetDeletedError(f"the {role} dataset was deleted")
             datasets[role] = (dataset.storage_key, dataset.format)
+            dataset_refs[role] = FileRef(
+                dataset.sha256, dataset.size_bytes, str(dataset.format), dataset.name, dataset.id
+            )
         models: dict[str, tuple[str, str]] = {}
         for ref_id, ref_format in job.spec.get("models", {}).items():
             referenced = session.get(MLModel, ref_id)
@@ -352,6 +469,8 @@ def fetch_inputs(job: ClaimedJob) -> Inputs:
         model_format=model_format,
         datasets={role: fetch(key, f"{role}.{fmt}") for role, (key, fmt) in datasets.items()},
         models={ref: (fetch(key, f"{ref}.{fmt}"), fmt) for ref, (key, fmt) in models.items()},
+        model_ref=model_ref,
+        dataset_refs=dataset_refs,
     )
 
 
@@ -387,10 +506,12 @@ def run(job: ClaimedJob, inputs: Inputs) -> PipelineResult:
 
 @dataclass
 class Outputs:
-    """What a successful run leaves: stored objects (their rows not added yet), metrics."""
+    """What a successful run leaves: stored objects (their rows not added yet), metrics,
+    and the spec's constraints the result violates (the job then fails, keeping both)."""
 
     artifacts: list[Artifact]
     metrics: dict[str, Any]
+    unmet: list[Violation] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -401,47 +522,168 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def store_outputs(job: ClaimedJob, result: PipelineResult) -> Outputs:
-    """Put the model and the report in the object store, keyed by content hash.
+def store_outputs(job: ClaimedJob, result: PipelineResult, inputs: Inputs) -> Outputs:
+    """Put the model, the report and the card in the object store, keyed by content hash.
 
-    On any failure (a cancellation included) the objects already put are removed again.
+    The card is rendered once the model's sha256 is known; one that cannot be rendered (or
+    stored) is a warning event and no card, never a failed job. On any other failure (a
+    cancellation included) the objects already put are removed again.
     """
     job.reporter.progress(1.0, "storing")
-    store = get_store()
     facts = FORMATS[ModelFormat(result.artifact_format)]
     files = (
-        ("model", result.artifact_path, facts.media_type, facts.suffix),
-        ("report", result.report_path, REPORT_MEDIA_TYPE, ".json"),
+        (ArtifactName.model, result.artifact_path, facts.media_type, facts.suffix),
+        (ArtifactName.report, result.report_path, REPORT_MEDIA_TYPE, ".json"),
     )
     artifacts: list[Artifact] = []
     try:
         for name, path, media_type, suffix in files:
-            if job.cancelled.is_set():
-                raise JobCancelled("the job was cancelled")
-            sha, size = _sha256(path), path.stat().st_size
-            key = object_key(job.tenant_id, sha)
-
-            def put(path: Path = path, key: str = key, sha: str = sha) -> None:
-                store.put_file(path, key, sha256=sha)
-
-            # The computation is done: wait out a storage outage rather than redo it.
-            waiting_out_storage(job, f"storing the {name}", put)
-            artifacts.append(
-                Artifact(
-                    id=new_id("art"),
-                    job_id=job.id,
-                    name=name,
-                    filename=f"{job.id}-{name}{suffix}",  # .pt2, .aoti.pt2, .onnx, .zip, .json
-                    media_type=media_type,
-                    size_bytes=size,
-                    sha256=sha,
-                    storage_key=key,
+            artifacts.append(_store_artifact(job, name, path, media_type, suffix))
+        card = _render_card(job, result, inputs, artifacts[0])
+        if card is not None:
+            try:
+                artifacts.append(
+                    _store_artifact(job, ArtifactName.card, card, CARD_MEDIA_TYPE, ".html")
                 )
-            )
+            except InfrastructureError as exc:
+                job.reporter.log(f"compression card not stored: {exc.message}", LogLevel.warning)
     except BaseException:
         _discard(artifacts)
         raise
     return Outputs(artifacts, result.metrics)
+
+
+def _store_artifact(
+    job: ClaimedJob, name: str, path: Path, media_type: str, suffix: str
+) -> Artifact:
+    """One file in the object store (waiting out an outage); its row, not added yet."""
+    if job.cancelled.is_set():
+        raise JobCancelled("the job was cancelled")
+    store = get_store()
+    sha, size = _sha256(path), path.stat().st_size
+    key = object_key(job.tenant_id, sha)
+    # The computation is done: wait out a storage outage rather than redo it.
+    waiting_out_storage(job, f"storing the {name}", lambda: store.put_file(path, key, sha256=sha))
+    return Artifact(
+        id=new_id("art"),
+        job_id=job.id,
+        name=str(name),
+        filename=f"{job.id}-{name}{suffix}",  # .pt2, .aoti.pt2, .onnx, .zip, .json, .html
+        media_type=media_type,
+        size_bytes=size,
+        sha256=sha,
+        storage_key=key,
+    )
+
+
+def _render_card(
+    job: ClaimedJob, result: PipelineResult, inputs: Inputs, model: Artifact
+) -> Path | None:
+    """``card.html`` in the work folder (:func:`worker.card.render_card`); None, with a
+    warning event saying why, when it cannot be rendered."""
+    from worker.card import render_card
+
+    try:
+        html = render_card(
+            job_id=job.id,
+            spec=job.spec,
+            metrics=result.measured,
+            model=inputs.model_ref or FileRef(sha256="unknown", format=inputs.model_format),
+            artifact=FileRef(
+                model.sha256, model.size_bytes, result.artifact_format, model.filename
+            ),
+            datasets=inputs.dataset_refs,
+            warnings=_warnings(job),
+        )
+        path = job.work_dir / "card.html"
+        path.write_text(html, encoding="utf-8")
+    except Exception as exc:
+        log.warning("job %s: the compression card could not be rendered", job.id, exc_info=True)
+        job.reporter.log(
+            f"compression card not rendered: {type(exc).__name__}: {exc}"[:2000], LogLevel.warning
+        )
+        return None
+    return path
+
+
+def _warnings(job: ClaimedJob) -> list[CardWarning]:
+    """The job's warning events (every attempt's); this attempt's when the database is down."""
+    try:
+        with session_scope() as session:
+            rows = session.execute(
+                select(JobEvent.message, JobEvent.created_at)
+                .where(JobEvent.job_id == job.id, JobEvent.level == LogLevel.warning)
+                .order_by(JobEvent.id)
+            ).all()
+    except Exception as exc:
+        if not database_outage(exc):
+            raise
+        return list(job.reporter.warnings)
+    return [CardWarning(message, at) for message, at in rows]
+
+
+# --- constraints and export -------------------------------------------------------------
+
+
+def judge(spec: dict[str, Any], result: PipelineResult) -> list[Violation]:
+    """The spec's constraints (a pipeline job's CI gate) that the result violates."""
+    bounds = spec.get("constraints")
+    if not bounds:
+        return []
+    return violations(Constraints.model_validate(bounds), result.measured)
+
+
+def export_result(job: ClaimedJob, result: PipelineResult, outputs: Outputs) -> None:
+    """Log a succeeded result where ``export`` says (MLflow), from the work folder's files.
+
+    Never fails the job: a tracking server that is down or refuses is a warning event.
+    """
+    if not job.spec.get("export"):
+        return
+    stored = {a.name for a in outputs.artifacts}
+    local = {
+        "model": result.artifact_path,
+        "report": result.report_path,
+        "card": job.work_dir / "card.html",
+    }
+    files = {name: path for name, path in local.items() if name in stored and path.is_file()}
+    _export(job.id, job.spec, files, outputs.metrics, job.reporter.log)
+
+
+EXPORTED = "exported to MLflow"
+EXPORTED_ARTIFACTS = ("model", "report", "card")
+
+
+def _export(
+    job_id: str,
+    spec: dict[str, Any],
+    files: dict[str, Path],
+    metrics: dict[str, Any],
+    log_event: Callable[..., None],
+) -> str:
+    """One export (worker/export.py) and its event: a success, or a warning saying why not."""
+    from worker.export import Export, ExportFailed, export_to_mlflow
+
+    config = Export.model_validate(spec["export"]).mlflow
+    if config is None:
+        return "skipped"
+    recipe = {k: v for k, v in spec.items() if k not in ("webhook_url", "export")}
+    try:
+        exported = export_to_mlflow(
+            config, job_id=job_id, files=files, metrics=metrics, recipe=recipe
+        )
+    except ExportFailed as exc:
+        log_event(
+            f"MLflow export failed (the job's result is not affected): {exc}",
+            LogLevel.warning,
+            {"export": "mlflow", "tracking_uri": config.tracking_uri},
+        )
+        return "failed"
+    message = f"{EXPORTED}: run {exported.run_id} in experiment {config.experiment!r}"
+    if exported.model_version is not None:
+        message += f", {config.registered_model} version {exported.model_version}"
+    log_event(message, LogLevel.info, {"export": "mlflow", **exported.to_json()})
+    return "exported"
 
 
 STORAGE_BACKOFF_S = (1.0, 15.0)
@@ -530,20 +772,31 @@ def waiting_out_database(job: ClaimedJob, call: Callable[[], T]) -> T:
 
 
 def _record_success(job: ClaimedJob, outputs: Outputs) -> Outcome:
+    """Succeeded; or, when the result violates its constraints, failed with the metrics and
+    the artifacts kept (a CI gate: the user downloads what did not pass)."""
+    unmet = outputs.unmet
+
     def commit() -> bool:
         with session_scope() as session:
-            if lifecycle.succeed(session, job.id, job.token, outputs.metrics):
+            if unmet:
+                error = ConstraintsUnmetError(
+                    unmet_message(unmet), step="constraints", violations=as_dicts(unmet)
+                )
+                done = lifecycle.fail(session, job.id, job.token, error, metrics=outputs.metrics)
+            else:
+                done = lifecycle.succeed(session, job.id, job.token, outputs.metrics)
+            if done:
                 session.add_all(outputs.artifacts)
                 return True
         return False
 
     try:
-        succeeded = waiting_out_database(job, commit)
+        recorded = waiting_out_database(job, commit)
     except BaseException:
         _discard(outputs.artifacts)
         raise
-    if succeeded:
-        return Outcome.succeeded
+    if recorded:
+        return Outcome.failed if unmet else Outcome.succeeded
     _discard(outputs.artifacts)  # cancelled meanwhile: keep no orphaned objects
     return Outcome.cancelled
 
@@ -722,3 +975,7 @@ class WorkDirSweeper(threading.Thread):
                 log.warning("work folder sweep failed; retrying next interval", exc_info=True)
             if self.stopped.wait(self.settings.work_sweep_interval_s):
                 return
+
+
+# The search's tasks register with this app; they use the helpers above.
+from worker import search_tasks  # noqa: E402

@@ -13,11 +13,13 @@ from sqlalchemy.orm import Session
 
 from app.db import get_read_engine, new_id, utcnow
 from app.errors import Conflict, NotFound, Unprocessable, describe
-from app.jobs import lifecycle
+from app.jobs import cache, lifecycle
 from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
 from app.netguard import submitted_webhook_url
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
 from app.queue import RUN_JOB, send_after_commit
+from app.search.service import normalize_search
+from worker.constraints import constraint_problems
 from worker.contract import DatasetFormat, InspectionStatus
 from worker.spec import DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
 
@@ -60,7 +62,15 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         infos[role] = DatasetInfo(
             format=DatasetFormat(dataset.format), has_labels=(dataset.info or {}).get("has_labels")
         )
+    if body.search is not None:
+        spec = normalize_search(model, body, datasets, infos, _layer_names(model))
+        return {
+            **spec,
+            "webhook_url": submitted_webhook_url(body.webhook_url),
+            "export": _export(body),
+        }
 
+    assert body.pipeline is not None  # JobCreate holds one of pipeline and search
     request = PipelineRequest(
         model_format=model.format,
         steps=[(step.method, step.params) for step in body.pipeline],
@@ -73,11 +83,21 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         iterations=body.evaluate.iterations,
         layer_names=_layer_names(model),
     )
+    gate = (
+        []
+        if body.constraints is None
+        else constraint_problems(
+            body.constraints, datasets=infos, batch_sizes=body.evaluate.batch_sizes
+        )
+    )
     try:
         checked = resolve_pipeline(request)
+        if gate:
+            raise SpecError([])
     except SpecError as exc:
-        errors = [problem.to_dict() for problem in exc.problems]
-        raise Unprocessable(str(exc), title="Invalid job spec", errors=errors) from None
+        refused = SpecError([*exc.problems, *gate])
+        errors = [problem.to_dict() for problem in refused.problems]
+        raise Unprocessable(str(refused), title="Invalid job spec", errors=errors) from None
 
     steps = []
     models: dict[str, str] = {}
@@ -106,8 +126,14 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
         "target": {"device": body.target.device, "runtime": str(checked.runtime)},
         "output_format": str(checked.output_format),
         "evaluate": body.evaluate.model_dump(),
+        "constraints": body.constraints.model_dump(exclude_none=True) if body.constraints else None,
         "webhook_url": submitted_webhook_url(body.webhook_url),  # 422 if refused
+        "export": _export(body),
     }
+
+
+def _export(body: JobCreate) -> dict[str, Any] | None:
+    return body.export.model_dump(exclude_none=True) if body.export else None
 
 
 def request_hash(body: JobCreate) -> str:
@@ -136,6 +162,8 @@ def create_job(
             return existing, False
     spec = normalize_spec(session, tenant_id, body)
     queue = spec["target"]["device"]
+    key = cache.cache_key(session, spec)
+    source = cache.find_source(session, tenant_id, key) if body.cache else None
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
@@ -146,7 +174,10 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=digest,
         enqueued_at=utcnow(),
+        cache_key=key,
     )
+    if source is not None:
+        cache.answer(job, source)
     try:
         with session.begin_nested():
             session.add(job)
@@ -158,6 +189,9 @@ def create_job(
             if existing is not None:
                 return existing, False
         raise
+    if source is not None:
+        cache.record(session, job, source)  # nothing to run
+        return job, True
     lifecycle.add_event(session, job.id, "status", f"queued on {queue}", data={"status": "queued"})
     send_after_commit(session, RUN_JOB, job.id, queue)
     return job, True
@@ -241,6 +275,7 @@ def to_out(job: Job, artifacts: list[Artifact]) -> JobOut:
             )
             for a in artifacts
         ],
+        cached_from=job.cached_from,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
