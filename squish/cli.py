@@ -1,7 +1,8 @@
 """The ``squish`` command line.
 
 ``squish compress`` uploads a model, runs a compression job, shows its progress and
-downloads the result; ``squish models|datasets|jobs|artifacts|methods|webhook-secret``
+downloads the result; ``squish optimize`` runs a search instead (a live table of its trials,
+the best model downloaded, exit 1 naming the unmet constraints when no trial meets them); ``squish models|datasets|jobs|artifacts|methods|webhook-secret``
 manage the server's resources (tables for people, ``--json`` for scripts). When the server
 package is installed, its commands (``serve``, ``worker``, ``db``, ...) appear too.
 
@@ -777,6 +778,318 @@ def _compress_local(
         _print_json({"output": str(out), "format": output_format or fmt, "metrics": metrics})
     else:
         _print_summary(job, out)
+
+
+# -- constraints (shared by compress and optimize) ---------------------------------
+
+
+def _per_batch_bound(text: str, flag: str) -> tuple[str, float]:
+    """``"0.5"`` (batch 1) or ``"32=2.0"`` → ``("batch_32", 2.0)``."""
+    batch, sep, bound = text.partition("=")
+    if not sep:
+        batch, bound = "1", text
+    try:
+        size, value = int(batch), float(bound)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not VALUE or BATCH=VALUE", param_hint=flag) from None
+    if size < 1 or not value > 0:
+        raise click.BadParameter(
+            f"{text!r}: the batch size and the bound must be > 0", param_hint=flag
+        )
+    return f"batch_{size}", value
+
+
+def constraint_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The constraint flags (DESIGN §12 names): ``--max-accuracy-drop`` (points),
+    ``--min-cosine``, ``--max-latency-ms``, ``--max-size-bytes``, ``--min-speedup``."""
+    options = [
+        click.option(
+            "--max-accuracy-drop",
+            type=click.FloatRange(min=0, max=100),
+            metavar="POINTS",
+            help="Largest allowed top-1 accuracy drop in percentage points (1 = one point).",
+        ),
+        click.option(
+            "--min-cosine",
+            type=click.FloatRange(min=-1, max=1),
+            help="Smallest allowed cosine similarity of the outputs to the original's.",
+        ),
+        click.option(
+            "--max-latency-ms",
+            multiple=True,
+            metavar="[BATCH=]MS",
+            help="Largest allowed p50 latency (batch 1 unless BATCH= is given); repeatable.",
+        ),
+        click.option(
+            "--max-size-bytes", type=click.IntRange(min=1), help="Largest allowed artifact size."
+        ),
+        click.option(
+            "--min-speedup",
+            multiple=True,
+            metavar="[BATCH=]X",
+            help="Smallest allowed speedup over the original (batch 1 unless BATCH=); repeatable.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def constraints_from_options(
+    max_accuracy_drop: float | None,
+    min_cosine: float | None,
+    max_latency_ms: Sequence[str],
+    max_size_bytes: int | None,
+    min_speedup: Sequence[str],
+) -> dict[str, Any]:
+    """The spec's ``constraints`` from the flags of :func:`constraint_options`."""
+    constraints: dict[str, Any] = {}
+    if max_accuracy_drop is not None:
+        constraints["accuracy_drop"] = round(max_accuracy_drop / 100, 10)
+    if min_cosine is not None:
+        constraints["cosine_similarity"] = min_cosine
+    if max_latency_ms:
+        constraints["latency_ms"] = dict(
+            _per_batch_bound(t, "'--max-latency-ms'") for t in max_latency_ms
+        )
+    if max_size_bytes is not None:
+        constraints["size_bytes"] = max_size_bytes
+    if min_speedup:
+        constraints["speedup"] = dict(_per_batch_bound(t, "'--min-speedup'") for t in min_speedup)
+    return constraints
+
+
+# -- optimize ----------------------------------------------------------------------
+
+OBJECTIVES = ("latency", "size", "accuracy", "fidelity")
+TRIAL_COLUMNS = ("trial", "recipe", "size", "latency", "accuracy", "feasible")
+
+
+def _recipe_text(trial: Mapping[str, Any]) -> str:
+    steps = [str(step.get("method")) for step in trial.get("pipeline") or []]
+    return " > ".join([*steps, str(trial.get("output_format", "?"))])
+
+
+def trial_row(trial: Mapping[str, Any], batch_key: str) -> list[str]:
+    """One line of the live trial table."""
+    metrics = _mapping(trial.get("metrics"))
+    compressed = _mapping(metrics.get("compressed"))
+    latency = _mapping(_mapping(compressed.get("latency_ms")).get(batch_key)).get("p50")
+    status = trial.get("status")
+    if status == "succeeded":
+        feasible = (
+            "yes"
+            if trial.get("feasible")
+            else "no: " + ", ".join(str(v.get("constraint")) for v in trial.get("violations") or [])
+        )
+    else:
+        error = _mapping(trial.get("error"))
+        feasible = f"{status}: {error.get('message', '')}".rstrip(": ")[:80]
+    return [
+        str(trial.get("number")),
+        _recipe_text(trial),
+        _fmt_bytes(compressed.get("size_bytes")),
+        f"{_num(latency, '.3f')} ms" if latency is not None else "-",
+        _num(compressed.get("accuracy"), ".4f"),
+        feasible,
+    ]
+
+
+class TrialTable:
+    """Prints each trial of a search once it has finished: a table that grows live."""
+
+    widths = (5, 44, 10, 11, 8, 0)
+
+    def __init__(self, batch_key: str, bar: ProgressBar) -> None:
+        self.batch_key, self.bar = batch_key, bar
+        self.printed: set[Any] = set()
+
+    def line(self, cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip()
+
+    def __call__(self, job: Mapping[str, Any]) -> None:
+        search = _mapping(_mapping(job.get("metrics")).get("search"))
+        done = [
+            t
+            for t in search.get("trials") or []
+            if t.get("status") not in ("queued", "running") and t.get("number") not in self.printed
+        ]
+        if done:
+            ProgressBar.interrupt()
+            if not self.printed:
+                click.echo(self.line(TRIAL_COLUMNS))
+            for trial in sorted(done, key=lambda t: t.get("number", 0)):
+                self.printed.add(trial.get("number"))
+                click.echo(self.line(trial_row(trial, self.batch_key)))
+        self.bar(job)
+
+
+def unmet_lines(job: Mapping[str, Any]) -> list[str]:
+    """Why a search found nothing: each unmet constraint with the closest value measured."""
+    search = _mapping(_mapping(job.get("metrics")).get("search"))
+    lines = []
+    for unmet in search.get("unmet") or []:
+        closest = unmet.get("closest")
+        where = f" (trial {unmet['trial']})" if unmet.get("trial") is not None else ""
+        lines.append(
+            f"unmet: {unmet.get('constraint')} bound {_num(unmet.get('bound'), '.4g')}, closest "
+            f"{_num(closest, '.4g') if closest is not None else 'not measured'}{where}"
+        )
+    return lines
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.option(
+    "-d",
+    "--data",
+    "--dataset",
+    "dataset",
+    multiple=True,
+    metavar="ROLE=PATH|ID",
+    help="eval (required), train, calibration data: a file to upload, or a dataset's id.",
+)
+@constraint_options
+@click.option(
+    "--objective",
+    "objectives",
+    multiple=True,
+    type=click.Choice(OBJECTIVES),
+    help="What to optimize, in priority order; repeatable (default: latency, then size).",
+)
+@click.option("--method", "methods", multiple=True, help="Only search these methods; repeatable.")
+@click.option(
+    "--runtime", "runtimes", multiple=True, type=click.Choice(values(RuntimeName)),
+    help="Only deliver artifacts in these runtimes; repeatable.",
+)  # fmt: skip
+@click.option("--max-trials", type=click.IntRange(1, 500), help="Trials at most (default 24).")
+@click.option("--max-seconds", type=click.IntRange(min=10), help="Time budget (default 3600).")
+@click.option("--parallel-trials", type=click.IntRange(1, 64), help="Trials at once (default 2).")
+@click.option(
+    "--strategy", type=click.Choice(["tpe", "nsga2", "random", "grid"]), help="Default: tpe."
+)
+@click.option("--seed", type=click.IntRange(min=0), help="Makes the search reproducible.")
+@click.option("--holdout-fraction", type=click.FloatRange(0.1, 0.5), help="Default: 0.3.")
+@click.option("--format", "model_format", type=click.Choice(MODEL_FORMATS), help="Input format.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option(
+    "-b", "--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True,
+    help="Batch size to measure latency at (the first one is the latency objective).",
+)  # fmt: skip
+@click.option("--name", help="Name of the uploaded model.")
+@click.option(
+    "-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+    help="Where to write the best model (the closest one when nothing meets the constraints).",
+)  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(min=0), help="Stop waiting after this long.")
+@click.option("--poll-interval", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the finished job as JSON.")
+@click.pass_context
+def optimize(
+    ctx: click.Context,
+    model: str,
+    dataset: tuple[str, ...],
+    max_accuracy_drop: float | None,
+    min_cosine: float | None,
+    max_latency_ms: tuple[str, ...],
+    max_size_bytes: int | None,
+    min_speedup: tuple[str, ...],
+    objectives: tuple[str, ...],
+    methods: tuple[str, ...],
+    runtimes: tuple[str, ...],
+    max_trials: int | None,
+    max_seconds: int | None,
+    parallel_trials: int | None,
+    strategy: str | None,
+    seed: int | None,
+    holdout_fraction: float | None,
+    model_format: str | None,
+    device: str,
+    batch_sizes: tuple[int, ...],
+    name: str | None,
+    out: Path,
+    timeout: float | None,
+    poll_interval: float,
+    as_json: bool,
+) -> None:
+    """Search for the smallest/fastest compression of MODEL that meets the constraints.
+
+    Shows each trial as it finishes, writes the best model to --out, and exits 1 naming
+    each unmet constraint (with the closest value measured) when no trial meets them.
+
+    \b
+    Example:
+      squish optimize model.onnx --data eval=digits.npz --data train=train.npz \\
+        --max-accuracy-drop 1 --max-latency-ms 0.5 --objective latency --out best.onnx
+    """
+    datasets = dict(parse_dataset_option(d) for d in dataset)
+    if DatasetRole.eval not in datasets:
+        raise click.UsageError("a search needs eval data: --data eval=FILE")
+    constraints = constraints_from_options(
+        max_accuracy_drop, min_cosine, max_latency_ms, max_size_bytes, min_speedup
+    )
+    budget = {
+        key: value
+        for key, value in (
+            ("max_trials", max_trials),
+            ("max_seconds", max_seconds),
+            ("parallel_trials", parallel_trials),
+        )
+        if value is not None
+    }
+    sizes = list(dict.fromkeys(batch_sizes))
+    for bounds in (constraints.get("latency_ms") or {}, constraints.get("speedup") or {}):
+        for key in bounds:  # a bounded batch size is measured
+            size = int(key.removeprefix("batch_"))
+            if size not in sizes:
+                sizes.append(size)
+    client = _client(ctx)
+    model_id = _model_id_or_upload(client, model, name=name, model_format=model_format)
+    dataset_ids = {role: _dataset_id_or_upload(client, role, v) for role, v in datasets.items()}
+    job = client.search(
+        model_id,
+        datasets=dataset_ids,
+        constraints=constraints or None,
+        objectives=objectives or ("latency", "size"),
+        budget=budget or None,
+        methods=list(methods) or None,
+        runtimes=list(runtimes) or None,
+        strategy=strategy,
+        seed=seed,
+        holdout_fraction=holdout_fraction,
+        target={"device": device},
+        evaluate={"batch_sizes": sizes} if sizes else None,
+    )
+    job_id = job["id"]
+    click.echo(f"job {job_id} {job.get('status', 'queued')}", err=True)
+    bar = ProgressBar()
+    table = TrialTable(f"batch_{sizes[0] if sizes else 1}", bar)
+    try:
+        job = client.wait(
+            job_id, timeout=timeout, poll_interval=poll_interval, on_progress=table,
+            raise_on_failure=False,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        bar.close()
+        _error(f"interrupted; job {job_id} goes on (cancel it with: squish jobs cancel {job_id})")
+        raise SystemExit(130) from None
+    finally:
+        bar.close()
+    names = {a.get("name") for a in job.get("artifacts") or []}
+    if "model" in names:
+        client.download_artifact(job_id, "model", out)
+    if as_json:
+        _print_json(job)
+    elif job.get("status") == "succeeded":
+        best = _mapping(_mapping(job.get("metrics")).get("search")).get("best")
+        click.echo(f"best trial {best}")
+        _print_summary(job, out)
+    if job.get("status") != "succeeded":
+        for line in unmet_lines(job):
+            click.echo(line, err=True)
+        if "model" in names:
+            click.echo(f"the closest trial's model is in {out}", err=True)
+        raise (JobCancelled if job.get("status") == "cancelled" else JobFailed)(job)
 
 
 # -- models ------------------------------------------------------------------------
