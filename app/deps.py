@@ -55,7 +55,7 @@ def _path_id(description: str) -> Any:
 ModelId = Annotated[str, _path_id("A model id (`mdl_…`).")]
 DatasetId = Annotated[str, _path_id("A dataset id (`ds_…`).")]
 JobId = Annotated[str, _path_id("A job id (`job_…`).")]
-ArtifactName = Annotated[str, _path_id("An artifact name: `model` or `report`.")]
+ArtifactName = Annotated[str, _path_id("An artifact name: `model`, `report` or `card`.")]
 
 
 def check_text_fields(fields: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from app.jobs import events, service
 from app.jobs.schemas import JobCreate, JobOut
 from app.orm import Artifact, Job, JobStatus
 from app.pagination import Cursor, Limit, Page, paginate
-from worker.contract import FORMATS, REPORT_MEDIA_TYPE
+from worker.contract import CARD_MEDIA_TYPE, FORMATS, REPORT_MEDIA_TYPE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -166,7 +166,7 @@ def job_events(
     "/{job_id}/artifacts/{name}",
     response_class=StreamingResponse,
     responses=download_responses(
-        [*(facts.media_type for facts in FORMATS.values()), REPORT_MEDIA_TYPE]
+        [*(facts.media_type for facts in FORMATS.values()), REPORT_MEDIA_TYPE, CARD_MEDIA_TYPE]
     ),
 )
 def download_artifact(
@@ -177,7 +177,7 @@ def download_artifact(
     store: StoreDep,
     range_header: RangeHeader = None,
 ) -> Response:
-    """Download an artifact (`model`, `report`); HTTP Range supported."""
+    """Download an artifact (`model`, `report`, `card`); HTTP Range supported."""
     service.get_job(session, tenant_id, job_id)
     artifact = session.scalar(
         select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)

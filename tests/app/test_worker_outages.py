@@ -121,7 +121,8 @@ def test_an_artifact_upload_that_fails_is_retried_and_the_job_is_not_recomputed(
     job = job_row(job_id)
     assert (job.status, job.attempts) == ("succeeded", 1)
     assert len(runs) == 1  # computed once
-    assert len(puts) == 4 + 2 and artifact_count(job_id) == 2  # model (after 4 tries), report
+    # the model (after 4 tries), the report, the card
+    assert len(puts) == 4 + 3 and artifact_count(job_id) == 3
     warnings = [e for e in events(job_id) if e.startswith("object storage unavailable")]
     assert len(warnings) == 4
     assert warnings[0].startswith("object storage unavailable while storing the model; retrying in")
@@ -321,7 +322,7 @@ def test_the_outcome_is_recorded_once_the_database_is_back(
     job_id = create_job(tenant, add_model(tenant, onnx_model))
     assert tasks.run_job(job_id) == "succeeded"
     assert len(tries) == 3 and len(runs) == 1
-    assert job_row(job_id).status == "succeeded" and artifact_count(job_id) == 2
+    assert job_row(job_id).status == "succeeded" and artifact_count(job_id) == 3
 
 
 def test_a_database_that_stays_down_past_the_budget_leaves_the_job_to_the_reaper(

@@ -420,7 +420,7 @@ def test_wait_reports_each_change_and_returns_the_finished_job(
     stages = [stage for _, _, stage in seen]
     assert stages[0] is None and stages[-1] is None  # queued, then succeeded
     assert stages.index("prune.magnitude") < stages.index("quantize.dynamic")
-    assert {a["name"] for a in done["artifacts"]} == {"model", "report"}
+    assert {a["name"] for a in done["artifacts"]} == {"model", "report", "card"}
 
 
 def test_wait_raises_job_failed_with_the_error(
