@@ -7,6 +7,8 @@ method that cannot apply, a cancelled job) is an :class:`EngineError` with a sta
 
 from __future__ import annotations
 
+from typing import Any
+
 from worker.contract import ErrorCode
 
 
@@ -29,7 +31,7 @@ class EngineError(Exception):
     def __str__(self) -> str:
         return self.message if self.step is None else f"{self.step}: {self.message}"
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, Any]:
         return {"code": str(self.code), "message": self.message, "step": self.step}
 
 
@@ -104,6 +106,22 @@ class ConstraintsUnmetError(EngineError):
     each one with the value measured, and the job keeps its metrics and artifacts."""
 
     code = ErrorCode.constraints_unmet
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        violations: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message, step=step)
+        self.violations = violations
+
+    def to_dict(self) -> dict[str, Any]:
+        stored = super().to_dict()
+        if self.violations is not None:
+            stored["violations"] = self.violations
+        return stored
 
 
 class InternalError(EngineError):

@@ -110,21 +110,35 @@ def succeed(session: Session, job_id: str, token: str, metrics: dict[str, Any]) 
     return True
 
 
-def fail(session: Session, job_id: str, token: str, error: EngineError) -> bool:
+def fail(
+    session: Session,
+    job_id: str,
+    token: str,
+    error: EngineError,
+    *,
+    metrics: dict[str, Any] | None = None,
+) -> bool:
     """running (ours) → failed; False when the job was cancelled or taken over meanwhile.
 
-    The stored error is `error.to_dict()`: every job error has that one shape.
+    The stored error is `error.to_dict()`: every job error has that one shape. `metrics`
+    are kept with a failure that has them (a result that violates its constraints).
     """
-    return _fail(session, _owned(job_id, token), job_id, error)
+    return _fail(session, _owned(job_id, token), job_id, error, metrics=metrics)
 
 
-def _fail(session: Session, guard: Any, job_id: str, error: EngineError) -> bool:
+def _fail(
+    session: Session,
+    guard: Any,
+    job_id: str,
+    error: EngineError,
+    *,
+    metrics: dict[str, Any] | None = None,
+) -> bool:
     stored = error.to_dict()
-    result = session.execute(
-        update(Job)
-        .where(*guard)
-        .values(status=JobStatus.failed, finished_at=utcnow(), error=stored)
-    )
+    values: dict[str, Any] = {"status": JobStatus.failed, "finished_at": utcnow(), "error": stored}
+    if metrics is not None:
+        values["metrics"] = metrics
+    result = session.execute(update(Job).where(*guard).values(**values))
     if not _changed(result):
         return False
     _became_terminal(session, job_id, JobStatus.failed, error=stored)
@@ -202,17 +216,37 @@ def recover_lost(session: Session, job: Job, max_attempts: int) -> str | None:
     return job.queue
 
 
+def served_from_cache(session: Session, job_id: str, source_id: str) -> None:
+    """A job created ``succeeded`` from the result cache (app/jobs/cache.py): its one
+    event, and its webhook owed like any finished job's."""
+    _became_terminal(
+        session,
+        job_id,
+        JobStatus.succeeded,
+        note=f"served from cache: the result of {source_id}",
+        data={"cached_from": source_id},
+    )
+
+
 def _became_terminal(
-    session: Session, job_id: str, status: JobStatus, *, error: dict[str, Any] | None = None
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    error: dict[str, Any] | None = None,
+    note: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> None:
     message = status.value if error is None else f"{status.value}: {error['message']}"
+    if note is not None:
+        message += f": {note}"
     add_event(
         session,
         job_id,
         "status",
         message,
         level=LogLevel.error if status is JobStatus.failed else LogLevel.info,
-        data={"status": status, "error": error},
+        data={"status": status, "error": error, **(data or {})},
     )
     spec, queue = session.execute(select(Job.spec, Job.queue).where(Job.id == job_id)).one()
     if spec.get("webhook_url"):
