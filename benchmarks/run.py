@@ -1,7 +1,7 @@
 """Run the service benchmarks, print one markdown table, write ``benchmarks/out/service.json``.
 
     python -m benchmarks.run                 # everything (make bench), ~5 minutes
-    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | engine | methods
+    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | engine | methods | ui
     python -m benchmarks.run --quick         # smoke run with small sizes
 
 Every figure is measured in this run. A benchmark that cannot run (PostgreSQL or Redis
@@ -12,7 +12,9 @@ command exits 1; targets that are missed do not change the exit status.
 on three models, side by side with the libraries called directly; it prints its own
 table and writes ``benchmarks/out/engine.json``; ``methods`` (:mod:`benchmarks.methods`,
 ~3 minutes) compares ``quantize.log`` with linear int4 and measures what ``clip`` buys,
-and writes ``benchmarks/out/methods.json``.
+and writes ``benchmarks/out/methods.json``. ``ui`` (:mod:`benchmarks.ui`, ~3 minutes) times the
+dashboard's jobs list over 1,000 jobs in headless Chromium (rows in this table; its figures
+also in ``benchmarks/out/ui.json``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
 from benchmarks import service as sb
 
 OUT = Path(__file__).resolve().parent / "out" / "service.json"
-BENCHMARKS = ("upload", "pickup", "get", "e2e", "engine", "methods")
+BENCHMARKS = ("upload", "pickup", "get", "e2e", "engine", "methods", "ui")
 ENGINE_OUT = OUT.parent / "engine.json"
 
 # Issue targets.
@@ -392,6 +394,17 @@ def main(argv: list[str] | None = None) -> int:
             r.errors.update({f"methods {name}": error for name, error in res["errors"].items()})
         if selected == {"methods"}:
             return 1 if res is None or res["errors"] else 0
+
+    if "ui" in selected:
+        from benchmarks import ui as ub
+
+        res = r.attempt("ui", lambda: ub.bench_ui(rounds=5 if quick else 15))
+        if res is None:
+            r.failed_row("dashboard: first render of the jobs list, 1000 jobs", "< 1000 ms", "ui")
+        else:
+            r.rows += ub.rows(res)
+            ub.OUT.parent.mkdir(parents=True, exist_ok=True)
+            ub.OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
 
     total_s = time.perf_counter() - started
     table = print_table(r.rows)

@@ -92,7 +92,7 @@ function panel(svg, top, title, values, format, kind, labels) {
     if (kind === "quality") {
       if (typeof prev === "number") {
         const px = LEFT + band * (i - 1) + band / 2;
-        group.append(s("line", { x1: px, x2: cx, y1: y(prev.value ?? prev), y2: y(value), class: "quality-line" }));
+        group.append(s("line", { x1: px, x2: cx, y1: y(prev), y2: y(value), class: "quality-line" }));
       }
       group.append(s("circle", { cx, cy: y(value), r: 5, class: "quality-dot", "data-value": value }, s("title", {}, tip)));
       group.append(s("text", { x: cx, y: y(value) - 9, class: "value-label", "text-anchor": "middle" }, format(value)));

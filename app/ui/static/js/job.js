@@ -99,7 +99,7 @@ function stepsTable(metrics) {
           {},
           h("td", {}, String(i + 1)),
           h("td", {}, step.method),
-          h("td", { class: "mono small" }, JSON.stringify(step.params || {})),
+          h("td", { class: "mono small params" }, paramsText(step.params)),
           h("td", {}, `${num(step.seconds, 3)} s`),
           h("td", {}, bytes(step.size_bytes)),
           h("td", {}, lat ? ms(lat.p50) : "—"),
@@ -113,8 +113,16 @@ function stepsTable(metrics) {
 
 // --- search -------------------------------------------------------------------------------
 
+/** `amount=0.5, scope=global`: the params that are set (null ones are defaults left open). */
+function paramsText(params) {
+  return Object.entries(params || {})
+    .filter(([, value]) => value !== null && value !== undefined)
+    .map(([key, value]) => `${key}=${typeof value === "string" ? value : JSON.stringify(value)}`)
+    .join(", ");
+}
+
 function recipeText(pipeline) {
-  return (pipeline || []).map((step) => step.method + (step.params && Object.keys(step.params).length ? ` ${JSON.stringify(step.params)}` : "")).join(" → ");
+  return (pipeline || []).map((step) => step.method + (step.params && Object.keys(step.params).length ? ` (${paramsText(step.params)})` : "")).join(" → ");
 }
 
 function searchSection(search) {
@@ -287,7 +295,7 @@ export function jobView(root, jobId) {
       h("div", { class: "job-progress", id: "job-progress", "data-progress": String(job.progress) }, progressBar(job.status === "succeeded" ? 1 : job.progress), h("span", { id: "job-stage", class: "muted" }, job.stage || "")),
       dl([
         ["Model", job.model_id ? h("span", { class: "mono" }, job.model_id) : "—"],
-        ["Recipe", job.spec && job.spec.search ? "search" : recipeText(job.spec && job.spec.pipeline)],
+        ["Recipe", job.spec && job.spec.search ? "search" : ((job.spec && job.spec.pipeline) || []).map((step) => step.method).join(" → ")],
         ["Queue", job.queue],
         ["Attempts", String(job.attempts)],
         ["Worker", job.worker],

@@ -39,8 +39,8 @@ function fill(tr, job) {
     ),
     h("td", {}, recipe(job.spec)),
     h("td", { class: "mono muted" }, job.model_id || "—"),
-    h("td", {}, when(job.created_at)),
-    h("td", {}, job.started_at ? duration(job.started_at, job.finished_at) : "—"),
+    h("td", { class: "nowrap" }, when(job.created_at)),
+    h("td", { class: "nowrap" }, job.started_at ? duration(job.started_at, job.finished_at) : "—"),
   );
 }
 
