@@ -54,10 +54,13 @@ from app.search import trials as state
 from app.search.trials import Phase
 from app.settings import get_settings
 from app.storage import ObjectNotFound, StorageError, get_store
+from worker.card import FileRef
 from worker.constraints import Constraints, bounds, measured, violations
 from worker.contract import (
+    CARD_MEDIA_TYPE,
     FORMATS,
     REPORT_MEDIA_TYPE,
+    ArtifactName,
     DatasetRole,
     ErrorCode,
     LogLevel,
@@ -900,6 +903,11 @@ def _finish(job_id: str) -> str:
         splits = _split_sizes(search)
         model = session.get(MLModel, job.model_id) if job.model_id else None
         model_file = (model.storage_key, model.format) if model is not None else None
+        model_ref = (
+            FileRef(model.sha256, model.size_bytes, str(model.format), model.name, model.id)
+            if model is not None
+            else None
+        )
         lifecycle.add_event(
             session, job_id, "log", "search: verifying the Pareto set on the held-out split"
         )
@@ -911,6 +919,11 @@ def _finish(job_id: str) -> str:
             table, spec, job_spec, artifacts, holdout_file, model_file, folder.path, renewer
         )
     except JobCancelled:
+        folder.remove()
+        with session_scope() as session:
+            job, search = session.get(Job, job_id), session.get(Search, job_id)
+            if job is not None and search is not None:
+                _close(session, job, search)
         return "stopped"
     except Exception as exc:
         verdict = Verdict(
@@ -925,7 +938,6 @@ def _finish(job_id: str) -> str:
         )
     finally:
         renewer.done.set()
-        folder.remove()
     search_metrics: dict[str, Any] = {
         "objectives": [str(o) for o in spec.objectives],
         "trials": table,
@@ -945,6 +957,12 @@ def _finish(job_id: str) -> str:
     if best_metrics:
         metrics = {**best_metrics, "search": search_metrics}
     stored = _artifact_rows(job_id, artifacts, verdict.best, verdict.pareto)
+    try:
+        card = _search_card(job_id, job_spec, metrics, model_ref, stored, folder.path)
+    finally:
+        folder.remove()
+    if card is not None:
+        stored.append(card)
     with session_scope() as session:
         session.execute(
             update(Job)
@@ -962,6 +980,60 @@ def _finish(job_id: str) -> str:
         tenant_id, job_id, scratch, artifacts, keep={a.storage_key for a in stored} if ok else set()
     )
     return "succeeded" if verdict.met else "failed"
+
+
+def _search_card(
+    job_id: str,
+    job_spec: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    model_ref: FileRef | None,
+    stored: Sequence[Artifact],
+    work_dir: Path,
+) -> Artifact | None:
+    """The search's card (:func:`worker.card.render_card`: Pareto plot, trial table, the
+    chosen trial's figures), stored; None, with a warning event, when it cannot be."""
+    from worker.card import render_card
+
+    best = next((a for a in stored if a.name == ArtifactName.model), None)
+    try:
+        html = render_card(
+            job_id=job_id,
+            spec=job_spec,
+            metrics=metrics,
+            model=model_ref or FileRef(sha256="unknown"),
+            artifact=FileRef(best.sha256, best.size_bytes, None, best.filename)
+            if best is not None
+            else None,
+        )
+        path = work_dir / "card.html"
+        path.write_text(html, encoding="utf-8")
+        sha, size = _sha256(path), path.stat().st_size
+        tenant_key = best.storage_key.rsplit("/", 1)[0] if best is not None else None
+        if tenant_key is None:
+            return None  # no model to describe: the trial table is in metrics.search
+        key = f"{tenant_key}/{sha}"
+        get_store().put_file(path, key, sha256=sha)
+    except Exception as exc:
+        log.warning("search %s: the card could not be rendered", job_id, exc_info=True)
+        with session_scope() as session:
+            lifecycle.add_event(
+                session,
+                job_id,
+                "log",
+                f"compression card not rendered: {type(exc).__name__}: {exc}"[:2000],
+                level=LogLevel.warning,
+            )
+        return None
+    return Artifact(
+        id=new_id("art"),
+        job_id=job_id,
+        name=str(ArtifactName.card),
+        filename=f"{job_id}-card.html",
+        media_type=CARD_MEDIA_TYPE,
+        size_bytes=size,
+        sha256=sha,
+        storage_key=key,
+    )
 
 
 @dataclass
