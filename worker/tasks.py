@@ -69,8 +69,10 @@ from app.orm import Artifact, Dataset, Job, JobEvent, JobStatus, MLModel
 from app.queue import (
     DELIVER_WEBHOOK,
     EXPORT_JOB,
+    FINISH_SEARCH,
     INSPECT_MODEL,
     RUN_JOB,
+    SEARCH_STEP,
     get_celery,
     send_after_commit,
 )
@@ -137,7 +139,8 @@ def _log_format(logger: logging.Logger, **_kwargs: Any) -> None:
     format_handlers(logger.handlers, get_settings().log_format)
 
 
-_JOB_TASKS = (RUN_JOB, DELIVER_WEBHOOK, EXPORT_JOB)
+_JOB_TASKS = (RUN_JOB, DELIVER_WEBHOOK, EXPORT_JOB, SEARCH_STEP, FINISH_SEARCH)
+"""Tasks whose first argument is a job id (a trial's task sets it once it knows the job)."""
 _job_tokens: dict[str, Any] = {}
 
 
