@@ -400,6 +400,91 @@ def detect_format(path: Path, explicit: str | None) -> str:
     return str(fmt)
 
 
+# -- constraints (shared by compress and optimize) ---------------------------------
+
+
+def _per_batch_bound(text: str, flag: str, first_batch: int = 1) -> tuple[str, float]:
+    """``"0.5"`` (the first batch size) or ``"32=2.0"`` → ``("batch_32", 2.0)``."""
+    batch, sep, bound = text.partition("=")
+    if not sep:
+        batch, bound = str(first_batch), text
+    batch = batch.removeprefix("batch_")
+    try:
+        size, value = int(batch), float(bound)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not VALUE or BATCH=VALUE", param_hint=flag) from None
+    if size < 1 or not value > 0:
+        raise click.BadParameter(
+            f"{text!r}: the batch size and the bound must be > 0", param_hint=flag
+        )
+    return f"batch_{size}", value
+
+
+def constraint_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The constraint flags (DESIGN §12 names): ``--max-accuracy-drop`` (points),
+    ``--min-cosine``, ``--max-latency-ms``, ``--max-size-bytes``, ``--min-speedup``."""
+    options = [
+        click.option(
+            "--max-accuracy-drop",
+            type=click.FloatRange(min=0, max=100),
+            metavar="POINTS",
+            help="Largest allowed top-1 accuracy drop in percentage points (1 = one point).",
+        ),
+        click.option(
+            "--min-cosine",
+            type=click.FloatRange(min=-1, max=1),
+            help="Smallest allowed cosine similarity of the outputs to the original's.",
+        ),
+        click.option(
+            "--max-latency-ms",
+            multiple=True,
+            metavar="[BATCH=]MS",
+            help="Largest allowed p50 latency (batch 1 unless BATCH= is given); repeatable.",
+        ),
+        click.option(
+            "--max-size-bytes", type=click.IntRange(min=1), help="Largest allowed artifact size."
+        ),
+        click.option(
+            "--min-speedup",
+            multiple=True,
+            metavar="[BATCH=]X",
+            help="Smallest allowed speedup over the original (batch 1 unless BATCH=); repeatable.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def constraints_from_options(
+    max_accuracy_drop: float | None,
+    min_cosine: float | None,
+    max_latency_ms: Sequence[str],
+    max_size_bytes: int | None,
+    min_speedup: Sequence[str],
+    *,
+    first_batch: int = 1,
+) -> dict[str, Any]:
+    """The spec's ``constraints`` from the flags of :func:`constraint_options`; a per-batch
+    bound without ``BATCH=`` is for ``first_batch`` (the first batch size measured)."""
+    constraints: dict[str, Any] = {}
+    if max_accuracy_drop is not None:
+        constraints["accuracy_drop"] = round(max_accuracy_drop / 100, 10)
+    if min_cosine is not None:
+        constraints["cosine_similarity"] = min_cosine
+    if max_latency_ms:
+        constraints["latency_ms"] = dict(
+            _per_batch_bound(t, "'--max-latency-ms'", first_batch) for t in max_latency_ms
+        )
+    if max_size_bytes is not None:
+        constraints["size_bytes"] = max_size_bytes
+    if min_speedup:
+        constraints["speedup"] = dict(
+            _per_batch_bound(t, "'--min-speedup'", first_batch) for t in min_speedup
+        )
+    return constraints
+
+
 class _CompressCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["squish.pipeline_order"] = scan_pipeline_options(self, args)
@@ -492,6 +577,28 @@ class _CompressCommand(click.Command):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the finished job as JSON instead of a summary."
 )
+@constraint_options
+@click.option(
+    "--mlflow",
+    "mlflow_uri",
+    metavar="URI",
+    help="Log the result into an MLflow run on this tracking server (http(s):// or file:///).",
+)
+@click.option(
+    "--mlflow-experiment",
+    metavar="NAME",
+    help="The MLflow experiment (default: squish); needs --mlflow.",
+)
+@click.option(
+    "--mlflow-register",
+    metavar="NAME",
+    help="Register the model as a new version of this MLflow registered model; needs --mlflow.",
+)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Run even when an earlier job of the same model, data and spec could answer.",
+)
 @click.pass_context
 def compress(
     ctx: click.Context,
@@ -513,8 +620,22 @@ def compress(
     poll_interval: float,
     local: bool,
     as_json: bool,
+    max_accuracy_drop: float | None,
+    min_cosine: float | None,
+    max_latency_ms: tuple[str, ...],
+    max_size_bytes: int | None,
+    min_speedup: tuple[str, ...],
+    mlflow_uri: str | None,
+    mlflow_experiment: str | None,
+    mlflow_register: str | None,
+    no_cache: bool,
 ) -> None:
     """Compress MODEL (a .pt2/.onnx file, or an uploaded model's id) and write --out.
+
+    With constraint flags the command is a CI gate: a result that violates one exits 1,
+    naming each violated constraint with the measured value (the model is still written
+    to --out). A bound per batch size takes BATCH=VALUE; without BATCH= it is the first
+    (smallest) batch size measured.
 
     \b
     Example:
@@ -538,6 +659,11 @@ def compress(
         evaluate["warmup"] = warmup
     if iterations is not None:
         evaluate["iterations"] = iterations
+    constraints = constraints_from_options(
+        max_accuracy_drop, min_cosine, max_latency_ms, max_size_bytes, min_speedup,
+        first_batch=min(batch_sizes, default=1),
+    )  # fmt: skip
+    export = mlflow_export_option(mlflow_uri, mlflow_experiment, mlflow_register)
 
     if local:
         _compress_local(
@@ -550,6 +676,8 @@ def compress(
             evaluate,
             out,
             as_json,
+            constraints=constraints,
+            export=export,
         )
         return
 
@@ -566,11 +694,17 @@ def compress(
         output_format=output_format,
         evaluate=evaluate or None,
         webhook_url=webhook_url,
+        constraints=constraints or None,
+        export=export,
+        cache=not no_cache,
     )
     job_id = job["id"]
     click.echo(f"job {job_id} {job.get('status', 'queued')}", err=True)
     job = _wait_with_progress(client, job_id, timeout=timeout, poll_interval=poll_interval)
-    if job.get("status") != "succeeded":
+    if job.get("cached_from"):
+        click.echo(f"served from cache: the result of job {job['cached_from']}", err=True)
+    unmet = (job.get("error") or {}).get("code") == "constraints_unmet"
+    if job.get("status") != "succeeded" and not (unmet and _has_model(job)):
         if as_json:
             _print_json(job)
         raise (JobCancelled if job.get("status") == "cancelled" else JobFailed)(job)
@@ -579,6 +713,28 @@ def compress(
         _print_json(job)
     else:
         _print_summary(job, out)
+    if unmet:  # the gate: the model is written, the command fails naming each violation
+        raise JobFailed(job)
+
+
+def _has_model(job: Mapping[str, Any]) -> bool:
+    return any(a.get("name") == "model" for a in job.get("artifacts") or [])
+
+
+def mlflow_export_option(
+    uri: str | None, experiment: str | None, register: str | None
+) -> dict[str, Any] | None:
+    """The spec's ``export`` from ``--mlflow URI [--mlflow-experiment] [--mlflow-register]``."""
+    if uri is None:
+        if experiment is not None or register is not None:
+            raise click.UsageError("--mlflow-experiment and --mlflow-register need --mlflow URI")
+        return None
+    mlflow: dict[str, Any] = {"tracking_uri": uri}
+    if experiment is not None:
+        mlflow["experiment"] = experiment
+    if register is not None:
+        mlflow["registered_model"] = register
+    return {"mlflow": mlflow}
 
 
 def _wait_with_progress(
@@ -733,6 +889,9 @@ def _compress_local(
     evaluate: Mapping[str, Any],
     out: Path,
     as_json: bool,
+    *,
+    constraints: Mapping[str, Any] | None = None,
+    export: Mapping[str, Any] | None = None,
 ) -> None:
     if not model_path.is_file():
         raise click.BadParameter(
@@ -749,8 +908,13 @@ def _compress_local(
             )
         dataset_paths[role] = path
     try:
+        from pydantic import ValidationError
+
+        from worker.constraints import Constraints, constraint_problems, unmet_message, violations
         from worker.errors import EngineError
+        from worker.export import Export, ExportFailed, export_to_mlflow
         from worker.pipeline import PipelineSpec, run_pipeline
+        from worker.spec import DatasetInfo
     except ImportError as exc:
         raise click.ClickException(
             f"--local needs the compression engine, which is not importable here ({exc}); "
@@ -758,6 +922,18 @@ def _compress_local(
         ) from exc
     # What the user left out keeps the engine's defaults.
     spec = PipelineSpec(steps=steps, output_format=output_format or fmt, device=device, **evaluate)
+    try:  # the checks POST /v1/jobs makes, in the same words
+        bounds = Constraints.model_validate(constraints or {})
+        mlflow = Export.model_validate(export).mlflow if export else None
+    except ValidationError as exc:
+        raise click.UsageError(_validation_text(exc)) from None
+    problems = constraint_problems(
+        bounds,
+        datasets={role: DatasetInfo() for role in dataset_paths},
+        batch_sizes=spec.batch_sizes,
+    )
+    if problems:
+        raise click.UsageError("; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in problems))
     reporter = LocalReporter()
     with tempfile.TemporaryDirectory(prefix="squish-local-") as tmp:
         try:
@@ -773,90 +949,37 @@ def _compress_local(
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.artifact_path, out)
         metrics = getattr(result, "metrics", None) or {}
-    job = {"id": "local", "status": "succeeded", "metrics": metrics}
+        unmet = violations(bounds, result.measured)
+        if mlflow is not None and not unmet:
+            files = {"model": result.artifact_path, "report": result.report_path}
+            try:
+                exported = export_to_mlflow(
+                    mlflow, job_id="local", files=files, metrics=metrics,
+                    recipe={"pipeline": [{"method": m, "params": p} for m, p in steps],
+                            "output_format": spec.output_format, "evaluate": dict(evaluate)},
+                )  # fmt: skip
+                click.echo(f"exported to MLflow: run {exported.run_id}", err=True)
+            except ExportFailed as exc:
+                click.echo(f"warning: MLflow export failed: {exc}", err=True)
+    status = "failed" if unmet else "succeeded"
+    job = {"id": "local", "status": status, "metrics": metrics}
     if as_json:
-        _print_json({"output": str(out), "format": output_format or fmt, "metrics": metrics})
+        _print_json(
+            {"output": str(out), "format": output_format or fmt, "status": status,
+             "metrics": metrics, "violations": [v.model_dump() for v in unmet]}
+        )  # fmt: skip
     else:
         _print_summary(job, out)
+    if unmet:
+        _error(f"constraints_unmet: {unmet_message(unmet)} (the model is at {out})")
+        raise SystemExit(EXIT_FAILED)
 
 
-# -- constraints (shared by compress and optimize) ---------------------------------
-
-
-def _per_batch_bound(text: str, flag: str) -> tuple[str, float]:
-    """``"0.5"`` (batch 1) or ``"32=2.0"`` → ``("batch_32", 2.0)``."""
-    batch, sep, bound = text.partition("=")
-    if not sep:
-        batch, bound = "1", text
-    try:
-        size, value = int(batch), float(bound)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not VALUE or BATCH=VALUE", param_hint=flag) from None
-    if size < 1 or not value > 0:
-        raise click.BadParameter(
-            f"{text!r}: the batch size and the bound must be > 0", param_hint=flag
-        )
-    return f"batch_{size}", value
-
-
-def constraint_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The constraint flags (DESIGN §12 names): ``--max-accuracy-drop`` (points),
-    ``--min-cosine``, ``--max-latency-ms``, ``--max-size-bytes``, ``--min-speedup``."""
-    options = [
-        click.option(
-            "--max-accuracy-drop",
-            type=click.FloatRange(min=0, max=100),
-            metavar="POINTS",
-            help="Largest allowed top-1 accuracy drop in percentage points (1 = one point).",
-        ),
-        click.option(
-            "--min-cosine",
-            type=click.FloatRange(min=-1, max=1),
-            help="Smallest allowed cosine similarity of the outputs to the original's.",
-        ),
-        click.option(
-            "--max-latency-ms",
-            multiple=True,
-            metavar="[BATCH=]MS",
-            help="Largest allowed p50 latency (batch 1 unless BATCH= is given); repeatable.",
-        ),
-        click.option(
-            "--max-size-bytes", type=click.IntRange(min=1), help="Largest allowed artifact size."
-        ),
-        click.option(
-            "--min-speedup",
-            multiple=True,
-            metavar="[BATCH=]X",
-            help="Smallest allowed speedup over the original (batch 1 unless BATCH=); repeatable.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def constraints_from_options(
-    max_accuracy_drop: float | None,
-    min_cosine: float | None,
-    max_latency_ms: Sequence[str],
-    max_size_bytes: int | None,
-    min_speedup: Sequence[str],
-) -> dict[str, Any]:
-    """The spec's ``constraints`` from the flags of :func:`constraint_options`."""
-    constraints: dict[str, Any] = {}
-    if max_accuracy_drop is not None:
-        constraints["accuracy_drop"] = round(max_accuracy_drop / 100, 10)
-    if min_cosine is not None:
-        constraints["cosine_similarity"] = min_cosine
-    if max_latency_ms:
-        constraints["latency_ms"] = dict(
-            _per_batch_bound(t, "'--max-latency-ms'") for t in max_latency_ms
-        )
-    if max_size_bytes is not None:
-        constraints["size_bytes"] = max_size_bytes
-    if min_speedup:
-        constraints["speedup"] = dict(_per_batch_bound(t, "'--min-speedup'") for t in min_speedup)
-    return constraints
+def _validation_text(exc: Any) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
+        for error in exc.errors()
+    )
 
 
 # -- optimize ----------------------------------------------------------------------
@@ -1427,6 +1550,25 @@ def jobs_deliveries(ctx: click.Context, job_id: str, as_json: bool) -> None:
         click.echo("no webhook delivery attempts (yet)")
     else:
         _table(items, DELIVERY_COLUMNS)
+
+
+@jobs.command("card")
+@click.argument("job_id")
+@click.option(
+    "-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write it (default: JOB_ID-card.html here).",
+)  # fmt: skip
+@click.option("--open", "open_it", is_flag=True, help="Open it in the default web browser.")
+@click.pass_context
+def jobs_card(ctx: click.Context, job_id: str, out: Path | None, open_it: bool) -> None:
+    """Download a job's compression card (one HTML file that opens offline)."""
+    path = _client(ctx).download_card(job_id, out)
+    click.echo(f"wrote {path} ({_fmt_bytes(path.stat().st_size)})")
+    if open_it:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            click.echo(f"no browser could be started; open {path} yourself", err=True)
 
 
 # -- webhook secret ----------------------------------------------------------------

@@ -260,8 +260,13 @@ class Client:
         evaluate: Mapping[str, Any] | None = None,
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
+        constraints: Mapping[str, Any] | None = None,
+        export: Mapping[str, Any] | None = None,
+        cache: bool = True,
     ) -> dict[str, Any]:
-        """Submit a compression job and return it (status ``queued``).
+        """Submit a compression job and return it (status ``queued``; ``succeeded`` at once,
+        with ``cached_from``, when an earlier job of this tenant had the same model bytes,
+        datasets and spec).
 
         Args:
             model_id: the model to compress.
@@ -274,6 +279,13 @@ class Client:
             webhook_url: a URL the server POSTs to when the job finishes.
             idempotency_key: sent as ``Idempotency-Key``; one is generated when omitted,
                 so a retried request never creates a second job.
+            constraints: bounds the result must meet (a CI gate), e.g.
+                ``{"accuracy_drop": 0.01, "speedup": {"batch_1": 1.5}}``; a result that
+                violates one fails the job with ``constraints_unmet`` (its artifacts stay
+                downloadable, ``error["violations"]`` lists each with the measured value).
+            export: ``{"mlflow": {"tracking_uri": ..., "experiment": ..., "registered_model":
+                ...}}``: log the succeeded result into an MLflow run.
+            cache: False runs the job even when the result cache could answer it.
 
         Raises:
             ValidationFailed: the spec asks for something impossible; ``errors`` says
@@ -286,6 +298,9 @@ class Client:
             "output_format": output_format,
             "evaluate": dict(evaluate) if evaluate else None,
             "webhook_url": webhook_url,
+            "constraints": dict(constraints) if constraints else None,
+            "export": dict(export) if export else None,
+            "cache": None if cache else False,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         key = idempotency_key or uuid.uuid4().hex
@@ -523,6 +538,18 @@ class Client:
             expected_size=artifact.get("size_bytes"),
             resume=resume,
         )
+
+    def download_card(self, job_id: str, path: str | os.PathLike[str] | None = None) -> Path:
+        """Download a succeeded job's compression card (artifact ``card``): one HTML file
+        that opens offline in any browser. ``path`` defaults to ``<job_id>-card.html`` in
+        the current folder. Checked against its sha256 like every artifact.
+
+        Raises:
+            NotFound: the job has no card (not succeeded, or its card could not be
+                rendered: the job's events say why).
+        """
+        target = Path(path) if path is not None else Path(f"{job_id}-card.html")
+        return self.download_artifact(job_id, "card", target, resume=False)
 
     # -- webhooks ----------------------------------------------------------------
 

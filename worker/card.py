@@ -447,6 +447,7 @@ class _Context:
                         v for v in trial.get("violations") or [] if isinstance(v, Mapping)
                     ],
                     "seconds": _number(trial.get("seconds")),
+                    "error": _get(trial, "error", "message"),
                     "pareto": number in pareto,
                     "best": number is not None and number == best,
                 }
@@ -569,6 +570,16 @@ def fmt_value(value: Any) -> str | Markup:
         return "yes" if value else "no"
     if (n := _number(value)) is not None:
         return f"{n:.4g}"
+    if isinstance(value, Mapping) and _number(value.get("value")) is not None:
+        # an interval (DESIGN §12 held-out figures): value, n, ci95
+        text = f"{value['value']:.4g}"
+        extra = [f"n {value['n']}"] if isinstance(value.get("n"), int) else []
+        ci = value.get("ci95")
+        if isinstance(ci, list) and len(ci) == 2 and all(_number(c) is not None for c in ci):
+            extra.append(f"95 % CI {ci[0]:.4g} to {ci[1]:.4g}")
+        return f"{text} ({', '.join(extra)})" if extra else text
+    if isinstance(value, list) and len(value) == 2 and all(_number(c) is not None for c in value):
+        return f"{value[0]:.4g} to {value[1]:.4g}"
     if isinstance(value, Mapping | list):
         return json.dumps(value, default=str)
     return str(value)

@@ -575,7 +575,36 @@ def test_artifacts_get(
     assert out.read_bytes() == live.artifact_bytes(job["id"], "report", tmp_path)
     missing = squish("artifacts", "get", job["id"], "weights", "-o", str(tmp_path / "w"))
     assert missing.exit_code == 2
-    assert "has no artifact 'weights'; available: model, report" in missing.stderr
+    assert "has no artifact 'weights'; available: card, model, report" in missing.stderr
+
+
+def test_jobs_card_downloads_and_opens_the_card(
+    squish: Any,
+    live: Live,
+    client: Client,
+    worker: InProcessWorker,
+    model_files: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import webbrowser
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
+    job = submit(client, model_files)
+    worker.run(job["id"])
+    out = tmp_path / "card.html"
+    result = squish("jobs", "card", job["id"], "--out", str(out), "--open")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == live.artifact_bytes(job["id"], "card", tmp_path)
+    assert out.read_text().startswith("<!DOCTYPE html>") and job["id"] in out.read_text()
+    assert opened == [out.resolve().as_uri()]
+    monkeypatch.chdir(tmp_path)  # the default name, in the current folder
+    assert client.download_card(job["id"]) == Path(f"{job['id']}-card.html")
+    assert Path(f"{job['id']}-card.html").read_bytes() == out.read_bytes()
+    queued = client.create_job(job["model_id"], [("quantize.dynamic", {})])
+    missing = squish("jobs", "card", queued["id"])
+    assert missing.exit_code == 2 and "has no artifact 'card'" in missing.stderr
 
 
 def test_methods(squish: Any, client: Client) -> None:

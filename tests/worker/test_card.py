@@ -170,6 +170,7 @@ def test_unmeasured_figures_are_absent_not_zero(job: PipelineResult) -> None:
 
 
 SEARCH = {
+    "objectives": ["latency", "size"],
     "trials": [
         {
             "number": 0,
@@ -185,6 +186,7 @@ SEARCH = {
                 "compressed": {"size_bytes": 24000, "accuracy": 0.965,
                                "latency_ms": {"batch_1": {"p50": 0.03, "p95": 0.04, "mean": 0.03}}},
                 "fidelity": {"cosine_similarity": 0.999, "mse": 0.1, "max_abs_error": 0.5},
+                "ratios": {"size": 3.5},
             },
         },
         {
@@ -200,21 +202,27 @@ SEARCH = {
                 "original": {"accuracy": 0.97},
                 "compressed": {"size_bytes": 80000, "accuracy": 0.77,
                                "latency_ms": {"batch_1": {"p50": 0.4, "p95": 0.5, "mean": 0.4}}},
+                "ratios": {"size": 1.05},
             },
         },
         {"number": 2, "pipeline": [{"method": "distill", "params": {}}], "status": "failed",
-         "feasible": False, "metrics": {}},
+         "output_format": "pt2", "runtime": "torch",
+         "error": {"code": "method_failed", "message": "distill needs a train dataset"}},
     ],
     "pareto": [0],
     "best": 0,
     "met": True,
     "unmet": [],
-    "sensitivity": {"fc1": {"quantize": 0.001, "prune": 0.02}, EVIL: 0.5},
-    "holdout": {"accuracy": 0.964, "n": 540, "ci95": [0.948, 0.98]},
+    "sensitivity": {"fc1": {"parameters": 8192, "quantized_cosine": 0.9991,
+                            "pruned_accuracy": 0.95}, EVIL: {"quantized_cosine": 0.5}},
+    "holdout": {"accuracy": {"value": 0.964, "n": 540, "ci95": [0.948, 0.98]}, "n": 540},
 }  # fmt: skip
 
 
 def test_a_search_card_has_the_pareto_plot_and_the_trial_and_sensitivity_tables() -> None:
+    from worker.schemas import SearchMetrics
+
+    assert SearchMetrics.model_validate(SEARCH).to_json() == SEARCH  # the contract's shape
     html = render_card(
         job_id="job_search",
         spec={"search": {"objectives": ["latency", "size"], "constraints": {"accuracy_drop": 0.01}},
@@ -233,10 +241,12 @@ def test_a_search_card_has_the_pareto_plot_and_the_trial_and_sensitivity_tables(
     assert "accuracy_drop: 0.2 vs 0.01" in search  # the infeasible trial's violation
     assert [search.count(f"<tr><td>{n}") for n in range(3)] == [1, 1, 1]  # every trial
     assert search.count('<tr><td class="mono">') == 2  # a sensitivity row per layer
-    assert "quantize" in search and "prune" in search and "&lt;script&gt;" in search
-    assert "540" in search  # the held-out split's size
-    # A trial that measured nothing is listed, and drawn nowhere.
-    assert "1 trial(s) without a latency or size" in search or "failed" in search
+    assert "quantized_cosine" in search and "pruned_accuracy" in search
+    assert "&lt;script&gt;" in search  # a layer name, escaped
+    assert "0.964 (n 540, 95 % CI 0.948 to 0.98)" in search  # the held-out interval
+    # A trial that measured nothing is listed with why, and drawn nowhere.
+    assert "distill needs a train dataset" in search
+    assert "1 trial(s) without a latency or size" in search
 
 
 # --- the worker stores it ----------------------------------------------------------------
