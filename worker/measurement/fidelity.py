@@ -30,18 +30,8 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
     Raises:
         ValueError: the outputs do not compare (count or shapes differ).
     """
-    if len(reference) != len(candidate):
-        raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidates")
-    for ref, cand in zip(reference, candidate, strict=True):
-        if ref.shape != cand.shape:
-            raise ValueError(f"output shapes differ: {ref.shape} vs {cand.shape}")
-    num = reference[0].shape[0] if reference[0].ndim else 1
-    ref_flat = np.concatenate([r.reshape(num, -1).astype(np.float64) for r in reference], axis=1)
-    cand_flat = np.concatenate([c.reshape(num, -1).astype(np.float64) for c in candidate], axis=1)
-    dots = (ref_flat * cand_flat).sum(axis=1)
-    norms = np.linalg.norm(ref_flat, axis=1) * np.linalg.norm(cand_flat, axis=1)
-    both_zero = norms == 0
-    cosine = np.where(both_zero, 1.0, dots / np.where(both_zero, 1.0, norms))
+    ref_flat, cand_flat = _flat(reference, candidate)
+    cosine = _cosines(ref_flat, cand_flat)
     diff = ref_flat - cand_flat
     first = reference[0]
     classes = first.ndim == 2 and first.shape[1] > 1
@@ -53,6 +43,31 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
         if classes
         else None,
     )
+
+
+def sample_cosines(reference: list[np.ndarray], candidate: list[np.ndarray]) -> np.ndarray:
+    """Per sample: the cosine between its flattened outputs (what ``cosine_similarity``
+    averages). Raises ValueError as :func:`compare_outputs` does."""
+    return _cosines(*_flat(reference, candidate))
+
+
+def _flat(reference: list[np.ndarray], candidate: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidates")
+    for ref, cand in zip(reference, candidate, strict=True):
+        if ref.shape != cand.shape:
+            raise ValueError(f"output shapes differ: {ref.shape} vs {cand.shape}")
+    num = reference[0].shape[0] if reference[0].ndim else 1
+    ref_flat = np.concatenate([r.reshape(num, -1).astype(np.float64) for r in reference], axis=1)
+    cand_flat = np.concatenate([c.reshape(num, -1).astype(np.float64) for c in candidate], axis=1)
+    return ref_flat, cand_flat
+
+
+def _cosines(ref_flat: np.ndarray, cand_flat: np.ndarray) -> np.ndarray:
+    dots = (ref_flat * cand_flat).sum(axis=1)
+    norms = np.linalg.norm(ref_flat, axis=1) * np.linalg.norm(cand_flat, axis=1)
+    both_zero = norms == 0
+    return np.where(both_zero, 1.0, dots / np.where(both_zero, 1.0, norms))
 
 
 def is_token_output(output: np.ndarray, inputs: dict[str, np.ndarray]) -> bool:
