@@ -12,8 +12,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from app.errors import RETRY_AFTER_S, ServiceUnavailable, Unprocessable
 from app.settings import get_settings
@@ -58,13 +59,16 @@ def _addresses(host: str, port: int, resolve: Resolver) -> list[str]:
         raise UrlUnresolvable(
             f"the host {host!r} does not resolve ({exc})", temporary=False
         ) from None
-    return sorted({str(info[4][0]).partition("%")[0] for info in infos})
+    # In the resolver's order of preference, each once.
+    return list(dict.fromkeys(str(info[4][0]).partition("%")[0] for info in infos))
 
 
-def check_url(url: str, *, allow_private: bool, resolve: Resolver = socket.getaddrinfo) -> None:
+def check_url(url: str, *, allow_private: bool, resolve: Resolver | None = None) -> list[str]:
     """Raise `UrlRefused` (or `UrlUnresolvable`) unless squish may POST to `url`.
 
     Every address the host resolves to must be public: a client may connect to any of them.
+    Returns those addresses (none when private ones are allowed: nothing was resolved), for
+    the caller to connect to (:func:`pin`), so that DNS is not asked again in between.
     """
     parts = urlsplit(url)
     if parts.scheme.lower() not in SCHEMES:
@@ -73,7 +77,7 @@ def check_url(url: str, *, allow_private: bool, resolve: Resolver = socket.getad
     if not host:
         raise UrlRefused("the URL has no host")
     if allow_private:
-        return
+        return []
     try:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
@@ -81,7 +85,7 @@ def check_url(url: str, *, allow_private: bool, resolve: Resolver = socket.getad
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
-        addresses = _addresses(host, port, resolve)
+        addresses = _addresses(host, port, resolve or socket.getaddrinfo)
     else:
         addresses = [str(literal)]
     for text in addresses:
@@ -92,6 +96,33 @@ def check_url(url: str, *, allow_private: bool, resolve: Resolver = socket.getad
                 f"the host {host!r} {resolved} a {why} address; squish only calls public "
                 "addresses (an operator can allow private ones with SQUISH_WEBHOOK_ALLOW_PRIVATE)"
             )
+    return addresses
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A request to `url`'s host sent to one checked address of it."""
+
+    url: str
+    """`url` with the address in place of the host name."""
+    host: str | None
+    """The `Host` header to send (the original host and port); None: unchanged."""
+    sni_hostname: str | None
+    """The TLS server name (and the name the certificate must match) for https."""
+
+
+def pin(url: str, address: str) -> Pinned:
+    """Send to `address`, as checked, instead of resolving `url`'s host again (a DNS
+    answer that changed since the check must not decide where the request goes)."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if host is None or address == host or address == host.strip("[]"):
+        return Pinned(url, None, None)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    literal = f"[{address}]" if ":" in address else address
+    netloc = f"{userinfo}{at}{literal}" + (f":{parts.port}" if parts.port else "")
+    sni = host if parts.scheme.lower() == "https" else None
+    return Pinned(urlunsplit(parts._replace(netloc=netloc)), hostport, sni)
 
 
 def submitted_webhook_url(url: object | None) -> str | None:

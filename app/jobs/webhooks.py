@@ -163,9 +163,13 @@ def _claim(session: Session, job_id: str) -> _Claimed | None:
 def _attempt(claimed: _Claimed) -> _Attempt:
     """Check the URL again, then POST the signed body (unless refused)."""
     try:
-        netguard.check_url(claimed.url, allow_private=bool(get_settings().webhook_allow_private))
+        addresses = netguard.check_url(
+            claimed.url, allow_private=bool(get_settings().webhook_allow_private)
+        )
     except netguard.UrlRefused as exc:
         return _Attempt(Outcome.refused, error=f"not sent: {exc}")
+    # Connect to the address just checked, not to whatever DNS answers next.
+    target = netguard.pin(claimed.url, addresses[0]) if addresses else None
     headers = {
         "User-Agent": USER_AGENT,
         "Content-Type": "application/json",
@@ -173,14 +177,7 @@ def _attempt(claimed: _Claimed) -> _Attempt:
     }
     start = time.perf_counter()
     try:
-        # No redirects: a redirect could lead to an address the check above would refuse.
-        response = httpx.post(
-            claimed.url,
-            content=claimed.body,
-            timeout=TIMEOUT_S,
-            headers=headers,
-            follow_redirects=False,
-        )
+        response = _send(claimed.url, claimed.body, headers, target)
     except httpx.HTTPError as exc:
         duration_ms = (time.perf_counter() - start) * 1000
         return _Attempt(
@@ -195,6 +192,25 @@ def _attempt(claimed: _Claimed) -> _Attempt:
         error=f"HTTP {response.status_code}",
         duration_ms=duration_ms,
     )
+
+
+def _send(
+    url: str, body: bytes, headers: dict[str, str], target: netguard.Pinned | None
+) -> httpx.Response:
+    """POST `body`; to `target`'s address when given. No redirects: a redirect could lead
+    to an address the check would refuse."""
+    extensions: dict[str, Any] = {}
+    if target is not None:
+        url = target.url
+        if target.host:
+            headers = {**headers, "Host": target.host}
+        if target.sni_hostname:
+            extensions["sni_hostname"] = target.sni_hostname
+    with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as client:
+        request = client.build_request(
+            "POST", url, content=body, headers=headers, extensions=extensions
+        )
+        return client.send(request)
 
 
 def _record_attempt(session: Session, job_id: str, claimed: _Claimed, attempt: _Attempt) -> None:

@@ -525,7 +525,7 @@ def test_a_webhook_whose_worker_died_mid_delivery_is_delivered_once_its_claim_la
     monkeypatch.setattr(webhooks, "CLAIM_S", 0.2)
     monkeypatch.setattr(webhooks, "CLOCK_SKEW_S", 0.0)  # one clock in this test
     with monkeypatch.context() as patched:  # the worker dies after claiming, before the POST
-        patched.setattr(webhooks.httpx, "post", killed)
+        patched.setattr(webhooks, "_send", killed)
         with pytest.raises(Killed):
             tasks.deliver_webhook(job_id)
     assert tasks.deliver_webhook(job_id) == "skipped"  # the claim still holds

@@ -315,6 +315,45 @@ def test_the_guard_is_checked_again_before_each_delivery(
     assert "not sent" in attempt["error"] and "127.0.0.1" in attempt["error"]
 
 
+def test_a_delivery_goes_to_the_address_that_was_checked(
+    api: dict[str, Any],
+    tenants: dict[str, str],
+    receiver: Receiver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS is asked once per try, by the check; the POST connects to the address it
+    approved (a second answer, e.g. a rebinding to an internal address, is never used)."""
+    from app import netguard
+    from worker import tasks
+
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.1", "10.0.0.9"])  # the second answer would be refused
+
+    def resolve(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), 0))]
+        return real(host, *args, **kwargs)
+
+    job_id = finished_job(
+        tenants["alice"], tmp_path, f"http://hooks.example.test:{receiver.port}/h"
+    )
+    allow_private(monkeypatch, False)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    # This receiver stands in for a public one: its loopback address counts as public here.
+    checked = netguard._forbidden
+    monkeypatch.setattr(
+        netguard, "_forbidden", lambda a: None if str(a) == "127.0.0.1" else checked(a)
+    )
+    assert tasks.deliver_webhook(job_id) == "delivered"
+    [(headers, _body)] = receiver.requests
+    assert headers["Host"] == f"hooks.example.test:{receiver.port}"
+    pinned = netguard.pin("https://u:p@hooks.example.test:8443/x?y=1", "2001:db8::1")
+    assert pinned == netguard.Pinned(
+        "https://u:p@[2001:db8::1]:8443/x?y=1", "hooks.example.test:8443", "hooks.example.test"
+    )
+
+
 def test_check_url_refuses_a_host_with_any_private_address() -> None:
     from app.netguard import UrlRefused, UrlUnresolvable, check_url
 
