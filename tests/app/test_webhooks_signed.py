@@ -399,3 +399,43 @@ def test_private_addresses_are_allowed_by_default_only_in_embedded_mode(
         is True
     )
     assert Settings(broker_url="", webhook_allow_private=False).webhook_allow_private is False
+
+
+def test_secrets_are_made_once_and_rotated_on_both_databases(db: str) -> None:
+    """Racing first uses agree on one secret (the partial unique index); a rotation keeps
+    the old one signing beside the new one."""
+    from sqlalchemy.exc import IntegrityError
+
+    from app.db import session_scope
+    from app.errors import Conflict
+    from app.keys import get_or_create_tenant
+    from app.webhook_secrets import service
+
+    with session_scope() as session:
+        tenant_id = get_or_create_tenant(session, "alice").id
+    made: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def first_use() -> None:
+        try:
+            start.wait()
+            with session_scope() as session:
+                made.append(service.current_secret(session, tenant_id).secret)
+        except (IntegrityError, Conflict) as exc:  # the loser of a race may be told to retry
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with session_scope() as session:
+        current = service.current_secret(session, tenant_id).secret
+    assert set(made) <= {current} and len(made) + len(errors) == 4
+
+    with session_scope() as session:
+        new, expires_at = service.rotate(session, tenant_id)
+    assert expires_at is not None and new.secret != current
+    with session_scope() as session:
+        assert service.signing_secrets(session, tenant_id) == [new.secret, current]
