@@ -222,17 +222,19 @@ def worker_log(
     log_file = tmp_path / "worker.log"
     with log_file.open("wb") as out:
         process = subprocess.Popen(
-            worker_argv("cpu", 1, "json-logs@%h"), env=env, stdout=out, stderr=subprocess.STDOUT
+            worker_argv("cpu", 1, "json-logs@%h"),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         yield log_file, process
     finally:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        # Its job is over: the worker and its pool process are killed at once (a warm
+        # shutdown takes seconds and is tested elsewhere).
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_json_log_lines_of_a_worker_carry_the_job_id(
