@@ -126,6 +126,8 @@ class Outcome(StrEnum):
 def _after_fork(**_kwargs: Any) -> None:
     # Connections must not cross a fork; warm the engine up so the first job starts fast.
     reset_engine()
+    import matplotlib.figure  # noqa: F401  (the card's charts: its import is the slow part)
+
     import worker.pipeline  # noqa: F401
 
 
@@ -223,7 +225,8 @@ def export_job(job_id: str) -> str:
         files: dict[str, Path] = {}
         try:
             for name, key, filename in stored:
-                files[name] = folder.path / filename
+                # Named as in the folder of a job that ran: model.onnx, report.json, ...
+                files[name] = folder.path / filename.removeprefix(f"{job_id}-")
                 get_store().get_to_file(key, files[name])
         except StorageError as exc:
             log_event(f"MLflow export failed (the job's result is not affected): {exc}",
