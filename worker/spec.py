@@ -194,6 +194,12 @@ def format_problem(method: Method, fmt: str, input_format: str, output_format: s
                 "; set output_format to 'onnx' to convert the model and run it in ONNX "
                 "Runtime at the end of the pipeline"
             )
+        if fmt == ModelFormat.hf and output_format == ModelFormat.aoti:
+            message += (
+                f" (in PyTorch, {method.name} quantizes a torch.export program, which an hf "
+                "model becomes only when it is compiled after the last step: for an int8 "
+                "aoti package, upload the model as a pt2 program)"
+            )
     return message
 
 

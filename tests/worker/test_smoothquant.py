@@ -236,3 +236,19 @@ def test_static_int8_of_a_transformer_block_keeps_more_with_smoothing(tmp_path: 
         assert len(smoothing) == (alpha is not None)
     # Measured: cosine 0.9888 without, 0.9992 with.
     assert 1 - scores[0.5] < (1 - scores[None]) / 4
+
+
+@pytest.mark.parametrize("method", ["quantize.static", "quantize.dynamic"])
+def test_int8_of_an_hf_model_for_aoti_is_refused_saying_why_and_what_works(method: str) -> None:
+    problems = check_pipeline(
+        PipelineRequest(
+            model_format="hf",
+            steps=[(method, {})],
+            output_format="aoti",
+            datasets={"calibration": _known()},
+        )
+    )
+    assert len(problems) == 1
+    message = problems[0].msg
+    assert "output_format to 'onnx'" in message and "torch.export program" in message
+    assert "upload the model as a pt2 program" in message
