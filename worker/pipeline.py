@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,18 @@ class PipelineSpec:
 
 
 @dataclass
+class Resume:
+    """A model the first ``len(steps)`` steps of a spec made (in the input format), with
+    those steps' measured entries."""
+
+    model_path: Path
+    steps: list[StepMetrics]
+
+
+AfterStep = Callable[[int, LoadedModel, list[StepMetrics]], None]
+
+
+@dataclass
 class PipelineResult:
     """The compressed model and what was measured.
 
@@ -86,12 +98,14 @@ class PipelineResult:
         artifact_format: its format.
         measured: the figures, typed (:class:`worker.schemas.PipelineMetrics`).
         report_path: ``report.json``: spec, model signature, steps, metrics and the log.
+        reused_steps: leading steps taken from a ``resume`` model instead of run.
     """
 
     artifact_path: Path
     artifact_format: str
     measured: PipelineMetrics
     report_path: Path
+    reused_steps: int = 0
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -106,6 +120,9 @@ def run_pipeline(
     datasets: dict[str, Path],
     work_dir: Path,
     reporter: Reporter,
+    *,
+    resume: Resume | None = None,
+    after_step: AfterStep | None = None,
 ) -> PipelineResult:
     """Compress ``model_path`` as ``spec`` says and measure the result against it.
 
@@ -118,6 +135,12 @@ def run_pipeline(
     After every step the model is saved and measured (:data:`STEP_ITERATIONS` timed runs
     per batch size, no peak memory; the last step reuses the artifact's full measurement
     when the artifact is that step's model) into ``metrics["steps"]``.
+
+    ``resume`` starts from a model the first steps of ``spec`` already made (a search's
+    trials share such prefixes): those steps are not rerun, their entries are taken as
+    they were measured, and everything is still measured against ``model_path``.
+    ``after_step(index, model, steps)`` is called after each step that runs on the model in
+    its own format, once that step is measured (a search stores such prefixes).
 
     Raises:
         EngineError: its subclasses for every expected failure (broken model, data that
@@ -162,9 +185,15 @@ def run_pipeline(
 
     # The steps, each measured on the model it leaves (the last one may be the artifact).
     steps: list[StepMetrics] = []
+    if resume is not None:
+        model = load_model(resume.model_path, model_format)
+        steps = [step.model_copy(deep=True) for step in resume.steps]
+        log.log(f"steps 1-{len(steps)} reused from an earlier run of the same steps")
     conversion: Conversion | None = None
     span = (_P_STEPS_END - _P_DATA) / max(1, len(methods))
     for index, (method, params) in enumerate(methods):
+        if index < len(steps):
+            continue
         step_start = _P_DATA + span * index
         if converting and index == convert_at:
             model, conversion = _convert(model, spec.output_format, bench.inputs, log, step_start)
@@ -185,6 +214,8 @@ def run_pipeline(
         if not (last_is_artifact and index == len(methods) - 1):
             measuring = ScaledReporter(log, step_start + span * _STEP_RUN_SHARE, step_start + span)
             bench.measure_step(model, step, index, work_dir, measuring)
+        if after_step is not None and model.format == model_format:
+            after_step(index, model, steps)
 
     if converting and convert_at == len(methods):
         model, conversion = _convert(model, spec.output_format, bench.inputs, log, _P_STEPS_END)
