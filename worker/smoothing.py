@@ -157,7 +157,7 @@ def smooth_onnx(
         t: ls
         for t, ls in groups.items()
         if all(len(readers[ly.weight]) == 1 for ly in ls)
-        and all(sum(1 for c in consumers[ly.weight]) == 1 for ly in ls)
+        and all(len(consumers[ly.weight]) == 1 for ly in ls)
     }
     if not groups:
         return SmoothingResult(model, [], [])
@@ -184,7 +184,7 @@ def smooth_onnx(
             inits[layer.weight].CopyFrom(numpy_helper.from_array(scaled, layer.weight))
         folded = _fold_division(tensor, factors, producers, consumers, inits, layers, outputs)
         if folded is None:
-            muls.append(_insert_mul(graph, tensor, factors, layers))
+            muls.append(_insert_mul(graph, tensor, factors, layers, weights[0].dtype))
         smoothed.append(
             SmoothedInput(
                 tensor=tensor,
@@ -338,7 +338,11 @@ def _fold_division(
 
 
 def _insert_mul(
-    graph: onnx.GraphProto, tensor: str, factors: np.ndarray, layers: list[_Layer]
+    graph: onnx.GraphProto,
+    tensor: str,
+    factors: np.ndarray,
+    layers: list[_Layer],
+    dtype: np.dtype,
 ) -> onnx.NodeProto:
     """A ``Mul`` by ``1/factors`` that ``layers`` read instead of ``tensor`` (not yet in the
     graph: :func:`_place` puts it)."""
@@ -352,7 +356,7 @@ def _insert_mul(
         index += 1
         name = f"{base}_{index}"
     graph.initializer.append(
-        numpy_helper.from_array((1.0 / factors).astype(np.float32), f"{name}_inverse")
+        numpy_helper.from_array((1.0 / factors).astype(dtype), f"{name}_inverse")
     )
     for layer in layers:
         layer.node.input[0] = name
