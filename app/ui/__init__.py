@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
-from starlette.responses import Response
+from starlette.datastructures import URL
+from starlette.exceptions import HTTPException
+from starlette.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -46,26 +50,58 @@ CARD_VIEWER_CSP = "; ".join(
     )
 )
 CARD_VIEWER = "card.html"
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    # Revalidate each time (ETag / Last-Modified): an upgraded server serves its own files.
-    "Cache-Control": "no-cache",
-}
+PAGES = ("index.html", CARD_VIEWER)
+"""The HTML pages: each names its scripts and styles under ``v/{{version}}/``."""
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+# A page is revalidated each time; the files under v/<version>/ never change (the version is
+# their hash), so a browser keeps them and a revisit costs one request.
+PAGE_CACHE = "no-cache"
+ASSET_CACHE = "public, max-age=31536000, immutable"
+
+
+@functools.cache
+def version() -> str:
+    """The hash of the static files: a new release (or any edit) gets new asset URLs."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in STATIC.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(STATIC).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _page(name: str) -> bytes:
+    return (STATIC / name).read_text().replace("{{version}}", version()).encode()
 
 
 class DashboardFiles(StaticFiles):
-    """`StaticFiles` whose every answer carries the dashboard's security headers."""
+    """The dashboard's files: its pages (with their asset version filled in) and the assets,
+    under ``v/<version>/`` with a year-long cache, every answer with the security headers."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
-        response = await super().get_response(path, scope)
-        csp = CARD_VIEWER_CSP if Path(path).name == CARD_VIEWER else DASHBOARD_CSP
+        name = Path(path).as_posix()
+        if name in ("", ".") and not scope["path"].endswith("/"):
+            return RedirectResponse(URL(scope=scope).replace(path=scope["path"] + "/"))
+        if name in ("", ".", *PAGES):
+            if scope["method"] not in ("GET", "HEAD"):
+                raise HTTPException(status_code=405, headers={"Allow": "GET, HEAD"})
+            page = PAGES[0] if name in ("", ".") else name
+            response: Response = Response(_page(page), media_type="text/html")
+            cache = PAGE_CACHE
+        else:
+            parts = name.split("/", 2)
+            cache = PAGE_CACHE
+            if len(parts) == 3 and parts[0] == "v":
+                name = parts[2]
+                cache = ASSET_CACHE if parts[1] == version() else PAGE_CACHE
+            response = await super().get_response(name, scope)
+        csp = CARD_VIEWER_CSP if Path(name).name == CARD_VIEWER else DASHBOARD_CSP
         response.headers["Content-Security-Policy"] = csp
-        for name, value in SECURITY_HEADERS.items():
-            response.headers[name] = value
+        response.headers["Cache-Control"] = cache
+        for header, value in SECURITY_HEADERS.items():
+            response.headers[header] = value
         return response
 
 
 def files() -> DashboardFiles:
     """The ASGI app to mount at `MOUNT` (`/ui` answers with a redirect to `/ui/`)."""
-    return DashboardFiles(directory=STATIC, html=True)
+    return DashboardFiles(directory=STATIC)

@@ -89,6 +89,7 @@ def test_sign_in_upload_submit_follow_and_download(
         pg.click("#add-step")
         pg.select_option("#step-1-method", "quantize.dynamic")
         pg.fill('[data-loc="evaluate.batch_sizes"]', "1, 32")
+        pg.fill('[data-loc="evaluate.iterations"]', "5")
 
         # A 422: its error next to the field it names, the problem above the button.
         with pg.expect_response(
@@ -126,6 +127,7 @@ def test_sign_in_upload_submit_follow_and_download(
         assert spec["pipeline"][0]["params"]["amount"] == 0.5
         assert spec["pipeline"][0]["params"]["scope"] == "global"
         assert spec["evaluate"]["batch_sizes"] == [1, 32]
+        assert spec["evaluate"]["iterations"] == 5
         assert spec["datasets"] == {"eval": eval_id, "calibration": calibration_id}
 
         # Followed live to the end: the event log (SSE through fetch), then the metrics.
@@ -394,8 +396,16 @@ def test_ui_headers_and_redirect(live: Any) -> None:
         viewer = client.get("/ui/card.html").headers["content-security-policy"]
         assert "script-src 'self'" in viewer and "unsafe-eval" not in viewer
         assert "script-src 'self';" in viewer.replace("'self' 'unsafe-inline'", "")
-        script = client.get("/ui/js/main.js")
+        # Assets under the version of the files: kept a year; the page itself is revalidated.
+        assert index.headers["cache-control"] == "no-cache"
+        [main] = re.findall(r'<script type="module" src="(v/[0-9a-f]{12}/js/main\.js)"', index.text)
+        script = client.get(f"/ui/{main}")
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+        assert "immutable" in script.headers["cache-control"]
+        assert script.content == (STATIC / "js" / "main.js").read_bytes()
+        stale = client.get("/ui/v/000000000000/js/main.js")
+        assert stale.status_code == 200 and stale.headers["cache-control"] == "no-cache"
+        assert client.post("/ui/").status_code == 405
         missing = client.get("/ui/js/nope.js")
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")

@@ -246,7 +246,7 @@ function render(root, context, params) {
     ),
     h(
       "div",
-      { class: "kind", role: "radiogroup", "aria-label": "Kind of job" },
+      { class: "kind-choice", role: "radiogroup", "aria-label": "Kind of job" },
       h("label", { class: "check", for: "kind-pipeline" }, kindPipeline, "Pipeline: the steps you choose"),
       h("label", { class: "check", for: "kind-search" }, kindSearch, "Search: the smallest or fastest model that meets your constraints"),
     ),

@@ -1,22 +1,24 @@
 // The dashboard's shell: sign-in, navigation, and a hash router (#/jobs, #/jobs/ID, #/new, #/upload).
 
 import { ApiProblem, apiKey, checkKey, onUnauthorized, setApiKey } from "./api.js";
-import { createView } from "./create.js";
 import { h, problemBox, replace } from "./dom.js";
-import { jobView } from "./job.js";
 import { jobsView } from "./jobs.js";
-import { uploadView } from "./upload.js";
+
+// The list is the first page most visits see: it loads with the shell; the other views
+// (and their charts and form builder) load when first opened.
+const lazy = (module, name) => async (root, param) => (await import(module))[name](root, param);
 
 const main = document.getElementById("view");
 const nav = document.getElementById("nav");
 let cleanup = null;
+let routed = 0;
 let signInProblem = null;
 
 const ROUTES = [
-  [/^#\/jobs\/([A-Za-z0-9_-]+)$/, jobView],
+  [/^#\/jobs\/([A-Za-z0-9_-]+)$/, lazy("./job.js", "jobView")],
   [/^#\/jobs(?:\?(.*))?$/, jobsView],
-  [/^#\/new(?:\?(.*))?$/, createView],
-  [/^#\/upload$/, uploadView],
+  [/^#\/new(?:\?(.*))?$/, lazy("./create.js", "createView")],
+  [/^#\/upload$/, lazy("./upload.js", "uploadView")],
 ];
 
 function signInView(root) {
@@ -115,10 +117,23 @@ function route() {
     cleanup = signInView(main);
     return;
   }
+  const generation = ++routed;
   for (const [pattern, view] of ROUTES) {
     const match = hash.match(pattern);
     if (match) {
-      cleanup = view(main, match[1] || "") || null;
+      const shown = view(main, match[1] || "");
+      if (shown instanceof Promise) {
+        // A lazily loaded view: its cleanup arrives later, unless the route changed meanwhile.
+        shown.then(
+          (stop) => {
+            if (generation === routed) cleanup = stop || null;
+            else if (stop) stop();
+          },
+          (error) => replace(main, problemBox({ title: "The page could not be loaded", detail: String(error) })),
+        );
+      } else {
+        cleanup = shown || null;
+      }
       return;
     }
   }
