@@ -136,10 +136,7 @@ def test_sign_in_upload_submit_follow_and_download(
         kinds = pg.eval_on_selector_all("#event-log li", "els => els.map(e => e.dataset.kind)")
         stored = [e["kind"] for e in live.stored_events(job_id)]
         assert kinds == stored and "status" in kinds and "progress" in kinds
-        assert (
-            pg.get_attribute("#job-progress", "data-progress") == "1.0"
-            or pg.get_attribute("#job-progress", "data-progress") == "1"
-        )
+        assert float(pg.get_attribute("#job-progress", "data-progress")) == 1.0
         pg.wait_for_selector("#metrics-table", timeout=WAIT_MS)
         figures = pg.eval_on_selector_all(
             "#metrics-table tbody tr", "els => els.map(e => e.dataset.figure)"
@@ -258,6 +255,12 @@ def test_jobs_list_pages_through_the_cursor_and_updates_live(live: Any, browser:
         # The status filter is the API's.
         pg.select_option("#filter-status", "running")
         expect(pg.locator("#jobs-body tr[data-job]")).to_have_count(1, timeout=WAIT_MS)
+
+        # A key that stops working (revoked) while signed in: back to sign-in, with why.
+        pg.evaluate("() => sessionStorage.setItem('squish.apiKey', 'sq_revoked')")
+        pg.wait_for_selector("#signin-status .problem", timeout=WAIT_MS)
+        assert "Invalid API key" in pg.inner_text("#signin-status .problem")
+        assert pg.evaluate("() => sessionStorage.getItem('squish.apiKey')") is None
         assert pg.page_errors == []
 
 
