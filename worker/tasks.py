@@ -184,7 +184,7 @@ def run_job(job_id: str) -> str:
             return record_outcome(job, exc)
         outputs.unmet = judge(job.spec, result)
         if not outputs.unmet:
-            export_result(job, result, outputs)
+            export_result(job, outputs)
         return record_outcome(job, outputs)
 
 
@@ -222,17 +222,7 @@ def export_job(job_id: str) -> str:
 
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with WorkDir.make("job", job_id, token) as folder:
-        files: dict[str, Path] = {}
-        try:
-            for name, key, filename in stored:
-                # Named as in the folder of a job that ran: model.onnx, report.json, ...
-                files[name] = folder.path / filename.removeprefix(f"{job_id}-")
-                get_store().get_to_file(key, files[name])
-        except StorageError as exc:
-            log_event(f"MLflow export failed (the job's result is not affected): {exc}",
-                      LogLevel.warning, {"export": "mlflow"})  # fmt: skip
-            return "failed"
-        return _export(job_id, spec, files, metrics, log_event)
+        return _export(job_id, spec, stored, folder.path, metrics, log_event)
 
 
 # --- claim ------------------------------------------------------------------------------
@@ -639,21 +629,22 @@ def judge(spec: dict[str, Any], result: PipelineResult) -> list[Violation]:
     return violations(Constraints.model_validate(bounds), result.measured)
 
 
-def export_result(job: ClaimedJob, result: PipelineResult, outputs: Outputs) -> None:
-    """Log a succeeded result where ``export`` says (MLflow), from the work folder's files.
+def export_result(job: ClaimedJob, outputs: Outputs) -> None:
+    """Log a succeeded result where ``export`` says (MLflow), from its stored artifacts (the
+    store took the work folder's files).
 
     Never fails the job: a tracking server that is down or refuses is a warning event.
     """
     if not job.spec.get("export"):
         return
-    stored = {a.name for a in outputs.artifacts}
-    local = {
-        "model": result.artifact_path,
-        "report": result.report_path,
-        "card": job.work_dir / "card.html",
-    }
-    files = {name: path for name, path in local.items() if name in stored and path.is_file()}
-    _export(job.id, job.spec, files, outputs.metrics, job.reporter.log)
+    stored = [
+        (a.name, a.storage_key, a.filename)
+        for a in outputs.artifacts
+        if a.name in EXPORTED_ARTIFACTS
+    ]
+    folder = job.work_dir / "export"
+    folder.mkdir(exist_ok=True)
+    _export(job.id, job.spec, stored, folder, outputs.metrics, job.reporter.log)
 
 
 EXPORTED = "exported to MLflow"
@@ -663,16 +654,31 @@ EXPORTED_ARTIFACTS = ("model", "report", "card")
 def _export(
     job_id: str,
     spec: dict[str, Any],
-    files: dict[str, Path],
+    stored: list[tuple[str, str, str]],
+    folder: Path,
     metrics: dict[str, Any],
     log_event: Callable[..., None],
 ) -> str:
-    """One export (worker/export.py) and its event: a success, or a warning saying why not."""
+    """One export (worker/export.py) of the ``(name, storage key, filename)`` artifacts,
+    fetched into ``folder``, and its event: a success, or a warning saying why not."""
     from worker.export import Export, ExportFailed, export_to_mlflow
 
     config = Export.model_validate(spec["export"]).mlflow
     if config is None:
         return "skipped"
+    files: dict[str, Path] = {}
+    try:
+        for name, key, filename in stored:
+            # Named as the job's work folder had them: model.onnx, report.json, card.html
+            files[name] = folder / filename.removeprefix(f"{job_id}-")
+            get_store().get_to_file(key, files[name])
+    except StorageError as exc:
+        log_event(
+            f"MLflow export failed (the job's result is not affected): {exc}",
+            LogLevel.warning,
+            {"export": "mlflow", "tracking_uri": config.tracking_uri},
+        )
+        return "failed"
     recipe = {k: v for k, v in spec.items() if k not in ("webhook_url", "export")}
     try:
         exported = export_to_mlflow(
