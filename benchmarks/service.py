@@ -1004,3 +1004,61 @@ def bench_e2e(
             "compressed": done["metrics"]["compressed"]["latency_ms"][key],
         },
     }
+
+
+# --- result cache: POST -> succeeded for a spec answered from the cache ------------------------
+
+
+def bench_cache(rounds: int) -> dict[str, Any]:
+    """``squish serve``: one job runs, then ``rounds`` alternating pairs of the same spec
+    answered from the cache and run afresh (``"cache": false``), each timed from the POST
+    to a GET that reads ``succeeded``; each cached job is checked to have run nowhere."""
+    with workdir("cache") as root:
+        model_path = tiny_onnx(root / "tiny.onnx")
+        with embedded_serve(root) as service:
+            model = service.upload(model_path, "models", name="bench-cache")
+            service.wait_model_inspected(model["id"])
+            spec = {"model_id": model["id"], **PRUNE_JOB}
+            source = service.wait_job(service.create_job(spec)["id"], poll_s=0.05)
+            cached_s: list[float] = []
+            fresh_s: list[float] = []
+            post_s: list[float] = []
+            proofs: list[bool] = []
+            for _ in range(rounds):
+                for cache in (True, False):
+                    t0 = time.perf_counter()
+                    response = service.http.post("/v1/jobs", json={**spec, "cache": cache})
+                    posted = time.perf_counter() - t0
+                    if response.status_code != 202:
+                        raise BenchError(f"POST /v1/jobs answered {response.status_code}")
+                    job = service.wait_job(response.json()["id"], poll_s=0.01)
+                    elapsed = time.perf_counter() - t0
+                    if not cache:
+                        fresh_s.append(elapsed)
+                        continue
+                    cached_s.append(elapsed)
+                    post_s.append(posted)
+                    events = service.http.get(
+                        f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}
+                    ).text
+                    proofs.append(
+                        job["cached_from"] == source["id"]
+                        and job["attempts"] == 0
+                        and job["started_at"] == job["finished_at"]
+                        and events.count("event: ") == 1
+                        and "served from cache" in events
+                    )
+    return {
+        "rounds": rounds,
+        "cached_p50_s": round(percentile(cached_s, 50), 4),
+        "cached_p95_s": round(percentile(cached_s, 95), 4),
+        "cached_max_s": round(max(cached_s), 4),
+        "cached_post_p50_s": round(percentile(post_s, 50), 4),
+        "fresh_p50_s": round(percentile(fresh_s, 50), 4),
+        "fresh_min_s": round(min(fresh_s), 4),
+        "ratio_fresh_over_cached_p50": round(percentile(fresh_s, 50) / percentile(cached_s, 50), 1),
+        "cached_samples_s": [round(x, 4) for x in cached_s],
+        "fresh_samples_s": [round(x, 4) for x in fresh_s],
+        "nothing_ran": all(proofs),
+        "topology": "squish serve: SQLite, folder broker, local objects, 1 worker",
+    }

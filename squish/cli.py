@@ -1431,12 +1431,14 @@ def _job_fields(job: Mapping[str, Any]) -> None:
             ("error", error_text),
             ("artifacts", artifacts),
             ("attempts", job.get("attempts")),
+            ("cached", f"from {job['cached_from']}" if job.get("cached_from") else None),
             ("created", _fmt_time(job.get("created_at"))),
             ("started", _fmt_time(job.get("started_at")) if job.get("started_at") else None),
             ("finished", _fmt_time(job.get("finished_at")) if job.get("finished_at") else None),
         ],
     )
-    if job.get("status") == "succeeded" and job.get("metrics"):
+    # A constraints_unmet job keeps what it measured: shown like a success's.
+    if job.get("status") in ("succeeded", "failed") and job.get("metrics"):
         click.echo("")
         for line in summary_lines(job, None)[1:]:
             click.echo(line)
