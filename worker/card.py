@@ -385,18 +385,30 @@ class _Context:
         return stages
 
     def layers(self) -> list[dict[str, Any]]:
+        """``metrics.layers``; a layer's sparsity figure that a later step's entry dropped
+        (quantizing a pruned layer keeps its zeros but reports none) is taken from the last
+        step that measured one, and says which step that was."""
         layers = self.m.get("layers") or {}
+        measured: dict[str, tuple[float, int]] = {}
+        for index, step in enumerate(self.steps):
+            for name, entry in (step.get("layers") or {}).items():
+                if isinstance(entry, Mapping) and _number(entry.get("sparsity")) is not None:
+                    measured[str(name)] = (float(entry["sparsity"]), index + 1)
         rows = []
         for name, entry in layers.items():
             if not isinstance(entry, Mapping):
                 continue
             steps = entry.get("steps") or []
+            sparsity, after = _number(entry.get("sparsity")), None
+            if sparsity is None and str(name) in measured:
+                sparsity, after = measured[str(name)]
             rows.append(
                 {
                     "name": str(name),
                     "status": entry.get("status"),
                     "dtype": entry.get("dtype"),
-                    "sparsity": _number(entry.get("sparsity")),
+                    "sparsity": sparsity,
+                    "sparsity_after": after,
                     "clipped": _number(entry.get("clipped")),
                     "rank": entry.get("rank"),
                     "reason": entry.get("reason"),

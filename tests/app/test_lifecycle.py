@@ -372,7 +372,7 @@ def test_a_deleted_dataset_fails_the_job_with_dataset_deleted(
     }
 
 
-@pytest.mark.parametrize("during", [".onnx", ".json", ".html"], ids=["model", "report", "card"])
+@pytest.mark.parametrize("during", ["model", "report"])
 def test_cancel_during_artifact_upload_leaves_no_orphan(
     during: str,
     tenant: str,
@@ -389,7 +389,7 @@ def test_cancel_during_artifact_upload_leaves_no_orphan(
     job_id = create_job(tenant, add_model(tenant, onnx_model), webhook_url=receiver.url)
 
     def put_file(path: Path, key: str, *, sha256: str | None = None) -> None:
-        if path.suffix == during:
+        if path.suffix == (".json" if during == "report" else ".onnx"):
             cancel(job_id)  # the user cancels while this upload is under way
         store.put_file(path, key, sha256=sha256)
         put.append(key)

@@ -3,6 +3,7 @@ escaped, honest about what was not measured; stored by the worker as artifact `c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from html.parser import HTMLParser
@@ -13,8 +14,6 @@ import pytest
 
 from tests.factories import digits_npz, tiny_mlp_onnx
 from worker.card import FileRef, render_card
-from worker.context import NullReporter
-from worker.pipeline import PipelineResult, PipelineSpec, run_pipeline
 
 EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
@@ -60,103 +59,64 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def job(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> PipelineResult:
-    """The digits MLP (pt2): magnitude pruning then dynamic int8 in ONNX Runtime."""
-    spec = PipelineSpec(
-        steps=[("prune.magnitude", {"amount": 0.5}), ("quantize.dynamic", {})],
-        output_format="onnx",
-        batch_sizes=[1, 8],
-        warmup=0,
-        iterations=3,
-    )
-    work = tmp_path_factory.mktemp("card-job")
-    return run_pipeline(
-        files["pt2"], "pt2", spec, {"eval": files["eval"]}, work / "run", NullReporter()
-    )
+def render(metrics: dict[str, Any], spec: dict[str, Any], **kwargs: Any) -> str:
+    kwargs.setdefault("model", FileRef("a" * 64))
+    kwargs.setdefault("artifact", FileRef("b" * 64))
+    return render_card(job_id="job_card", spec=spec, metrics=metrics, **kwargs)
 
 
-def spec_of(result: PipelineResult) -> dict[str, Any]:
-    return {
-        "pipeline": [
-            {"method": s.method, "params": {"amount": 0.5} if i == 0 else {}}
-            for i, s in enumerate(result.measured.steps or [])
-        ],
-        "output_format": "onnx",
-        "target": {"device": "cpu", "runtime": "onnxruntime"},
-        "evaluate": {"batch_sizes": [1, 8], "warmup": 0, "iterations": 3},
-    }
-
-
-def test_a_real_jobs_card_has_identity_recipe_figures_and_charts(
-    job: PipelineResult, files: dict[str, Path]
-) -> None:
-    measured = job.measured.model_copy(deep=True)
-    assert measured.steps
-    measured.steps[0].params["scope"] = EVIL  # a user-controlled string in a step's params
-    model = FileRef(sha(files["pt2"]), files["pt2"].stat().st_size, "pt2", EVIL, "mdl_1")
-    artifact = FileRef(sha(job.artifact_path), job.artifact_path.stat().st_size, "onnx")
-    data = FileRef(sha(files["eval"]), files["eval"].stat().st_size, "npz", "digits", "ds_1")
-    html = render_card(
-        job_id="job_card",
-        spec=spec_of(job),
-        metrics=measured,
-        model=model,
-        artifact=artifact,
-        datasets={"eval": data},
-        warnings=[f"a warning naming {EVIL}"],
-    )
+def check_figures_and_charts(html: str, job: dict[str, Any]) -> None:
+    """The recipe, versions, hardware, charts, figures and layers of a real job's card."""
+    metrics = job["metrics"]
     page = assert_self_contained(html)
-    # The evil strings are text, never markup.
-    assert "<script>" not in html and "<img" not in html
-    assert html.count("&lt;script&gt;alert(") == 3  # the model's name, the param, the warning
-    # Identity: the hashes of the model, the dataset and the artifact.
-    for ref in (model, data, artifact):
-        assert ref.sha256 in html
     # The recipe: every step, with the params that ran (hardware defaults filled in).
     recipe = html[html.index('id="recipe"') : html.index('id="metrics"')]
-    for step in job.measured.steps or []:
-        assert step.method in recipe
-        for key in step.params:
+    for step in metrics["steps"]:
+        assert step["method"] in recipe
+        for key in step["params"]:
             assert f"<code>{key}=" in recipe
     # Versions and hardware, read on this machine.
     import torch
 
     assert f"<th>torch</th><td>{torch.__version__}</td>" in html
-    cpu = job.measured.hardware and job.measured.hardware.cpu
-    assert cpu and ", ".join(cpu.instruction_sets) in html
-    # Real charts: the waterfall, the latency spread and the per-layer sparsity, as inline SVG
-    # with ids unique in the page.
+    assert ", ".join(metrics["hardware"]["cpu"]["instruction_sets"]) in html
+    # Real charts: the waterfall, the latency spread and the per-layer sparsity, as inline
+    # SVG with ids unique in the page.
     labels = [attrs.get("aria-label") or "" for attrs in page.named("svg")]
     assert any(label.startswith("per-step waterfall") for label in labels)
     assert any(label.startswith("latency per batch size") for label in labels)
     assert "sparsity per layer" in labels
     ids = [attrs["id"] for _tag, attrs in page.tags if attrs.get("id")]
     assert len(ids) == len(set(ids))
-    # Figures: the measured ones, formatted; the compressed accuracy in its row.
-    compressed = job.measured.compressed
-    assert compressed.accuracy is not None
-    assert f"{compressed.accuracy * 100:.2f} %" in row(html, "accuracy")
-    assert "batch 8" in html
-    # Per-layer changes: every layer the job reports.
-    for name in job.measured.layers or {}:
+    # Figures, formatted; per-layer changes: every layer the job reports.
+    assert f"{metrics['compressed']['accuracy'] * 100:.2f} %" in row(html, "accuracy")
+    assert row(html, "batch 8")
+    for name in metrics["layers"]:
         assert f'<td class="mono">{name}</td>' in html
 
 
-def test_unmeasured_figures_are_absent_not_zero(job: PipelineResult) -> None:
-    metrics = job.metrics
+def check_escaping(job: dict[str, Any]) -> None:
+    """User-controlled strings in params, names and warnings are text, never markup."""
+    metrics = copy.deepcopy(job["metrics"])
+    metrics["steps"][0]["params"]["scope"] = EVIL
+    html = render(
+        metrics, job["spec"], model=FileRef("a" * 64, name=EVIL),
+        datasets={"eval": FileRef("c" * 64, name=EVIL)}, warnings=[f"a warning naming {EVIL}"],
+    )  # fmt: skip
+    assert_self_contained(html)
+    assert "<script>" not in html and "<img" not in html
+    assert html.count("&lt;script&gt;alert(") == 4  # model, dataset, param, warning
+
+
+def check_absent(job: dict[str, Any]) -> None:
+    """A figure that was not measured is shown as absent, never as 0."""
+    metrics = copy.deepcopy(job["metrics"])
     for key in ("accuracy", "peak_memory_bytes", "macs"):
         metrics["compressed"].pop(key)
     metrics["compressed"]["latency_ms"].pop("batch_8")
     metrics["ratios"]["speedup"].pop("batch_8")
     metrics["steps"][0].pop("latency_ms")
-    html = render_card(
-        job_id="job_absent",
-        spec=spec_of(job),
-        metrics=metrics,
-        model=FileRef("a" * 64),
-        artifact=FileRef("b" * 64),
-    )
+    html = render(metrics, job["spec"])
     assert_self_contained(html)
     for label in ("accuracy", "peak memory", "MACs per sample"):
         cells = re.findall(r'<td class="n">(.*?)</td>', row(html, label))
@@ -281,14 +241,16 @@ def _submit(api: Any, tmp_path: Path, *, prune: bool = True) -> tuple[str, Path,
             "model_id": model.json()["id"],
             "pipeline": steps,
             "datasets": {"eval": dataset.json()["id"]},
-            "evaluate": {"batch_sizes": [1], "warmup": 0, "iterations": 1},
+            "evaluate": {"batch_sizes": [1, 8] if prune else [1], "warmup": 0, "iterations": 1},
         },
     )
     assert job.status_code == 202, job.text
     return job.json()["id"], model_path, data_path
 
 
-def test_a_succeeded_job_lists_its_card_and_serves_it_as_html(api: Any, tmp_path: Path) -> None:
+def test_a_real_jobs_card_is_listed_served_as_html_and_shows_what_the_job_did(
+    api: Any, tmp_path: Path
+) -> None:
     from worker import tasks
 
     job_id, model_path, data_path = _submit(api, tmp_path)
@@ -303,12 +265,15 @@ def test_a_succeeded_job_lists_its_card_and_serves_it_as_html(api: Any, tmp_path
     assert answer.headers["content-type"] == "text/html; charset=utf-8"
     assert hashlib.sha256(answer.content).hexdigest() == card["sha256"]
     html = answer.text
-    assert_self_contained(html)
     assert "<script>" not in html and "&lt;script&gt;" in html  # the model's name, escaped
+    # Identity: the hashes of the model, the dataset and the artifact.
     for digest in (sha(model_path), sha(data_path), artifacts["model"]["sha256"]):
         assert digest in html
-    assert "prune.magnitude" in html and "quantize.dynamic" in html
     assert job_id in html
+    check_figures_and_charts(html, job)
+    # The same job's figures, re-rendered with hostile strings and with figures left out.
+    check_escaping(job)
+    check_absent(job)
 
 
 def test_a_card_that_cannot_be_rendered_does_not_fail_the_job(
