@@ -25,9 +25,19 @@ from typing import TYPE_CHECKING, Literal, Self
 import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
+from worker.contract import DatasetRole
 from worker.errors import InvalidParamsError
 from worker.layers import Exclude, excluded_layers, layer_of, record_layers
-from worker.methods.base import Method, MethodParams, Range, Searchable, SearchRole, context_format
+from worker.methods.base import (
+    Choice,
+    DataNeed,
+    Method,
+    MethodParams,
+    Range,
+    Searchable,
+    SearchRole,
+    context_format,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +69,14 @@ class MagnitudePruneParams(MethodParams):
         epochs_per_step: fine-tuning epochs after each round (``steps > 1``).
         lr: Adam learning rate of the fine-tuning (``steps > 1``).
         batch_size: fine-tuning batch size (``steps > 1``).
+
+        allocation: ``"uniform"`` (default) prunes every tensor to ``amount``;
+            ``"sensitivity"`` prunes each tensor as far as the model's output, with only
+            that tensor pruned, keeps a cosine of ``min_cosine`` to the original's on the
+            eval (else calibration) inputs, up to ``amount`` (stability-based pruning:
+            robust layers lose more, sensitive ones less; pt2 and hf, ``steps=1``).
+        min_cosine: the output cosine each tensor's pruning must keep with
+            ``allocation="sensitivity"`` (default 0.99).
 
     Example:
         ``{"method": "prune.magnitude", "params": {"amount": 0.8, "steps": 4, "epochs_per_step": 2}}``
@@ -107,10 +125,38 @@ class MagnitudePruneParams(MethodParams):
     batch_size: int = Field(
         default=32, ge=1, le=65536, description="Fine-tuning batch size (steps > 1)."
     )
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        default="uniform",
+        description=(
+            "'uniform': every selected tensor pruned to `amount`; 'sensitivity': each tensor "
+            "pruned as far as the model's output, with only that tensor pruned, keeps a "
+            "cosine similarity of at least `min_cosine` to the original's on the eval (else "
+            "calibration) inputs, and at most to `amount` (pt2 and hf models, steps=1, "
+            "scope 'layer')."
+        ),
+    )
+    min_cosine: float = Field(
+        default=0.99,
+        gt=0.0,
+        lt=1.0,
+        description="allocation 'sensitivity': the output cosine each tensor's pruning keeps.",
+    )
 
     @model_validator(mode="after")
     def _trainable_format(self, info: ValidationInfo) -> Self:
         fmt = context_format(info)
+        if self.allocation == "sensitivity":
+            if fmt == "onnx":
+                raise ValueError(
+                    "allocation 'sensitivity' runs the model with each tensor pruned in "
+                    "memory, which pt2 and hf models allow: upload the model as pt2, or use "
+                    "allocation 'uniform'"
+                )
+            if self.steps > 1 or self.scope != "layer":
+                raise ValueError(
+                    "allocation 'sensitivity' chooses one amount per tensor: use steps=1 and "
+                    "scope 'layer'"
+                )
         if fmt == "onnx" and self.steps > 1:
             raise ValueError(
                 "steps > 1 fine-tunes the model between pruning rounds, and onnx models "
@@ -147,6 +193,9 @@ _ONNX_WEIGHT_INPUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "Conv": ((1,), (2,)),
     "ConvTranspose": ((1,), (2,)),
 }
+ALLOCATION_STEP = 0.05
+"""allocation 'sensitivity' tries amounts on this grid (and `amount` itself)."""
+
 # Nodes a weight may pass through between its initializer and the layer.
 _ONNX_PASS_THROUGH = frozenset({"Transpose", "Identity", "Cast", "Reshape"})
 
@@ -174,7 +223,28 @@ def prune_magnitude(
         _record(ctx, owners, final, excluded)
         return pruned_model
     ctx.progress(0.1)
-    pruned = l1_prune(tensors, params.amount, params.scope)
+    if params.allocation == "sensitivity":
+        from worker.search.sensitivity import allocate_pruning
+
+        amounts = allocate_pruning(model, ctx, tensors, params.amount, params.min_cosine)
+        pruned = {
+            name: l1_prune({name: tensors[name]}, amount, "layer")[name]
+            for name, amount in amounts.items()
+            if amount > 0
+        }
+        ctx.log(
+            f"sensitivity allocation (output cosine >= {params.min_cosine}): "
+            f"{len(pruned)} of {len(amounts)} tensors pruned",
+            data={"amounts": amounts},
+        )
+        if not pruned:
+            raise InvalidParamsError(
+                f"no tensor can be pruned (even by {ALLOCATION_STEP:g}) while the output keeps "
+                f"a cosine of {params.min_cosine}: lower min_cosine",
+                step=ctx.method,
+            )
+    else:
+        pruned = l1_prune(tensors, params.amount, params.scope)
     ctx.progress(0.8)
     if model.format == "pt2":
         assert model.program is not None
@@ -197,6 +267,14 @@ def prune_magnitude(
     _record(ctx, owners, pruned, excluded)
     ctx.progress(1.0)
     return model
+
+
+def _datasets_for(params: MagnitudePruneParams) -> list[DataNeed | str]:
+    needs: list[DataNeed | str] = ["train"] if params.steps > 1 else []
+    if params.allocation == "sensitivity":
+        why = "allocation 'sensitivity' runs the model on real inputs"
+        needs.append(DataNeed((DatasetRole.eval, DatasetRole.calibration), why=why))
+    return needs
 
 
 def tensor_layers(model: LoadedModel) -> dict[str, str]:
@@ -520,8 +598,10 @@ METHOD = Method(
     handler=prune_magnitude,
     datasets_optional=frozenset({"train", "eval"}),
     devices=frozenset({"cpu", "gpu"}),
-    datasets_for=lambda params: frozenset({"train"}) if params.steps > 1 else frozenset(),
+    datasets_for=_datasets_for,
     search=Searchable(
-        SearchRole.structure, {"amount": Range(0.3, 0.9, step=0.1)}, defaults={"amount": 0.5}
+        SearchRole.structure,
+        {"amount": Range(0.3, 0.9, step=0.1), "allocation": Choice(("uniform", "sensitivity"))},
+        defaults={"amount": 0.5},
     ),
 )

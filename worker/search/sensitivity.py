@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.context import Reporter
+from worker.context import Reporter, StepContext
 from worker.contract import DatasetRole, ModelFormat
 from worker.data import fit_dataset, load_dataset
 from worker.errors import DatasetMismatchError, UnsupportedError
@@ -242,3 +242,69 @@ def _changed(
             yield Runtime(path, "onnx", device)
 
     return rewritten() if model.format == ModelFormat.onnx else in_memory()
+
+
+class _InMemory:
+    """A runtime over a model in memory (pt2 or hf), as :func:`run_loaded` calls one."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        from worker.formats.registry import backend_for
+
+        self.model = model
+        self.device = "cpu"
+        # the pt2 and hf runners run the model in memory: no file is read
+        self._run = backend_for(model.format).runner(model, Path(), "cpu")
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run(feeds)
+
+
+def allocate_pruning(
+    model: LoadedModel,
+    ctx: StepContext,
+    tensors: dict[str, Any],
+    max_amount: float,
+    min_cosine: float,
+) -> dict[str, float]:
+    """``prune.magnitude``'s ``allocation: "sensitivity"``: by tensor, the largest amount on
+    the grid (``ALLOCATION_STEP`` up to ``max_amount``) at which pruning only that tensor
+    keeps the output cosine at least ``min_cosine`` (0: none); a binary search, since the
+    output moves further the more of one tensor is zeroed. ``tensors`` are the model's own
+    (edited in place and restored)."""
+    import torch
+
+    from worker.methods.prune_magnitude import ALLOCATION_STEP
+
+    role = next((r for r in (DatasetRole.eval, DatasetRole.calibration) if r in ctx.datasets), None)  # fmt: skip
+    if role is None:
+        raise DatasetMismatchError(
+            "allocation 'sensitivity' needs an eval or calibration dataset", step=ctx.method
+        )
+    data = ctx.datasets[role].head(MAX_SAMPLES)
+    feeds = fit_dataset(model, role, data)
+    runtime: Any = _InMemory(model)
+    reference = pool_token_outputs(run_loaded(runtime, feeds, FIDELITY_BATCH), feeds)
+    count = int(max_amount / ALLOCATION_STEP + 1e-9)
+    grid = sorted({round(ALLOCATION_STEP * k, 6) for k in range(1, count + 1)} | {max_amount})
+    grid = [a for a in grid if a <= max_amount]
+    amounts: dict[str, float] = {}
+    for index, (name, tensor) in enumerate(tensors.items()):
+        ctx.progress(0.1 + 0.6 * index / max(1, len(tensors)))
+        original = tensor.detach().clone()
+        low, high, best = 0, len(grid) - 1, 0.0
+        while low <= high:
+            middle = (low + high) // 2
+            pruned = prune_smallest(original.float().cpu().numpy(), grid[middle])
+            with torch.no_grad():
+                tensor.copy_(torch.from_numpy(pruned).to(tensor.dtype))
+            try:
+                outputs = pool_token_outputs(run_loaded(runtime, feeds, FIDELITY_BATCH), feeds)
+            finally:
+                with torch.no_grad():
+                    tensor.copy_(original)
+            if float(sample_cosines(reference, outputs).mean()) >= min_cosine:
+                best, low = grid[middle], middle + 1
+            else:
+                high = middle - 1
+        amounts[name] = best
+    return amounts

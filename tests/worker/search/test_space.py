@@ -101,7 +101,9 @@ def test_known_good_recipes_come_first_each_method_alone_with_its_defaults() -> 
     assert all(len(recipe.steps) == 1 for recipe in recipes)
     searched = {n for n, m in REGISTRY.items() if m.search and m.search.role != "recovery"}
     assert set(singles) == searched
-    assert singles["prune.magnitude"].steps == [("prune.magnitude", {"amount": 0.5})]
+    assert singles["prune.magnitude"].steps == [
+        ("prune.magnitude", {"amount": 0.5, "allocation": "uniform"})
+    ]
     assert singles["quantize.dynamic"].output_format == ModelFormat.onnx
     assert "exclude" not in singles["quantize.static"].steps[0][1]
 
