@@ -98,6 +98,7 @@ from worker.errors import (
     JobCancelled,
     ModelDeletedError,
 )
+from worker.measurement import timing_lock
 
 if TYPE_CHECKING:
     from worker.pipeline import PipelineResult
@@ -891,6 +892,8 @@ class WorkDir:
     def make(cls, kind: str, obj_id: str, token: str) -> WorkDir:
         root = get_settings().work_dir
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # every process of this host times its models under one lock file in this root
+        timing_lock.set_lock_dir(root)
         path = root / f"squish-{kind}-{obj_id}-{os.getpid()}"
         if not WORK_DIR_NAME.fullmatch(path.name):
             raise ValueError(f"not a work folder name: {path.name!r}")

@@ -13,6 +13,7 @@ One module per kind of figure, and one that puts them together for a pipeline ru
 - :mod:`.result_warnings`: what the job's events say when the result is slower or far off.
 - :mod:`.alternatives`: the other runtimes a slower result could run in, measured when cheap.
 - :mod:`.bench`: what a pipeline run measures, after each step and at the end.
+- :mod:`.timing_lock`: one timed measurement at a time per host and device.
 
 The figures are the typed models of :mod:`worker.schemas`; one that cannot be measured is
 left out, and the reporter's log says why. Nothing is imported here, so that the memory
