@@ -1,5 +1,6 @@
-"""Choosing among a search's trials: Pareto set, the best trial, the verdict, and the
-held-out verification of the candidates (DESIGN §10, §12).
+"""Choosing among a search's trials: Pareto set, best trial, verdict, held-out verification.
+
+DESIGN §10 and §12 say what each means.
 
 Trials are ``metrics.search.trials`` entries (dicts, or :class:`worker.schemas.SearchTrial`
 models). Only succeeded trials with every objective measured are ranked. Feasibility is

@@ -1,5 +1,6 @@
-"""The eval data split in two: a search split trials are ranked on, a held-out split that
-only verifies the Pareto set and the chosen model (DESIGN §10).
+"""The eval data split into a search split (ranks trials) and a held-out one (verifies).
+
+Only the held-out split verifies the Pareto set and the chosen model (DESIGN §10).
 
 Deterministic for a seed, disjoint, and stratified by label when the data is labelled
 (each class keeps its share in both splits), so a bound verified on the held-out split

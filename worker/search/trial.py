@@ -1,5 +1,7 @@
-"""One search trial: a recipe run as a pipeline on the search split, reusing the longest
-stored prefix of its steps (the same distilled model quantized four ways is distilled once).
+"""One search trial: a recipe run as a pipeline, reusing the longest stored prefix of it.
+
+The search split is its eval data; the same distilled model quantized four ways is
+distilled once.
 
 A prefix is stored as one zip file (``model<suffix>`` + ``steps.json``, the steps' measured
 entries) in a :class:`PrefixStore` the caller provides, keyed by
