@@ -49,7 +49,7 @@ from app.errors import database_outage
 from app.files import delete_if_unused, object_key
 from app.jobs import lifecycle
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel, Search, SearchTrial
-from app.queue import FINISH_SEARCH, RUN_TRIAL, SEARCH_STEP, send_after_commit
+from app.queue import FINISH_SEARCH, RUN_TRIAL, SEARCH_STEP, send, send_after_commit
 from app.search import trials as state
 from app.search.trials import Phase
 from app.settings import get_settings
@@ -134,7 +134,8 @@ def start(job: ClaimedJob, inputs: Inputs) -> str:
     )
     sensitivity_json = _sensitivity_json(sensitivity)
 
-    store = get_store()
+    sizes = {"search": _count(search_path), "holdout": _count(holdout_path)}
+    store = get_store()  # (it takes the files it is given)
     stored: dict[str, Any] = {}
     for name, path in (("search", search_path), ("holdout", holdout_path)):
         key = scratch_key(job.tenant_id, job.id, f"{name}{''.join(path.suffixes)}")
@@ -148,7 +149,7 @@ def start(job: ClaimedJob, inputs: Inputs) -> str:
                 phase=Phase.trials,
                 inputs=stored,
                 sensitivity=sensitivity_json,
-                splits={"search": _count(search_path), "holdout": _count(holdout_path)},
+                splits=sizes,
             )
         )
         lifecycle.add_event(
@@ -599,8 +600,7 @@ def run_trial(trial_id: int) -> str:
     finally:
         heartbeat.done.set()
         folder.remove()
-    with session_scope() as session:
-        send_after_commit(session, SEARCH_STEP, claimed.job_id, claimed.queue)
+    send(SEARCH_STEP, claimed.job_id, claimed.queue)  # the trial's row is committed
     return outcome
 
 
@@ -681,7 +681,10 @@ def _run_claimed(claimed: ClaimedTrial, token: str, work_dir: Path, reporter: Tr
     seconds = time.monotonic() - t0
     if reporter.cancelled():
         raise JobCancelled(reporter.reason)
-    artifact: dict[str, Any] = {"format": str(result.artifact_format)}
+    artifact: dict[str, Any] = {
+        "format": str(result.artifact_format),
+        "reused_steps": int(getattr(result, "reused_steps", 0) or 0),
+    }
     for name, path in (("model", result.artifact_path), ("report", result.report_path)):
         sha, size = _sha256(path), path.stat().st_size
         key = object_key(claimed.tenant_id, sha)
@@ -819,6 +822,9 @@ def trial_table(rows: Sequence[SearchTrial], spec: SearchSpec) -> list[dict[str,
             entry["violations"] = row.violations or []
         if row.seconds is not None:
             entry["seconds"] = round(row.seconds, 3)
+        reused = (row.artifact or {}).get("reused_steps") or 0
+        if reused:
+            entry["reused"] = [name for name, _ in recipe.steps[:reused]]
         if row.error is not None:
             entry["error"] = {k: v for k, v in row.error.items() if v is not None}
         table.append(entry)
