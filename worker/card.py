@@ -593,7 +593,25 @@ def fmt_value(value: Any) -> str | Markup:
     if isinstance(value, list) and len(value) == 2 and all(_number(c) is not None for c in value):
         return f"{value[0]:.4g} to {value[1]:.4g}"
     if isinstance(value, Mapping | list):
-        return json.dumps(value, default=str)
+        return _compact(value) or "none"
+    return str(value)
+
+
+def _compact(value: Any) -> str:
+    """A nested figure in a line: ``key: value`` pairs (unset ones left out), a nested
+    mapping in parentheses, lists joined."""
+    if isinstance(value, Mapping):
+        return "; ".join(
+            f"{k} ({_compact(v)})" if isinstance(v, Mapping) else f"{k}: {_compact(v)}"
+            for k, v in value.items()
+            if v is not None
+        )
+    if isinstance(value, list):
+        return ", ".join(_compact(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if (n := _number(value)) is not None:
+        return f"{n:.4g}"
     return str(value)
 
 
