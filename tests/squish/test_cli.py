@@ -559,13 +559,14 @@ def test_jobs_events(
     assert human.stdout.splitlines()[-1].endswith("succeeded")
 
 
-def test_artifacts_get(
+def test_artifacts_get_and_jobs_card(
     squish: Any,
     live: Live,
     client: Client,
     worker: InProcessWorker,
     model_files: dict[str, Path],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job = submit(client, model_files)
     worker.run(job["id"])
@@ -576,23 +577,11 @@ def test_artifacts_get(
     missing = squish("artifacts", "get", job["id"], "weights", "-o", str(tmp_path / "w"))
     assert missing.exit_code == 2
     assert "has no artifact 'weights'; available: card, model, report" in missing.stderr
-
-
-def test_jobs_card_downloads_and_opens_the_card(
-    squish: Any,
-    live: Live,
-    client: Client,
-    worker: InProcessWorker,
-    model_files: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+    # The compression card, from the same job: downloaded, then opened in the browser.
     import webbrowser
 
     opened: list[str] = []
     monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
-    job = submit(client, model_files)
-    worker.run(job["id"])
     out = tmp_path / "card.html"
     result = squish("jobs", "card", job["id"], "--out", str(out), "--open")
     assert result.exit_code == 0, result.output
