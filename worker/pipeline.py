@@ -65,6 +65,7 @@ class PipelineSpec:
         batch_sizes: latency batch sizes.
         warmup / iterations: untimed and timed runs per latency batch size.
         models: other uploaded models that steps' params name, by id: ``(path, format)``.
+        peak_memory: measure both ends' ``peak_memory_bytes`` (a fresh process each).
     """
 
     steps: list[tuple[str, dict]]
@@ -74,6 +75,7 @@ class PipelineSpec:
     warmup: int = 3
     iterations: int = 20
     models: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    peak_memory: bool = True
 
 
 @dataclass
@@ -230,6 +232,7 @@ def run_pipeline(
     measured = bench.measure_result(
         (Path(model_path), model_format), (artifact, spec.output_format), steps,
         last_step_is_artifact=last_is_artifact, reporter=ScaledReporter(log, _P_SAVED, 1.0),
+        with_peak_memory=spec.peak_memory,
     )  # fmt: skip
 
     measured.hardware = machine

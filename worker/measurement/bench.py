@@ -132,6 +132,7 @@ class Bench:
         *,
         last_step_is_artifact: bool,
         reporter: Reporter,
+        with_peak_memory: bool = True,
     ) -> PipelineMetrics:
         """Measure the upload and the artifact (each in its own runtime), score the artifact,
         and warn when it is slower or far off.
@@ -153,6 +154,7 @@ class Bench:
                 iterations=self.iterations,
                 device=self.device,
                 reporter=ScaledReporter(reporter, start, end, f"measure_{name}"),
+                with_peak_memory=with_peak_memory,
             )
         reporter.progress(_COMPRESSED_END, "evaluate")
         scores = self.evaluation.score_artifact(

@@ -50,10 +50,13 @@ def run_trial(
     work_dir: Path,
     reporter: Reporter,
     prefixes: PrefixStore | None = None,
+    *,
+    peak_memory: bool = True,
 ) -> PipelineResult:
     """Run ``recipe`` on the model (``datasets["eval"]`` is the search split) and measure it.
 
-    ``result.reused_steps`` says how many leading steps came from ``prefixes``.
+    ``result.reused_steps`` says how many leading steps came from ``prefixes``;
+    ``peak_memory=False`` skips the two fresh processes that measure ``peak_memory_bytes``.
 
     Raises:
         EngineError: as :func:`worker.pipeline.run_pipeline`.
@@ -67,6 +70,7 @@ def run_trial(
         batch_sizes=list(batch_sizes),
         warmup=warmup,
         iterations=iterations,
+        peak_memory=peak_memory,
     )
     heads = recipe.prefixes(model_format)
     resume: Resume | None = None
