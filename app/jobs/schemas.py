@@ -17,10 +17,10 @@ from pydantic import (
 )
 
 from app.deps import Id, Text, refuse_nul
-from worker.constraints import Constraints, Violation
+from worker.constraints import Constraints
 from worker.contract import Device, ErrorCode, JobStatus, ModelFormat, RuntimeName
 from worker.export import Export
-from worker.schemas import Figures, PipelineMetrics, SearchMetrics
+from worker.schemas import Figures, PipelineMetrics, SearchMetrics, Violation
 from worker.search.spec import SearchSpec
 from worker.spec import MAX_BATCH_SIZE, MAX_BATCH_SIZES, MAX_ITERATIONS, MAX_WARMUP
 

@@ -80,11 +80,14 @@ def test_openapi_documents_every_metric(client: TestClient) -> None:
     job = next(v for k, v in components.items() if k.startswith("JobOut"))
     refs = [s.get("$ref") for s in job["properties"]["metrics"]["anyOf"]]
     assert "#/components/schemas/PipelineMetrics" in refs
+    assert "#/components/schemas/SearchProgress" in refs  # a running search: its trials so far
+    search = _properties(components, "SearchMetrics")
+    assert {"trials", "pareto", "best", "met", "unmet", "sensitivity", "holdout"} <= set(search)
 
     top = components["PipelineMetrics"]
     assert set(top["properties"]) == {
         "original", "compressed", "fidelity", "ratios", "steps", "hardware", "layers",
-        "conversion",
+        "conversion", "search",
     }  # fmt: skip
     assert set(top["required"]) == {"original", "compressed", "ratios"}
     assert set(_properties(components, "HardwareInfo")) == {"cpu", "gpu"}
