@@ -908,13 +908,8 @@ def _compress_local(
             )
         dataset_paths[role] = path
     try:
-        from pydantic import ValidationError
-
-        from worker.constraints import Constraints, constraint_problems, unmet_message, violations
         from worker.errors import EngineError
-        from worker.export import Export, ExportFailed, export_to_mlflow
         from worker.pipeline import PipelineSpec, run_pipeline
-        from worker.spec import DatasetInfo
     except ImportError as exc:
         raise click.ClickException(
             f"--local needs the compression engine, which is not importable here ({exc}); "
@@ -922,18 +917,7 @@ def _compress_local(
         ) from exc
     # What the user left out keeps the engine's defaults.
     spec = PipelineSpec(steps=steps, output_format=output_format or fmt, device=device, **evaluate)
-    try:  # the checks POST /v1/jobs makes, in the same words
-        bounds = Constraints.model_validate(constraints or {})
-        mlflow = Export.model_validate(export).mlflow if export else None
-    except ValidationError as exc:
-        raise click.UsageError(_validation_text(exc)) from None
-    problems = constraint_problems(
-        bounds,
-        datasets={role: DatasetInfo() for role in dataset_paths},
-        batch_sizes=spec.batch_sizes,
-    )
-    if problems:
-        raise click.UsageError("; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in problems))
+    gate = _LocalGate(constraints, export, list(dataset_paths), spec.batch_sizes)
     reporter = LocalReporter()
     with tempfile.TemporaryDirectory(prefix="squish-local-") as tmp:
         try:
@@ -949,30 +933,89 @@ def _compress_local(
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.artifact_path, out)
         metrics = getattr(result, "metrics", None) or {}
-        unmet = violations(bounds, result.measured)
-        if mlflow is not None and not unmet:
-            files = {"model": result.artifact_path, "report": result.report_path}
-            try:
-                exported = export_to_mlflow(
-                    mlflow, job_id="local", files=files, metrics=metrics,
-                    recipe={"pipeline": [{"method": m, "params": p} for m, p in steps],
-                            "output_format": spec.output_format, "evaluate": dict(evaluate)},
-                )  # fmt: skip
-                click.echo(f"exported to MLflow: run {exported.run_id}", err=True)
-            except ExportFailed as exc:
-                click.echo(f"warning: MLflow export failed: {exc}", err=True)
-    status = "failed" if unmet else "succeeded"
-    job = {"id": "local", "status": status, "metrics": metrics}
+        unmet = gate.judge(result)
+        if not unmet:
+            recipe = {
+                "pipeline": [{"method": m, "params": p} for m, p in steps],
+                "output_format": spec.output_format,
+                "evaluate": dict(evaluate),
+            }
+            gate.export(result, metrics, recipe)
+    job = {"id": "local", "status": "failed" if unmet else "succeeded", "metrics": metrics}
     if as_json:
-        _print_json(
-            {"output": str(out), "format": output_format or fmt, "status": status,
-             "metrics": metrics, "violations": [v.model_dump() for v in unmet]}
-        )  # fmt: skip
+        shown: dict[str, Any] = {"output": str(out), "format": output_format or fmt}
+        if gate.active:
+            shown |= {"status": job["status"], "violations": [v.model_dump() for v in unmet]}
+        _print_json({**shown, "metrics": metrics})
     else:
         _print_summary(job, out)
     if unmet:
-        _error(f"constraints_unmet: {unmet_message(unmet)} (the model is at {out})")
+        _error(f"constraints_unmet: {gate.message(unmet)} (the model is at {out})")
         raise SystemExit(EXIT_FAILED)
+
+
+class _LocalGate:
+    """``--local``'s constraints and MLflow export: checked before the run as POST /v1/jobs
+    checks them (same words), judged and exported after it, as the worker does. Imports
+    the engine's modules only when a flag asks for them."""
+
+    def __init__(
+        self,
+        constraints: Mapping[str, Any] | None,
+        export: Mapping[str, Any] | None,
+        roles: Sequence[str],
+        batch_sizes: Sequence[int],
+    ) -> None:
+        self.active = bool(constraints or export)
+        self.bounds: Any = None
+        self.mlflow: Any = None
+        if not self.active:
+            return
+        from pydantic import ValidationError
+
+        from worker.constraints import Constraints, constraint_problems
+        from worker.export import Export
+        from worker.spec import DatasetInfo
+
+        try:
+            self.bounds = Constraints.model_validate(constraints or {})
+            self.mlflow = Export.model_validate(export).mlflow if export else None
+        except ValidationError as exc:
+            raise click.UsageError(_validation_text(exc)) from None
+        problems = constraint_problems(
+            self.bounds, datasets={role: DatasetInfo() for role in roles}, batch_sizes=batch_sizes
+        )
+        if problems:
+            raise click.UsageError(
+                "; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in problems)
+            )
+
+    def judge(self, result: Any) -> list[Any]:
+        if self.bounds is None or self.bounds.is_empty():
+            return []
+        from worker.constraints import violations
+
+        return list(violations(self.bounds, result.measured))
+
+    def message(self, unmet: Sequence[Any]) -> str:
+        from worker.constraints import unmet_message
+
+        return unmet_message(unmet)
+
+    def export(self, result: Any, metrics: Mapping[str, Any], recipe: Mapping[str, Any]) -> None:
+        if self.mlflow is None:
+            return
+        from worker.export import ExportFailed, export_to_mlflow
+
+        files = {"model": result.artifact_path, "report": result.report_path}
+        try:
+            exported = export_to_mlflow(
+                self.mlflow, job_id="local", files=files, metrics=metrics, recipe=recipe
+            )
+        except ExportFailed as exc:
+            click.echo(f"warning: MLflow export failed: {exc}", err=True)
+            return
+        click.echo(f"exported to MLflow: run {exported.run_id}", err=True)
 
 
 def _validation_text(exc: Any) -> str:

@@ -197,3 +197,35 @@ def test_cache_must_be_a_boolean(api: dict[str, TestClient], files: dict[str, Pa
         answer = post(alice, model_id, eval_id, cache=value)
         assert answer.status_code == 422, answer.text
         assert answer.json()["errors"][0]["loc"][-1] == "cache"
+
+
+def test_a_search_is_cached_by_the_same_key(
+    api: dict[str, TestClient], files: dict[str, Path]
+) -> None:
+    from sqlalchemy import update
+
+    from app.db import session_scope
+    from app.orm import Job
+
+    alice = api["alice"]
+    model_id, eval_id = upload(alice, files["model"]), upload(alice, files["eval"], "datasets")
+    body = {
+        "model_id": model_id,
+        "search": {"objectives": ["size"], "budget": {"max_trials": 2}, "seed": 0},
+        "datasets": {"eval": eval_id},
+        "evaluate": QUICK,
+    }
+    first = alice.post("/v1/jobs", json=body)
+    assert first.status_code == 202, first.text
+    assert first.json()["status"] == "queued"
+    # Succeeded, as the search's finishing task records it (the search runs elsewhere).
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == first.json()["id"])
+            .values(status="succeeded", finished_at=Job.created_at)
+        )
+    again = alice.post("/v1/jobs", json=body).json()
+    assert again["status"] == "succeeded" and again["cached_from"] == first.json()["id"]
+    changed = alice.post("/v1/jobs", json={**body, "search": {**body["search"], "seed": 1}}).json()
+    assert changed["status"] == "queued"
