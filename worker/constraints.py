@@ -101,12 +101,12 @@ class Violation(schemas.Violation):
 
     def describe(self) -> str:
         """``"latency_ms.batch_1 ≤ 0.5: measured 0.71"``."""
-        sign = "≥" if _lower_bound(self.constraint) else "≤"
+        sign = "≥" if is_lower_bound(self.constraint) else "≤"
         got = "not measured" if self.measured is None else f"measured {_figure(self.measured)}"
         return f"{self.constraint} {sign} {_figure(self.bound)}: {got}"
 
 
-def _lower_bound(constraint: str) -> bool:
+def is_lower_bound(constraint: str) -> bool:
     return constraint.split(".", 1)[0] in ("cosine_similarity", "speedup")
 
 
@@ -196,7 +196,7 @@ def violations(constraints: Constraints, metrics: PipelineMetrics) -> list[Viola
             continue
         # A tiny tolerance: figures are stored rounded, and the bound is inclusive.
         slack = 1e-9 * max(1.0, abs(bound))
-        ok = value >= bound - slack if _lower_bound(constraint) else value <= bound + slack
+        ok = value >= bound - slack if is_lower_bound(constraint) else value <= bound + slack
         if not ok:
             found.append(Violation(constraint=constraint, bound=bound, measured=value))
     return found

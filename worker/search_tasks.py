@@ -48,6 +48,7 @@ from app.db import new_id, session_scope, utcnow
 from app.errors import database_outage
 from app.files import delete_if_unused, object_key
 from app.jobs import lifecycle
+from app.observability import job_context
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel, Search, SearchTrial
 from app.queue import FINISH_SEARCH, RUN_TRIAL, SEARCH_STEP, send, send_after_commit
 from app.search import trials as state
@@ -55,7 +56,7 @@ from app.search.trials import Phase
 from app.settings import get_settings
 from app.storage import ObjectNotFound, StorageError, get_store
 from worker.card import FileRef
-from worker.constraints import Constraints, bounds, measured, violations
+from worker.constraints import Constraints, bounds, is_lower_bound, measured, violations
 from worker.contract import (
     CARD_MEDIA_TYPE,
     FORMATS,
@@ -78,7 +79,16 @@ from worker.schemas import LayerSensitivity, PipelineMetrics
 from worker.search.space import Recipe, Space, build_space
 from worker.search.spec import SearchSpec, Strategy
 from worker.spec import DatasetInfo
-from worker.tasks import TRANSIENT, ClaimedJob, Inputs, WorkDir, _sha256, celery_app
+from worker.tasks import (
+    TRANSIENT,
+    ClaimedJob,
+    Inputs,
+    WorkDir,
+    _sha256,
+    celery_app,
+    dataset_ref,
+    warning_events,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -438,15 +448,13 @@ def objective_values(
 
 def constraint_amounts(constraints: Constraints, metrics: PipelineMetrics) -> list[float]:
     """How far a trial is from each bound, relative to it (<= 0: met), for the sampler."""
-    from worker.constraints import _lower_bound
-
     amounts = []
     for constraint, bound in bounds(constraints).items():
         value = measured(constraint, metrics)
         if value is None:
             amounts.append(UNMEASURED)
             continue
-        over = bound - value if _lower_bound(constraint) else value - bound
+        over = bound - value if is_lower_bound(constraint) else value - bound
         amounts.append(over / max(abs(bound), 1e-12))
     return amounts
 
@@ -587,6 +595,11 @@ def run_trial(trial_id: int) -> str:
     claimed = _claim_trial(trial_id, token)
     if isinstance(claimed, str):
         return claimed
+    with job_context(claimed.job_id):  # the trial's log lines carry its search's job id
+        return _run_trial(trial_id, token, claimed)
+
+
+def _run_trial(trial_id: int, token: str, claimed: ClaimedTrial) -> str:
     cancelled = threading.Event()
     reporter = TrialReporter(claimed.job_id, claimed.number, cancelled)
     heartbeat = TrialHeartbeat(trial_id, token, claimed.deadline_at, reporter)
@@ -914,6 +927,11 @@ def _finish(job_id: str) -> str:
             if model is not None
             else None
         )
+        dataset_refs = {
+            role: dataset_ref(dataset)
+            for role, dataset_id in job.spec["datasets"].items()
+            if (dataset := session.get(Dataset, dataset_id)) is not None
+        }
         lifecycle.add_event(
             session, job_id, "log", "search: verifying the Pareto set on the held-out split"
         )
@@ -964,7 +982,7 @@ def _finish(job_id: str) -> str:
         metrics = {**best_metrics, "search": search_metrics}
     stored = _artifact_rows(job_id, artifacts, verdict.best, verdict.pareto)
     try:
-        card = _search_card(job_id, job_spec, metrics, model_ref, stored, folder.path)
+        card = _search_card(job_id, job_spec, metrics, model_ref, dataset_refs, stored, folder.path)
     finally:
         folder.remove()
     if card is not None:
@@ -988,11 +1006,21 @@ def _finish(job_id: str) -> str:
     return "succeeded" if verdict.met else "failed"
 
 
+def _best_format(metrics: Mapping[str, Any]) -> str | None:
+    """The output format of the search's chosen trial."""
+    search = metrics.get("search") or {}
+    for trial in search.get("trials") or ():
+        if trial.get("number") == search.get("best"):
+            return trial.get("output_format")
+    return None
+
+
 def _search_card(
     job_id: str,
     job_spec: Mapping[str, Any],
     metrics: Mapping[str, Any],
     model_ref: FileRef | None,
+    dataset_refs: Mapping[str, FileRef],
     stored: Sequence[Artifact],
     work_dir: Path,
 ) -> Artifact | None:
@@ -1007,9 +1035,11 @@ def _search_card(
             spec=job_spec,
             metrics=metrics,
             model=model_ref or FileRef(sha256="unknown"),
-            artifact=FileRef(best.sha256, best.size_bytes, None, best.filename)
+            artifact=FileRef(best.sha256, best.size_bytes, _best_format(metrics), best.filename)
             if best is not None
             else None,
+            datasets=dataset_refs,
+            warnings=warning_events(job_id) or (),
         )
         path = work_dir / "card.html"
         path.write_text(html, encoding="utf-8")

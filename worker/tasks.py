@@ -440,9 +440,7 @@ def fetch_inputs(job: ClaimedJob) -> Inputs:
             if dataset is None:
                 raise DatasetDeletedError(f"the {role} dataset was deleted")
             datasets[role] = (dataset.storage_key, dataset.format)
-            dataset_refs[role] = FileRef(
-                dataset.sha256, dataset.size_bytes, str(dataset.format), dataset.name, dataset.id
-            )
+            dataset_refs[role] = dataset_ref(dataset)
         models: dict[str, tuple[str, str]] = {}
         for ref_id, ref_format in job.spec.get("models", {}).items():
             referenced = session.get(MLModel, ref_id)
@@ -605,18 +603,31 @@ def _render_card(
 
 def _warnings(job: ClaimedJob) -> list[CardWarning]:
     """The job's warning events (every attempt's); this attempt's when the database is down."""
+    found = warning_events(job.id)
+    return list(job.reporter.warnings) if found is None else found
+
+
+def warning_events(job_id: str) -> list[CardWarning] | None:
+    """A job's warning events, for its card; None when the database is down."""
     try:
         with session_scope() as session:
             rows = session.execute(
                 select(JobEvent.message, JobEvent.created_at)
-                .where(JobEvent.job_id == job.id, JobEvent.level == LogLevel.warning)
+                .where(JobEvent.job_id == job_id, JobEvent.level == LogLevel.warning)
                 .order_by(JobEvent.id)
             ).all()
     except Exception as exc:
         if not database_outage(exc):
             raise
-        return list(job.reporter.warnings)
+        return None
     return [CardWarning(message, at) for message, at in rows]
+
+
+def dataset_ref(dataset: Dataset) -> FileRef:
+    """What a card says of a dataset: its hash, size, format, name and id."""
+    return FileRef(
+        dataset.sha256, dataset.size_bytes, str(dataset.format), dataset.name, dataset.id
+    )
 
 
 # --- constraints and export -------------------------------------------------------------
