@@ -322,6 +322,12 @@ def test_methods_publish_json_schema(client: TestClient) -> None:
     schema = items["prune.magnitude"]["params_schema"]
     assert schema["properties"]["amount"]["description"]
     assert set(items["quantize.dynamic"]["formats"]) == {"onnx", "pt2"}
+    # What a search varies is published beside the params (None: the method is not searched).
+    searched = items["prune.magnitude"]["search"]
+    assert searched["role"] == "structure"
+    amount = searched["params"]["amount"]
+    assert schema["properties"]["amount"]["exclusiveMinimum"] < amount["low"] < amount["high"] < 1
+    assert items["quantize.binary"]["search"] is None
 
 
 def test_range_requests(client: TestClient, files: dict[str, Path]) -> None:

@@ -58,6 +58,9 @@ class Choice:
     def grid(self) -> list[Any]:
         return list(self.values)
 
+    def describe(self) -> dict[str, Any]:
+        return {"values": list(self.values)}
+
 
 @dataclass(frozen=True)
 class Range:
@@ -100,6 +103,15 @@ class Range:
             return sorted({round(v) for v in values})
         return [round(v, 10) for v in values]
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "low": self.low,
+            "high": self.high,
+            "step": self.step,
+            "log": self.log,
+            "integer": self.integer,
+        }
+
 
 Distribution = Choice | Range
 
@@ -131,6 +143,15 @@ class Searchable:
     params: Mapping[str, Distribution] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     exclude: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """`GET /v1/methods`' ``search``: where it goes and what a search varies."""
+        return {
+            "role": str(self.role),
+            "params": {name: dist.describe() for name, dist in self.params.items()},
+            "defaults": dict(self.defaults),
+            "exclude": self.exclude,
+        }
 
 
 Handler = Callable[["LoadedModel", Any, "StepContext"], "LoadedModel"]
@@ -207,6 +228,7 @@ class Method:
             "datasets_optional": sorted(self.datasets_optional),
             "devices": sorted(self.devices),
             "params_schema": self.params.model_json_schema(),
+            "search": None if self.search is None else self.search.describe(),
         }
 
 
