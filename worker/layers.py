@@ -152,7 +152,9 @@ def record_layers(
 
 def merge_layers(steps: Sequence[StepMetrics]) -> dict[str, LayerMetrics] | None:
     """``metrics.layers``: changed by any step (its last change's dtype and sparsity, every
-    step that changed it), else kept (the first reason given)."""
+    step that changed it; a figure the last change did not report is the earlier change's,
+    e.g. a pruned layer's sparsity after a quantization step), else kept (the first reason
+    given)."""
     from worker.contract import LayerStatus
 
     merged: dict[str, LayerMetrics] = {}
@@ -160,8 +162,16 @@ def merge_layers(steps: Sequence[StepMetrics]) -> dict[str, LayerMetrics] | None
         for name, entry in (step.layers or {}).items():
             before = merged.get(name)
             if entry.status == LayerStatus.changed:
+                earlier: dict[str, object] = {}
+                if before is not None and before.status == LayerStatus.changed:
+                    earlier = {
+                        key: value
+                        for key, value in before.model_dump(exclude_none=True).items()
+                        if getattr(entry, key) is None
+                    }
                 done = [*(before.steps or [])] if before is not None else []
-                merged[name] = entry.model_copy(update={"steps": done + list(entry.steps or [])})
+                update = {**earlier, "steps": done + list(entry.steps or [])}
+                merged[name] = entry.model_copy(update=update)
             elif before is None:
                 merged[name] = entry.model_copy()
     return merged or None

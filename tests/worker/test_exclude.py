@@ -255,3 +255,25 @@ def test_metrics_say_per_layer_what_the_job_changed_and_kept(
     assert layers["0"] == {"status": "changed", "dtype": "int8", "steps": [1]}
     assert layers["2"]["status"] == "changed" and layers["2"]["steps"] == [0, 1]
     assert layers["4"]["status"] == "changed" and layers["4"]["steps"] == [0]
+
+
+def test_merged_layers_keep_an_earlier_steps_figures_a_later_change_did_not_report() -> None:
+    from worker.layers import merge_layers
+    from worker.schemas import StepMetrics
+
+    def step(index: int, layers: dict[str, dict[str, object]]) -> StepMetrics:
+        return StepMetrics.model_validate(
+            {"method": "m", "params": {}, "seconds": 0.1, "format": "pt2", "layers": layers}
+        )
+
+    merged = merge_layers(
+        [
+            step(0, {"fc1": {"status": "changed", "dtype": "float32", "sparsity": 0.5, "steps": [0]}}),
+            step(1, {"fc1": {"status": "changed", "dtype": "int8", "steps": [1]},
+                     "fc2": {"status": "kept", "reason": "excluded"}}),
+        ]
+    )  # fmt: skip
+    assert merged is not None
+    assert merged["fc1"].dtype == "int8" and merged["fc1"].sparsity == 0.5
+    assert merged["fc1"].steps == [0, 1]
+    assert merged["fc2"].status == "kept" and merged["fc2"].sparsity is None
