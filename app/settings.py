@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GiB = 1024**3
 
@@ -62,9 +62,25 @@ class Settings(BaseSettings):
             "default: on only in embedded mode (the folder broker), off otherwise."
         ),
     )
+    mlflow_tracking_uris: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "MLflow tracking URIs a job's export.mlflow may name (a URI matches one with the "
+            "same scheme, host and port and a path under it); empty: any in embedded mode, "
+            "none otherwise (the worker sends its own MLflow credentials to that server)."
+        ),
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="text, or json: one JSON object per line (with job_id in a job)."
     )
+
+    @field_validator("mlflow_tracking_uris", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # SQUISH_MLFLOW_TRACKING_URIS=http://mlflow-a:5000,http://mlflow-b:5000
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("api_key")
     @classmethod
@@ -93,6 +109,12 @@ class Settings(BaseSettings):
         if self.webhook_allow_private is None:
             self.webhook_allow_private = self.embedded_broker
         return self
+
+    def mlflow_refusal(self, uri: str) -> str | None:
+        """Why a job may not log to this tracking URI here; None: it may."""
+        from worker.export import tracking_uri_refusal
+
+        return tracking_uri_refusal(uri, self.mlflow_tracking_uris, self.embedded_broker)
 
     @property
     def embedded_broker(self) -> bool:

@@ -20,11 +20,11 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -76,6 +76,39 @@ def check_tracking_uri(value: str) -> str:
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD environment"
         )
     return value
+
+
+def tracking_uri_refusal(uri: str, allowed: Sequence[str], allow_any: bool) -> str | None:
+    """Why the operator's list does not let a job log to ``uri``; None: it may.
+
+    ``allowed`` holds the tracking URIs the operator names (``SQUISH_MLFLOW_TRACKING_URIS``);
+    ``uri`` matches one with the same scheme, host and port and a path at or under its
+    path. The worker sends its own MLflow credentials to the server, and a ``file:`` store
+    writes on the worker, so a tenant may not pick any address: ``allow_any`` (embedded mode,
+    an empty list) is the one exception.
+    """
+    if allow_any and not allowed:
+        return None
+    target = urlsplit(uri)
+    for entry in allowed:
+        bound = urlsplit(entry)
+        same_server = (
+            target.scheme.lower() == bound.scheme.lower()
+            and (target.hostname or "") == (bound.hostname or "")
+            and _port(target) == _port(bound)
+        )
+        base = bound.path.rstrip("/")
+        if same_server and (target.path.rstrip("/") == base or target.path.startswith(base + "/")):
+            return None
+    listed = ", ".join(allowed) if allowed else "none"
+    return (
+        f"this service does not log to {uri!r}: the operator allows these tracking URIs: "
+        f"{listed} (SQUISH_MLFLOW_TRACKING_URIS)"
+    )
+
+
+def _port(parts: SplitResult) -> int | None:
+    return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
 
 
 class MlflowExport(BaseModel):

@@ -678,6 +678,14 @@ def _export(
     config = Export.model_validate(spec["export"]).mlflow
     if config is None:
         return "skipped"
+    refusal = get_settings().mlflow_refusal(config.tracking_uri)
+    if refusal is not None:  # the operator's list changed since the job was submitted
+        log_event(
+            f"MLflow export not sent (the job's result is not affected): {refusal}",
+            LogLevel.warning,
+            {"export": "mlflow", "tracking_uri": config.tracking_uri},
+        )
+        return "failed"
     files: dict[str, Path] = {}
     try:
         for name, key, filename in stored:

@@ -19,6 +19,7 @@ from app.netguard import submitted_webhook_url
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
 from app.queue import RUN_JOB, send_after_commit
 from app.search.service import normalize_search
+from app.settings import get_settings
 from worker.constraints import constraint_problems
 from worker.contract import DatasetFormat, InspectionStatus
 from worker.spec import DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
@@ -133,7 +134,13 @@ def normalize_spec(session: Session, tenant_id: str, body: JobCreate) -> dict[st
 
 
 def _export(body: JobCreate) -> dict[str, Any] | None:
-    return body.export.model_dump(exclude_none=True) if body.export else None
+    if body.export is None:
+        return None
+    if body.export.mlflow is not None:
+        refusal = get_settings().mlflow_refusal(body.export.mlflow.tracking_uri)
+        if refusal is not None:
+            raise _error(["export", "mlflow", "tracking_uri"], refusal)
+    return body.export.model_dump(exclude_none=True)
 
 
 def request_hash(body: JobCreate) -> str:

@@ -212,3 +212,31 @@ def test_a_malformed_tracking_uri_is_422_at_submission(
     (error,) = answer.json()["errors"]
     assert error["loc"][-3:] == ["export", "mlflow", "tracking_uri"]
     assert says in error["msg"]
+
+
+def test_only_the_tracking_uris_the_operator_lists_are_taken(
+    alice: TestClient, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    monkeypatch.setenv(
+        "SQUISH_MLFLOW_TRACKING_URIS", "http://mlflow.internal:5000/team, file:///srv/mlruns"
+    )
+    get_settings.cache_clear()
+    for uri in ("http://mlflow.internal:5000/team-b", "http://mlflow.internal.evil:5000/team",
+                "https://mlflow.internal:5000/team", "file:///etc"):  # fmt: skip
+        answer = submit(alice, files, {"mlflow": {"tracking_uri": uri}})
+        assert answer.status_code == 422, uri
+        (error,) = answer.json()["errors"]
+        assert error["loc"][-3:] == ["export", "mlflow", "tracking_uri"]
+        assert (
+            "SQUISH_MLFLOW_TRACKING_URIS" in error["msg"] and "mlflow.internal:5000" in error["msg"]
+        )
+    from worker.export import tracking_uri_refusal
+
+    allowed = get_settings().mlflow_tracking_uris
+    assert tracking_uri_refusal("http://mlflow.internal:5000/team/x", allowed, False) is None
+    assert tracking_uri_refusal("file:///srv/mlruns/digits", allowed, False) is None
+    # Production with no list: nothing; embedded with no list: anything.
+    assert tracking_uri_refusal("http://mlflow.internal:5000", [], False) is not None
+    assert tracking_uri_refusal("http://mlflow.internal:5000", [], True) is None
