@@ -515,7 +515,9 @@ def test_jobs_list_get_cancel(
     assert "status     succeeded" in shown.stdout
     assert 'pipeline   prune.magnitude{"amount": 0.5, ' in shown.stdout
     model_size = next(a["size_bytes"] for a in done["artifacts"] if a["name"] == "model")
-    assert f"artifacts  model ({kib(model_size)}), report" in shown.stdout
+    (artifacts,) = [line for line in shown.stdout.splitlines() if line.startswith("artifacts  ")]
+    assert f"model ({kib(model_size)})" in artifacts and "report" in artifacts
+    assert "card (" in artifacts
     assert "latency p50 batch 1" in shown.stdout
     assert json.loads(squish("jobs", "get", done["id"], "--json").stdout)["id"] == done["id"]
 
