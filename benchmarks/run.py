@@ -1,7 +1,7 @@
 """Run the service benchmarks, print one markdown table, write ``benchmarks/out/service.json``.
 
     python -m benchmarks.run                 # everything (make bench), ~5 minutes
-    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | cache | engine | methods | ui
+    python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | cache | engine | methods | ui | search
     python -m benchmarks.run --quick         # smoke run with small sizes
 
 Every figure is measured in this run. A benchmark that cannot run (PostgreSQL or Redis
@@ -37,7 +37,7 @@ os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
 from benchmarks import service as sb
 
 OUT = Path(__file__).resolve().parent / "out" / "service.json"
-BENCHMARKS = ("upload", "pickup", "get", "e2e", "cache", "engine", "methods", "ui")
+BENCHMARKS = ("upload", "pickup", "get", "e2e", "cache", "engine", "methods", "ui", "search")
 ENGINE_OUT = OUT.parent / "engine.json"
 
 # Issue targets.
@@ -429,6 +429,19 @@ def main(argv: list[str] | None = None) -> int:
             r.rows += ub.rows(res)
             ub.OUT.parent.mkdir(parents=True, exist_ok=True)
             ub.OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+    if "search" in selected:
+        from benchmarks import search as srb
+
+        res = r.attempt(
+            "search", lambda: srb.bench_search(8 if quick else 30, 600 if quick else 3600)
+        )
+        if res is None:
+            r.failed_row("search digits CNN: chosen trial", "—", "search")
+        else:
+            r.rows += srb.rows(res)
+            srb.OUT.parent.mkdir(parents=True, exist_ok=True)
+            srb.OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
 
     total_s = time.perf_counter() - started
     table = print_table(r.rows)
