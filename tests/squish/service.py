@@ -40,11 +40,12 @@ BATCH_SIZES = [1, 32]
 def submit(
     client: Any, files: dict[str, Path], steps: list[tuple[str, dict[str, Any]]] = STEPS
 ) -> Any:
-    """Upload the digits MLP and its calibration and eval data; create a job of ``steps``."""
+    """Upload the digits MLP and its calibration and eval data; create a job of ``steps``
+    (``cache: false``: these tests follow a run, never an answer from the result cache)."""
     model = client.upload_model(files["pt2"])
     datasets = {role: client.upload_dataset(files[role])["id"] for role in ("calibration", "eval")}
     return client.create_job(
-        model["id"], steps, datasets=datasets, evaluate={"batch_sizes": BATCH_SIZES}
+        model["id"], steps, datasets=datasets, evaluate={"batch_sizes": BATCH_SIZES}, cache=False
     )
 
 
