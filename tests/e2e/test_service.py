@@ -56,9 +56,13 @@ def pipeline(amount: float = 0.5) -> list[dict[str, Any]]:
 
 
 def slow_spec(model_id: str) -> dict[str, Any]:
-    """A job that runs several seconds: latency of a 4M-parameter MLP at batch 256."""
+    """A job that runs several seconds: latency of a 4M-parameter MLP at batch 256.
+
+    Never answered from the result cache: each one must run.
+    """
     return {
         "model_id": model_id,
+        "cache": False,
         "pipeline": [{"method": "quantize.dynamic", "params": {}}],
         "evaluate": {"batch_sizes": [256], "warmup": 2, "iterations": 400},
     }

@@ -135,7 +135,9 @@ def test_cnn_accuracy_recovers_after_fine_tuning(cnn, tmp_path: Path) -> None:
     # at 1e-3 over shuffling seeds 0-9: 0.949-0.964, seed 0 (this run) 0.9644.
     tuned = fine_tune(pruned, x_train, y_train, tmp_path, epochs=3, lr=1e-3)
     accuracy = factories_cnn.images_accuracy(stock_module(saved(tuned, tmp_path / "tuned.pt2")))
-    assert before <= 0.2  # pruned to half width, the CNN is near chance (0.10) before tuning
+    # Pruned to half width the CNN falls from ~0.97 towards chance (0.10): 0.10-0.25 measured
+    # on different machines, the trained fixture's floats deciding where in that range.
+    assert before <= 0.4
     assert accuracy >= 0.93  # the unpruned CNN scores ~0.97
 
 

@@ -36,8 +36,13 @@ def set_lock_dir(path: Path) -> None:
     lock_dir = Path(path)
 
 
+LOCK_FILES = "latency-*.lock"
+"""The lock files' name pattern: they stay in :data:`lock_dir` (a work folders' root)
+between measurements, and the work-folder sweep leaves them alone."""
+
+
 def lock_path(device: str) -> Path:
-    return lock_dir / f"latency-{device}.lock"
+    return lock_dir / LOCK_FILES.replace("*", device)
 
 
 def _thread_lock(device: str) -> threading.Lock:
