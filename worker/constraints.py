@@ -110,6 +110,12 @@ def is_lower_bound(constraint: str) -> bool:
     return constraint.split(".", 1)[0] in ("cosine_similarity", "speedup")
 
 
+def excess(constraint: str, bound: float, value: float) -> float:
+    """How far ``value`` is past ``bound``, relative to the bound: <= 0 when met."""
+    over = bound - value if is_lower_bound(constraint) else value - bound
+    return over / max(abs(bound), 1e-12)
+
+
 def _figure(value: float) -> str:
     return f"{value:.4g}"
 

@@ -56,7 +56,7 @@ from app.search.trials import Phase
 from app.settings import get_settings
 from app.storage import ObjectNotFound, StorageError, get_store
 from worker.card import FileRef
-from worker.constraints import Constraints, bounds, is_lower_bound, measured, violations
+from worker.constraints import Constraints, bounds, excess, measured, violations
 from worker.contract import (
     CARD_MEDIA_TYPE,
     FORMATS,
@@ -451,11 +451,7 @@ def constraint_amounts(constraints: Constraints, metrics: PipelineMetrics) -> li
     amounts = []
     for constraint, bound in bounds(constraints).items():
         value = measured(constraint, metrics)
-        if value is None:
-            amounts.append(UNMEASURED)
-            continue
-        over = bound - value if is_lower_bound(constraint) else value - bound
-        amounts.append(over / max(abs(bound), 1e-12))
+        amounts.append(UNMEASURED if value is None else excess(constraint, bound, value))
     return amounts
 
 

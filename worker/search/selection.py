@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.constraints import Constraints, bounds, is_lower_bound, measured, violations
+from worker.constraints import Constraints, bounds, excess, measured, violations
 from worker.context import Reporter, ScaledReporter
 from worker.contract import Objective, TrialStatus
 from worker.schemas import (
@@ -97,10 +97,7 @@ def _metrics(trial: Mapping[str, Any]) -> PipelineMetrics | None:
 
 def _distance(constraint: str, bound: float, value: float | None) -> float:
     """How far ``value`` is past the bound, relative to it (<= 0: met)."""
-    if value is None:
-        return UNMEASURED
-    over = bound - value if is_lower_bound(constraint) else value - bound
-    return over / max(abs(bound), 1e-12)
+    return UNMEASURED if value is None else excess(constraint, bound, value)
 
 
 def closest(trials: Sequence[TrialLike], constraints: Constraints) -> tuple[int | None, list[Unmet]]:  # fmt: skip
