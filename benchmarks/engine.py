@@ -30,7 +30,7 @@ import tempfile
 import time
 import traceback
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1012,30 +1012,13 @@ def build_minilm_rows(bench: EngineBench) -> list[dict[str, str]]:
         aoti = entry.get("aoti")
         if aoti is None:
             continue
-        for name in MINILM_BASELINES:
-            if name in entry["errors"]:
-                rows.append(
-                    _row(f"MiniLM aoti vs {name}", "not measured", "", False, entry["errors"][name])
-                )
-                continue
-            if name not in entry["pairs"]:
-                continue
-            pair = entry["pairs"][name]
-            paired = pair["paired"]
-            speed = {b: _div(1.0, paired[b]["ratio"]) for b in BATCH_SIZES}
-            rows.append(
-                _row(
-                    f"MiniLM hf → aoti (fp32) vs {name}",
-                    f"b1 {_f(speed[1], 2)}x, b32 {_f(speed[32], 2)}x faster",
-                    "—",
-                    None,
-                    f"paired p50 {name} {_f(paired[1]['p50_a'], 2)}/{_f(paired[32]['p50_a'], 2)} "
-                    f"ms → aoti {_f(paired[1]['p50_b'], 2)}/{_f(paired[32]['p50_b'], 2)} ms "
-                    f"(b1/b32); cos aoti {_f(entry['aoti_quality'], 4)} vs "
-                    f"{_f(pair['quality'], 4)}; size {pair['size_bytes']} B vs "
-                    f"{aoti['compressed_size_bytes']} B",
-                )
-            )
+        rows += _paired_rows(
+            "MiniLM hf → aoti (fp32)", entry, MINILM_BASELINES, subject="aoti", digits=2,
+            quality=lambda pair, entry=entry: (
+                f"cos aoti {_f(entry['aoti_quality'], 4)} vs {_f(pair['quality'], 4)}"
+            ),
+            size_bytes=aoti["compressed_size_bytes"],
+        )  # fmt: skip
         rows.append(
             _row(
                 "MiniLM hf → aoti (fp32): export + compile + check",
@@ -1203,6 +1186,47 @@ def run_aoti(bench: EngineBench, subjects: list[Subject]) -> None:
         entry["squish_quality"] = next(iter(scorer.score(*squish_file).values()))
 
 
+def _paired_rows(
+    label: str,
+    entry: dict[str, Any],
+    baselines: Sequence[str],
+    *,
+    subject: str,
+    digits: int,
+    quality: Callable[[dict[str, Any]], str],
+    size_bytes: int,
+    judge: Callable[[str, dict, dict], tuple[str, bool | None]] | None = None,
+) -> list[dict[str, str]]:
+    """One row per baseline ``entry`` was paired against (``entry["pairs"]``), or "not
+    measured" with the error where that baseline failed; ``judge`` gives a row its target."""
+    rows = []
+    for name in baselines:
+        if name in entry["errors"]:
+            rows.append(
+                _row(f"{label} vs {name}", "not measured", "", False, entry["errors"][name])
+            )
+            continue
+        if name not in entry["pairs"]:
+            continue
+        pair = entry["pairs"][name]
+        paired = pair["paired"]
+        speed = {b: _div(1.0, paired[b]["ratio"]) for b in BATCH_SIZES}
+        target, met = judge(name, paired, speed) if judge else ("—", None)
+        rows.append(
+            _row(
+                f"{label} vs {name}",
+                f"b1 {_f(speed[1], 2)}x, b32 {_f(speed[32], 2)}x faster",
+                target,
+                met,
+                f"paired p50 {name} {_f(paired[1]['p50_a'], digits)}/"
+                f"{_f(paired[32]['p50_a'], digits)} ms → {subject} "
+                f"{_f(paired[1]['p50_b'], digits)}/{_f(paired[32]['p50_b'], digits)} ms (b1/b32); "
+                f"{quality(pair)}; size {pair['size_bytes']} B vs {size_bytes} B",
+            )
+        )
+    return rows
+
+
 def build_aoti_rows(bench: EngineBench) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for entry in bench.aoti:
@@ -1213,40 +1237,24 @@ def build_aoti_rows(bench: EngineBench) -> list[dict[str, str]]:
             continue
         compiled = rec["metrics"].get("conversion", {})
         options = compiled.get("compiled", {}).get("options")
-        for name in AOTI_BASELINES:
-            if name in entry["errors"]:
-                rows.append(
-                    _row(f"{label} vs {name}", "not measured", "", False, entry["errors"][name])
-                )
-                continue
-            if name not in entry["pairs"]:
-                continue
-            pair = entry["pairs"][name]
-            paired = pair["paired"]
-            speed = {b: _div(1.0, paired[b]["ratio"]) for b in BATCH_SIZES}
-            target, met = "—", None
-            if entry["model"].startswith("MLP") and name == "fp32 eager (pt2)":
-                target, met = f">= {AOTI_VS_EAGER_X}x at b1", (speed[1] or 0) >= AOTI_VS_EAGER_X
-            elif entry["model"].startswith("MLP") and name == "fp32 aoti":
-                target = f">= {AOTI_VS_FP32_AOTI_X}x at b1"
-                met = (speed[1] or 0) >= AOTI_VS_FP32_AOTI_X
-            elif name == "direct int8 aoti":
-                ratio = {b: paired[b]["ratio"] for b in BATCH_SIZES}
-                target = f"squish/direct <= {DIRECT_LATENCY_RATIO}"
-                met = all(r <= DIRECT_LATENCY_RATIO for r in ratio.values())
-            quality = f"{_q(rec, entry['squish_quality'])} vs {_q(rec, pair['quality'])}"
-            rows.append(
-                _row(
-                    f"{label} vs {name}",
-                    f"b1 {_f(speed[1], 2)}x, b32 {_f(speed[32], 2)}x faster",
-                    target,
-                    met,
-                    f"paired p50 {name} {_f(paired[1]['p50_a'], 3)}/{_f(paired[32]['p50_a'], 3)} "
-                    f"ms → squish aoti {_f(paired[1]['p50_b'], 3)}/{_f(paired[32]['p50_b'], 3)} ms "
-                    f"(b1/b32); quality {quality}; size {pair['size_bytes']} B vs "
-                    f"{rec['compressed_size_bytes']} B",
-                )
-            )
+
+        def judge(name: str, paired: dict, speed: dict, model: str = entry["model"]) -> tuple[str, bool | None]:  # fmt: skip
+            if model.startswith("MLP") and name == "fp32 eager (pt2)":
+                return f">= {AOTI_VS_EAGER_X}x at b1", (speed[1] or 0) >= AOTI_VS_EAGER_X
+            if model.startswith("MLP") and name == "fp32 aoti":
+                return f">= {AOTI_VS_FP32_AOTI_X}x at b1", (speed[1] or 0) >= AOTI_VS_FP32_AOTI_X
+            if name == "direct int8 aoti":
+                met = all(paired[b]["ratio"] <= DIRECT_LATENCY_RATIO for b in BATCH_SIZES)
+                return f"squish/direct <= {DIRECT_LATENCY_RATIO}", met
+            return "—", None
+
+        rows += _paired_rows(
+            label, entry, AOTI_BASELINES, subject="squish aoti", digits=3,
+            quality=lambda pair, rec=rec, entry=entry: (
+                f"quality {_q(rec, entry['squish_quality'])} vs {_q(rec, pair['quality'])}"
+            ),
+            size_bytes=rec["compressed_size_bytes"], judge=judge,
+        )  # fmt: skip
         rows.append(
             _row(
                 f"{label}: compile",

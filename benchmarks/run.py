@@ -1,6 +1,6 @@
 """Run the service benchmarks, print one markdown table, write ``benchmarks/out/service.json``.
 
-    python -m benchmarks.run                 # everything (make bench), ~5 minutes
+    python -m benchmarks.run                 # everything (make bench): up to ~1.5 hours
     python -m benchmarks.run --only pickup   # upload | pickup | get | e2e | cache | engine | methods | ui | search
     python -m benchmarks.run --quick         # smoke run with small sizes
 
@@ -14,7 +14,9 @@ table and writes ``benchmarks/out/engine.json``; ``methods`` (:mod:`benchmarks.m
 ~3 minutes) compares ``quantize.log`` with linear int4 and measures what ``clip`` buys,
 and writes ``benchmarks/out/methods.json``. ``ui`` (:mod:`benchmarks.ui`, ~3 minutes) times the
 dashboard's jobs list over 1,000 jobs in headless Chromium (rows in this table; its figures
-also in ``benchmarks/out/ui.json``).
+also in ``benchmarks/out/ui.json``). ``search`` (:mod:`benchmarks.search`) runs a recipe
+search of 30 trials with a one-hour budget, which bounds it. The service parts alone
+(upload, pickup, get, e2e, cache) take about 5 minutes.
 """
 
 from __future__ import annotations
