@@ -29,13 +29,16 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("SQUISH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-# Tests that must not run beside each other on two xdist workers, by group: those sharing
-# the Redis database (flushed by the e2e fixtures), and the outage tests, which time
-# private servers' outages. Each group runs on one worker, one test after the other.
+# Tests kept on one xdist worker, by group: those sharing the Redis database (flushed by the
+# e2e fixtures); the outage tests, which time private servers' outages; and modules whose
+# module fixture is an expensive AOTInductor compile, which each worker running one of
+# their tests would otherwise compile again. Each group runs one test after the other.
 XDIST_GROUPS = {
     "tests/e2e/test_service.py": "redis",
     "tests/app/test_reaper_backoff.py": "redis",
     "tests/e2e/test_faults.py": "faults",
+    "tests/worker/test_aoti.py": "aoti",
+    "tests/app/test_aoti_and_exclude.py": "aoti-api",
 }
 
 
