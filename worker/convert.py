@@ -88,14 +88,54 @@ def convert(
         raise UnsupportedError(problem, step="convert")
     if model.format == output_format:
         return model
+    return _CONVERTERS[ModelFormat(output_format)](model, _check_sample(model, feeds), reporter)
+
+
+def export_hf(
+    model: LoadedModel,
+    *,
+    feeds: dict[str, np.ndarray] | None = None,
+    reporter: Reporter | None = None,
+) -> LoadedModel:
+    """The hf model as a pt2 program, for the steps of an aoti job that take programs
+    (:data:`worker.spec.EXPORTED_FOR`): ``torch.export`` of the transformers module itself,
+    so its inputs keep the hf input names and its weights the module paths (``exclude``
+    names the same layers), ``batch`` and ``sequence`` dynamic; checked against the module
+    on ``feeds`` (as :func:`convert`).
+
+    Raises:
+        UnsupportedError: torch.export cannot export the model, or the program computes
+            something else.
+    """
+    import time
+
+    from worker.formats import pt2_model_from_program
+
+    started = time.monotonic()
+    sample = _check_sample(model, feeds)
+    exported = pt2_model_from_program(_hf_program(model, sample))
+    expected = _source_outputs(model, sample)
+    error = _worst_difference(expected, _source_outputs(exported, sample), "exported program")
+    if reporter is not None:
+        reporter.log(
+            f"exported the hf model to a torch.export program in "
+            f"{time.monotonic() - started:.1f}s for the steps that take programs; max abs "
+            f"error vs the hf model on {len(next(iter(sample.values())))} samples: {error:.3g}",
+            data={"max_abs_error": error},
+        )
+    return exported
+
+
+def _check_sample(model: LoadedModel, feeds: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The inputs a conversion is traced with and checked on: ``feeds`` (or inputs
+    generated from the signature), a static batch at its size, a dynamic one with 2..8 rows
+    (1 would specialize it)."""
     from worker.formats import cast_feeds, generate_inputs
 
     sample = cast_feeds(model, feeds if feeds is not None else generate_inputs(model, batch=2))
     rows = len(next(iter(sample.values())))
-    # A static batch is run at its size; a dynamic one with 2..8 rows (1 would specialize it).
     batch = model.static_batch or min(max(rows, 2), _CHECK_SAMPLES)
-    sample = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in sample.items()}
-    return _CONVERTERS[ModelFormat(output_format)](model, sample, reporter)
+    return {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in sample.items()}
 
 
 def conversion_figures(converted: LoadedModel, seconds: float) -> Conversion:
@@ -162,26 +202,43 @@ def _to_aoti(
 
 
 def _hf_program(model: LoadedModel, sample: dict[str, np.ndarray]) -> Any:
-    """The hf model as an ExportedProgram of its positional text inputs, batch and sequence
-    dynamic."""
+    """The hf model as an ExportedProgram of its text inputs, by their names, returning the
+    one output squish measures (``logits`` or ``last_hidden_state``), batch and sequence
+    dynamic. The module itself is exported (its ``forward`` swapped for the time of the
+    export), so the program's weights keep the module's paths."""
+    import inspect
+
     import torch
 
     module = model.module
     assert module is not None
     names = [s.name for s in model.inputs]
-    wrapper = _hf_forward_module(model, names).eval()
+    output = _hf_output_name(model)
+    inner = module.forward
+
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(inner(**dict(zip(names, inputs, strict=True))), output)
+
+    # torch.export names the program's inputs after the signature's parameters.
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, kind) for name in names]
+    )
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in names)
     batch, sequence = _hf_dims(model)
+    module.eval()
+    module.forward = forward  # type: ignore[method-assign]
     try:
         return torch.export.export(
-            wrapper, args, dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),)
+            module, args, dynamic_shapes=tuple({0: batch, 1: sequence} for _ in names)
         )
     except Exception as exc:  # export raises many types
         raise UnsupportedError(
-            f"torch.export could not export the hf model for AOTInductor: "
-            f"{type(exc).__name__}: {str(exc)[:400]}",
+            f"torch.export could not export the hf model: {type(exc).__name__}: {str(exc)[:400]}",
             step="convert",
         ) from exc
+    finally:
+        del module.forward  # the class's forward again
 
 
 def _hf_dims(model: LoadedModel) -> tuple[Any, Any]:
@@ -319,11 +376,15 @@ def _hf_to_onnx(model: LoadedModel, sample: dict[str, np.ndarray]) -> LoadedMode
     return onnx_model_from_proto(_checked_proto(exported.model_proto))
 
 
+def _hf_output_name(model: LoadedModel) -> str:
+    return "logits" if model.task == "sequence-classification" else "last_hidden_state"
+
+
 def _hf_forward_module(model: LoadedModel, names: list[str]) -> torch.nn.Module:
     """The transformers model called with positional text inputs, returning one tensor."""
     import torch
 
-    output = "logits" if model.task == "sequence-classification" else "last_hidden_state"
+    output = _hf_output_name(model)
 
     class HFForward(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from worker import hardware
 from worker.context import RecordingReporter, Reporter, ScaledReporter, StepContext
 from worker.contract import DatasetRole, ModelFormat, format_facts, values
-from worker.convert import conversion_figures, convert
+from worker.convert import conversion_figures, convert, export_hf
 from worker.data import Dataset, fit_dataset, load_dataset
 from worker.errors import EngineError, MethodFailedError, error_for
 from worker.formats import LoadedModel, layer_names, load_model, save_model
@@ -130,7 +130,9 @@ def run_pipeline(
 
     With an ``output_format`` other than the model's (pt2 or hf → onnx) the model is
     converted once (:mod:`worker.convert`): before a trailing run of ONNX Runtime
-    quantization steps, or else after the last step. ``metrics.original`` is measured
+    quantization steps, or else after the last step; an hf model bound for aoti is exported
+    to a pt2 program before the first step that takes programs only
+    (:data:`worker.spec.EXPORTED_FOR`). ``metrics.original`` is measured
     in the upload's runtime and ``metrics.compressed`` in the artifact's (onnxruntime for
     onnx), which is what a user of each file gets.
 
@@ -157,8 +159,10 @@ def run_pipeline(
     checked = _resolve(model_format, spec, datasets)
     methods = [(step.method, step.params) for step in checked.steps]
     converting = spec.output_format != model_format
-    # The index of the first step that gets the converted model (len(methods): none does).
+    # The index of the first step that gets the converted model (len(methods): none does),
+    # and of the first that gets an hf model exported to a program (aoti jobs).
     convert_at = checked.convert_at
+    export_at = checked.export_at
     # The artifact is the last step's model unless the conversion comes after that step.
     last_is_artifact = bool(methods) and not (converting and convert_at == len(methods))
 
@@ -199,6 +203,8 @@ def run_pipeline(
         step_start = _P_DATA + span * index
         if converting and index == convert_at:
             model, conversion = _convert(model, spec.output_format, bench.inputs, log, step_start)
+        if index == export_at and model.format == ModelFormat.hf:
+            model = _export(model, bench.inputs, log, step_start)
         ctx = StepContext(
             step=index,
             method=method.name,
@@ -337,6 +343,17 @@ def _resolve(
         return resolve_pipeline(request)
     except SpecError as exc:
         raise error_for(exc.problems[0].code, str(exc), step="validate") from None
+
+
+def _export(
+    model: LoadedModel, feeds: dict[str, np.ndarray], log: Reporter, at: float
+) -> LoadedModel:
+    log.progress(at, "export")
+    try:
+        return export_hf(model, feeds=feeds, reporter=log)
+    except EngineError as exc:
+        exc.step = "export"
+        raise
 
 
 def _convert(

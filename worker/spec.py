@@ -9,7 +9,9 @@ The conversion policy lives here too (:data:`QUANTIZED_AFTER_CONVERSION`,
 :func:`step_formats`, and :mod:`worker.convert` for why): with ``output_format: onnx``
 for a pt2 or hf model, a trailing run of steps whose method declares ``post_conversion``
 (ONNX Runtime quantization) gets the converted model; with ``output_format: aoti`` every
-step runs in PyTorch and the model is compiled after the last one.
+step runs in PyTorch and the model is compiled after the last one. An hf model bound for
+``aoti`` is exported to a torch.export program (pt2) before the first step that takes
+programs but not hf models (PT2E quantization ...): :data:`EXPORTED_FOR`.
 
 ``exclude`` is checked here too, against the model's layer names when they are known
 (:attr:`PipelineRequest.layer_names`; :mod:`worker.layers`).
@@ -54,6 +56,14 @@ own QDQ / integer ops. Any other output format (``aoti``) is converted after the
 step: AOTInductor compiles the program the PyTorch steps left, and a PT2E-quantized
 program is what Inductor lowers to its int8 kernels (``freezing``), so quantization steps
 run in torch *before* the compile."""
+
+EXPORTED_FOR = frozenset({ModelFormat.aoti})
+"""Output formats for which an hf model becomes a torch.export program (``pt2``) on the
+way: the steps before the first one that does not take hf models (but takes pt2) run on
+the transformers module, that step and those after it on the exported program (its
+inputs keep the hf input names, its weights the module paths), which is then compiled.
+A PT2E int8 program is what Inductor lowers to int8 kernels, and only a program can be
+quantized that way."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,16 @@ class CheckedPipeline:
     runtime: RuntimeName
 
     @property
+    def export_at(self) -> int:
+        """The index of the first step that gets the hf model exported to a pt2 program
+        (``len(steps)``: none does; :data:`EXPORTED_FOR`)."""
+        if self.model_format != ModelFormat.hf:
+            return len(self.steps)
+        return next(
+            (i for i, s in enumerate(self.steps) if s.format == ModelFormat.pt2), len(self.steps)
+        )
+
+    @property
     def convert_at(self) -> int:
         """The index of the first step that gets the converted model (``len(steps)``: none)."""
         if self.output_format == self.model_format:
@@ -166,6 +186,16 @@ def step_formats(input_format: str, output_format: str, methods: Sequence[Method
     """The format of the model each step receives (see the module docstring)."""
     count = len(methods)
     point = count
+    if input_format == ModelFormat.hf and output_format in EXPORTED_FOR:
+        point = next(
+            (
+                i
+                for i, m in enumerate(methods)
+                if ModelFormat.hf not in m.formats and ModelFormat.pt2 in m.formats
+            ),
+            count,
+        )
+        return [input_format] * point + [ModelFormat.pt2] * (count - point)
     if input_format != output_format:
         while point > 0 and runs_after_conversion(methods[point - 1], output_format):
             point -= 1
@@ -193,12 +223,6 @@ def format_problem(method: Method, fmt: str, input_format: str, output_format: s
             message += (
                 "; set output_format to 'onnx' to convert the model and run it in ONNX "
                 "Runtime at the end of the pipeline"
-            )
-        if fmt == ModelFormat.hf and output_format == ModelFormat.aoti:
-            message += (
-                f" (in PyTorch, {method.name} quantizes a torch.export program, which an hf "
-                "model becomes only when it is compiled after the last step: for an int8 "
-                "aoti package, upload the model as a pt2 program)"
             )
     return message
 
@@ -293,9 +317,11 @@ def _check(request: PipelineRequest) -> tuple[CheckedPipeline | None, list[Probl
             unmet = _unmet(need, request.datasets)
             if unmet is not None:
                 problems.append(Problem(unmet[0], f"{method.name} {unmet[1]}"))
-        # Layer names are the model's: a step on the converted model is checked when it runs.
+        # Layer names are the model's (an exported hf model keeps them): a step on the
+        # converted model is checked when it runs.
         entries = excluded_entries(params)
-        if entries and request.layer_names is not None and fmt == model_format:
+        same_layers = fmt == model_format or (model_format, fmt) == (ModelFormat.hf, "pt2")
+        if entries and request.layer_names is not None and same_layers:
             wrong = exclude_problem(entries, request.layer_names, method.name)
             if wrong is not None:
                 problems.append(Problem((*where, "params", "exclude"), wrong))

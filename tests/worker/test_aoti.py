@@ -51,12 +51,19 @@ def static_int8(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A tiny BERT classifier (hf), magnitude-pruned → aoti: batch and sequence dynamic."""
+    """A tiny BERT classifier (hf), magnitude-pruned on the transformers module, exported,
+    static int8 (its classifier kept float) → aoti: batch and sequence dynamic."""
     root = tmp_path_factory.mktemp("aoti-hf")
     upload = factories_text.tiny_bert_hf_zip(root / "bert.zip")
-    data = factories_text.sentiment_jsonl(root / "eval.jsonl")
-    steps = [("prune.magnitude", {"amount": 0.3})]
-    return _run(upload, "hf", steps, {"eval": data}, root / "work")
+    data = {
+        "eval": factories_text.sentiment_jsonl(root / "eval.jsonl"),
+        "calibration": factories_text.sentiment_jsonl(root / "cal.jsonl", "train", labels=False),
+    }
+    steps = [
+        ("prune.magnitude", {"amount": 0.3}),
+        ("quantize.static", {"exclude": ["classifier"]}),
+    ]
+    return _run(upload, "hf", steps, data, root / "work")
 
 
 def _fresh_process_run(package: Path, *inputs: np.ndarray, tmp_path: Path) -> list[np.ndarray]:
@@ -116,6 +123,30 @@ def test_quantization_runs_in_torch_before_the_compile() -> None:
     assert [s.format for s in checked.steps] == ["pt2", "pt2"]
     assert checked.runtime == RuntimeName.inductor
     assert checked.convert_at == 2  # compiled after the last step
+
+
+def test_an_hf_model_is_exported_to_a_program_before_the_first_step_that_needs_one() -> None:
+    """hf → aoti: steps that take hf models run on the transformers module, the first one
+    that takes programs only (PT2E int8) and every later one on the exported program."""
+    methods = [get_method(n) for n in ("prune.magnitude", "quantize.static", "clip")]
+    assert step_formats("hf", "aoti", methods) == ["hf", "pt2", "pt2"]
+    assert step_formats("hf", "aoti", methods[:1]) == ["hf"]  # compiled from the module
+    request = PipelineRequest(
+        model_format="hf",
+        steps=[
+            ("prune.magnitude", {"amount": 0.5}),
+            ("quantize.dynamic", {"exclude": ["classifer"]}),
+        ],
+        output_format="aoti",
+        layer_names=["bert.encoder.layer.0.attention.self.query", "classifier"],
+    )
+    # The program keeps the module's layer names: exclude is checked against them at once.
+    (problem,) = check_pipeline(request)
+    assert problem.loc == ("pipeline", 1, "params", "exclude")
+    assert "'classifer'" in problem.msg and "classifier" in problem.msg
+    fixed = PipelineRequest(**{**request.__dict__, "steps": [("quantize.dynamic", {})]})
+    checked = resolve_pipeline(fixed)
+    assert (checked.export_at, checked.convert_at) == (0, 1)
 
 
 def _labelled() -> Any:
@@ -207,11 +238,22 @@ def test_the_package_is_measured_and_what_it_hides_is_said(static_int8: Run) -> 
 # -- an hf model ------------------------------------------------------------------------------
 
 
-def test_an_hf_model_compiles_with_batch_and_sequence_dynamic(bert: Run, tmp_path: Path) -> None:
+def test_an_hf_model_is_exported_quantized_and_compiled_batch_and_sequence_dynamic(
+    bert: Run, tmp_path: Path
+) -> None:
     metrics = bert.result.metrics
     assert metrics["fidelity"]["cosine_similarity"] > 0.99
-    assert metrics["compressed"]["accuracy"] == pytest.approx(metrics["steps"][0]["accuracy"])
-    assert "max_autotune" not in metrics["conversion"]["compiled"]["options"]  # fp32
+    assert metrics["compressed"]["accuracy"] == pytest.approx(metrics["steps"][1]["accuracy"])
+    # Pruned as a transformers module, then exported: the int8 step ran on the program,
+    # which keeps the module's layer names (its exclude named the hf classifier).
+    messages = [e["message"] for e in bert.log.logs]
+    exported = next(i for i, m in enumerate(messages) if m.startswith("exported the hf model"))
+    pruned = next(i for i, m in enumerate(messages) if "prune" in m.lower())
+    assert pruned < exported
+    layers = metrics["steps"][1]["layers"]
+    assert layers["classifier"]["status"] == "kept"
+    assert layers["bert.encoder.layer.0.attention.self.query"]["status"] == "changed"
+    assert metrics["conversion"]["compiled"]["options"]["max_autotune"] is True  # int8
     names = [s["name"] for s in json.loads(bert.result.report_path.read_text())["model"]["inputs"]]
     for batch, sequence in ((1, 5), (3, 17)):
         ids = np.full((batch, sequence), 7, dtype=np.int64)
