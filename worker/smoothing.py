@@ -22,7 +22,19 @@ measures the smoothed tensor.
 
 ONNX Runtime's ``SmoothQuant`` extra option imports ``neural_compressor.adaptor.ox_utils``,
 which Intel Neural Compressor removed in 3.0 (its ONNX code moved to a separate package
-with another API), so squish does it here, on the ONNX graph (numpy, onnx, ONNX Runtime).
+with another API), so squish does it here, on the ONNX graph (numpy, onnx, ONNX Runtime):
+:func:`smooth_onnx`.
+
+pt2 programs are smoothed the same way before torchao's PT2E quantizer
+(:func:`smooth_pt2`), on the ``torch.fx.GraphModule`` that ``ExportedProgram.module()``
+gives: its linear layers are ``aten.linear.default`` calls whose weight (``[out, in]``, so
+``s`` scales columns) is a ``get_attr``; ``max|X_j|`` is recorded by a ``torch.fx``
+interpreter on the calibration batches; ``1/s`` is folded into a producing
+``aten.layer_norm.default`` or ``aten.linear.default`` that nothing else reads, otherwise an
+``aten.mul.Tensor`` by a ``1/s`` buffer is inserted. ``X86InductorQuantizer`` annotates a
+``mul`` only when both its inputs have the same shape, so the inserted one (``[..., C]``
+times ``[C]``) stays float and the observer of the linear layers' input sees the smoothed
+tensor. Torch is imported inside the functions: this module loads without it.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import onnx
+    import torch
 
 DEFAULT_ALPHA = 0.5
 _FLOOR = 1e-5  # a channel never seen non-zero (or an all-zero weight row) is left as it is
@@ -60,10 +73,11 @@ class SmoothedInput:
     """One smoothed tensor: the layers that read it and where ``1/s`` went.
 
     Attributes:
-        tensor: the smoothed tensor's name.
-        layers: the nodes whose weights took ``s`` (those reading the tensor).
-        folded_into: the node whose parameters took ``1/s`` (a LayerNormalization, or a
-            MatMul/Gemm and its bias), or None when a ``Mul`` was inserted.
+        tensor: the smoothed tensor's name (an ONNX tensor, a ``torch.fx`` node).
+        layers: the layers whose weights took ``s`` (those reading the tensor): ONNX node
+            names, pt2 module paths (``info.layer_names``).
+        folded_into: the layer whose parameters took ``1/s`` (a LayerNorm, or a
+            MatMul/Gemm/linear layer and its bias), or None when a ``Mul`` was inserted.
         range_before / range_after: ``max|X|`` over the tensor's channels, before and after
             smoothing (``max_j max|X_j| / s_j``).
     """
@@ -77,18 +91,23 @@ class SmoothedInput:
 
 @dataclass(frozen=True)
 class SmoothingResult:
-    """What :func:`smooth_onnx` did: the new graph, the smoothed inputs, the inserted nodes."""
+    """What :func:`smooth_onnx` or :func:`smooth_pt2` did: the smoothed model (a new
+    ``onnx.ModelProto``; the ``torch.fx.GraphModule`` given, changed), the smoothed inputs,
+    the inserted ``Mul`` nodes."""
 
-    proto: onnx.ModelProto
+    model: onnx.ModelProto | torch.fx.GraphModule
     inputs: list[SmoothedInput]
     inserted: list[str]
 
     def summary(self) -> dict[str, Any]:
-        """The job log's figures: counts and the largest activation ranges before/after."""
+        """The job log's figures: counts, the layers smoothed, where ``1/s`` went, and the
+        largest activation ranges before/after."""
         folded = sum(1 for s in self.inputs if s.folded_into is not None)
         return {
             "smoothed_inputs": len(self.inputs),
             "smoothed_layers": sum(len(s.layers) for s in self.inputs),
+            "layers": [name for s in self.inputs for name in s.layers],
+            "folded_into": [s.folded_into for s in self.inputs if s.folded_into is not None],
             "folded": folded,
             "mul_inserted": len(self.inputs) - folded,
             "max_range_before": max((s.range_before for s in self.inputs), default=0.0),
@@ -383,3 +402,263 @@ def _place(graph: onnx.GraphProto, muls: list[onnx.NodeProto]) -> None:
         copies.append(copy)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+# -- pt2 programs (torch.fx) ----------------------------------------------------------------
+
+
+@dataclass
+class _Linear:
+    node: torch.fx.Node
+    weight: str  # the get_attr target of its [out, in] weight
+    name: str  # its layer name (module path), as exclude names it
+
+
+def smooth_pt2(
+    graph_module: torch.fx.GraphModule,
+    batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    skip: Iterable[str] = (),
+) -> SmoothingResult:
+    """``graph_module`` with its linear layers' inputs smoothed (the module docstring).
+
+    Args:
+        graph_module: what ``ExportedProgram.module()`` gives; changed in place. Its
+            tensors are replaced, never written into: that module shares them with the
+            program's state dict.
+        batches: ``(args, kwargs)`` of the program's forward, on which ``max|X_j|`` is
+            measured.
+        alpha: the migration strength, 0..1.
+        skip: layer names (module paths, a step's resolved ``exclude``) whose parameters
+            are left as they are: neither smoothed nor folded into.
+
+    ``aten.linear.default`` calls with a float 2-D ``get_attr`` weight that nothing else
+    reads are smoothed; those reading the same node share ``s``.
+    """
+    import torch
+
+    from worker.layers import layer_of
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, not {alpha}")
+    skipped = set(skip)
+    graph = graph_module.graph
+    readers = _attr_readers(graph)
+    groups: dict[torch.fx.Node, list[_Linear]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.aten.linear.default:
+            continue
+        source, weight = node.args[0], node.args[1]
+        if not isinstance(source, torch.fx.Node) or source.op == "get_attr":
+            continue
+        if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+            continue
+        target = str(weight.target)
+        tensor = _attr(graph_module, target)
+        name = layer_of(target)
+        if (
+            name in skipped
+            or readers[target] != 1
+            or not isinstance(tensor, torch.Tensor)
+            or tensor.ndim != 2
+            or not tensor.is_floating_point()
+        ):
+            continue
+        groups[source].append(_Linear(node, target, name))
+    if not groups:
+        return SmoothingResult(graph_module, [], [])
+
+    act_max = _pt2_activation_ranges(graph_module, set(groups), batches)
+    smoothed: list[SmoothedInput] = []
+    inserted: list[str] = []
+    with torch.no_grad():
+        for source, layers in groups.items():
+            x_max = act_max.get(source)
+            weights = [_attr(graph_module, ly.weight) for ly in layers]
+            if x_max is None or any(w.shape[1] != x_max.shape[0] for w in weights):
+                continue
+            w_max = torch.stack([w.detach().abs().amax(dim=0) for w in weights]).amax(dim=0)
+            factors = smoothing_factors(x_max, w_max.double().numpy(), alpha)
+            scale = torch.from_numpy(factors)
+            for weight, layer in zip(weights, layers, strict=True):
+                _set_attr(graph_module, layer.weight, weight.detach() * scale.to(weight.dtype))
+            folded = _fold_pt2(graph_module, source, layers, scale, readers, skipped)
+            if folded is None:
+                inserted.append(_insert_pt2_mul(graph_module, source, layers, 1.0 / scale))
+            smoothed.append(
+                SmoothedInput(
+                    tensor=source.name,
+                    layers=tuple(ly.name for ly in layers),
+                    folded_into=folded,
+                    range_before=float(x_max.max()),
+                    range_after=float((x_max / factors).max()),
+                )
+            )
+    graph.lint()
+    graph_module.recompile()
+    return SmoothingResult(graph_module, smoothed, inserted)
+
+
+def _attr_readers(graph: torch.fx.Graph) -> dict[str, int]:
+    """How many nodes read each ``get_attr`` target (a tied weight has several)."""
+    readers: dict[str, int] = defaultdict(int)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            readers[str(node.target)] += len(node.users)
+    return readers
+
+
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set_attr(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Point ``target`` at a new tensor, as the same kind of attribute it was."""
+    import torch
+
+    owner_path, _, name = target.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        grad = bool(old is not None and old.requires_grad)
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=grad)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _pt2_activation_ranges(
+    graph_module: torch.fx.GraphModule,
+    nodes: set[torch.fx.Node],
+    batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+) -> dict[torch.fx.Node, np.ndarray]:
+    """``max|X_j|`` over the last axis' channels of each node's value, on every batch."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    ranges: dict[torch.fx.Node, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            value = super().run_node(n)
+            if (
+                n in nodes
+                and isinstance(value, torch.Tensor)
+                and value.ndim > 0
+                and value.is_floating_point()
+            ):
+                channel_max = value.detach().abs().reshape(-1, value.shape[-1]).amax(dim=0)
+                channel_max = channel_max.double()
+                ranges[n] = torch.maximum(ranges[n], channel_max) if n in ranges else channel_max
+            return value
+
+    recorder = Recorder(graph_module)
+    with torch.no_grad():
+        for args, kwargs in batches:
+            # The graph's placeholders are the forward's inputs flattened by its in_spec.
+            recorder.run(*pytree.tree_leaves((tuple(args), dict(kwargs))))
+    return {n: r.numpy() for n, r in ranges.items()}
+
+
+def _fold_pt2(
+    graph_module: torch.fx.GraphModule,
+    source: torch.fx.Node,
+    layers: list[_Linear],
+    scale: torch.Tensor,
+    readers: dict[str, int],
+    skipped: set[str],
+) -> str | None:
+    """Divide what produces ``source`` by ``scale`` if only ``layers`` read it: a LayerNorm's
+    weight and bias, or a linear layer's weight rows and bias; that layer's name, or None."""
+    import torch
+
+    from worker.layers import layer_of
+
+    if set(source.users) != {ly.node for ly in layers} or source.op != "call_function":
+        return None
+    channels = len(scale)
+
+    def private(arg: object, rank: int) -> str | None:  # a get_attr only this node reads
+        if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr":
+            return None
+        target = str(arg.target)
+        value = _attr(graph_module, target)
+        ok = (
+            readers[target] == 1
+            and isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.ndim == rank
+            and value.shape[0] == channels
+        )
+        return target if ok else None
+
+    def divide(target: str) -> None:
+        value = _attr(graph_module, target).detach()
+        shape = [-1] + [1] * (value.ndim - 1)
+        _set_attr(graph_module, target, value / scale.to(value.dtype).reshape(shape))
+
+    if source.target == torch.ops.aten.layer_norm.default:
+        args = list(source.args) + [None] * (4 - len(source.args))
+        shape, weight_arg, bias_arg = args[1], args[2], args[3]
+        weight = private(weight_arg, 1)
+        bias = private(bias_arg, 1)
+        one_axis = isinstance(shape, list | tuple) and len(shape) == 1
+        if weight is None or (bias_arg is not None and bias is None) or not one_axis:
+            return None
+    elif source.target == torch.ops.aten.linear.default and len(source.args) >= 2:
+        weight = private(source.args[1], 2)
+        bias_arg = source.args[2] if len(source.args) > 2 else None
+        bias = private(bias_arg, 1)
+        if weight is None or (bias_arg is not None and bias is None):
+            return None
+    else:
+        return None
+    name = layer_of(weight)
+    if name in skipped or (bias is not None and layer_of(bias) in skipped):
+        return None
+    for target in (weight, bias):
+        if target is not None:
+            divide(target)
+    return name
+
+
+def _insert_pt2_mul(
+    graph_module: torch.fx.GraphModule,
+    source: torch.fx.Node,
+    layers: list[_Linear],
+    inverse: torch.Tensor,
+) -> str:
+    """An ``aten.mul.Tensor(source, 1/s)`` that ``layers`` read instead of ``source``, its
+    ``1/s`` a buffer of the module (a constant of the re-exported program); its name."""
+    import torch
+
+    graph = graph_module.graph
+    taken = {n.name for n in graph.nodes}
+    base = source.name + SMOOTH_SUFFIX
+    name, index = base, 0
+    while name in taken or hasattr(graph_module, f"{name}_inverse"):
+        index += 1
+        name = f"{base}_{index}"
+    value = source.meta.get("val")
+    dtype = value.dtype if isinstance(value, torch.Tensor) else inverse.dtype
+    graph_module.register_buffer(f"{name}_inverse", inverse.to(dtype))
+    with graph.inserting_after(source):
+        constant = graph.get_attr(f"{name}_inverse")
+    with graph.inserting_after(constant):
+        mul = graph.call_function(torch.ops.aten.mul.Tensor, (source, constant))
+    mul._rename(name)
+    fake_mode = getattr(value, "fake_mode", None)
+    if fake_mode is not None:  # what export writes, and what the quantizer reads
+        with fake_mode:
+            constant.meta["val"] = fake_mode.from_tensor(getattr(graph_module, f"{name}_inverse"))
+            mul.meta["val"] = value * constant.meta["val"]
+    if "nn_module_stack" in source.meta:
+        mul.meta["nn_module_stack"] = dict(source.meta["nn_module_stack"])
+    for layer in layers:
+        layer.node.replace_input_with(source, mul)
+    return mul.name

@@ -11,7 +11,10 @@ on the ``calibration`` dataset, instead of at every call (``quantize.dynamic``).
   int8 weights only (about a quarter of fp32). torchao's x86 quantizer quantizes
   weights per channel and activations as uint8; other choices are refused for pt2.
   Run eagerly, these are reference ops (dequantize, fp32 kernel); ``torch.compile``
-  with freezing lowers them to int8 kernels.
+  with freezing lowers them to int8 kernels. With ``smooth_alpha`` the linear layers'
+  input outliers are moved into their weights first, on the program's graph
+  (:func:`worker.smoothing.smooth_pt2`); an inserted ``1/s`` multiply stays float (the x86
+  quantizer does not annotate it), is re-exported as a buffer, and compiles with AOTInductor.
 - onnx: ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimization,
   which ORT recommends before quantizing) and ``quantize_static`` in QDQ format, with
   minmax, percentile or entropy calibration. ONNX Runtime's CPU provider fuses the QDQ
@@ -108,11 +111,16 @@ class StaticQuantizeParams(MethodParams):
             encoders keep far more fidelity with ``["MatMul", "Gemm"]`` (measured on
             MiniLM: cosine 0.945 vs 0.399 with every type), though ``quantize.dynamic``
             keeps the most (0.992).
-        smooth_alpha: SmoothQuant before quantizing (onnx): each MatMul/Gemm input channel
-            ``j`` is divided by ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (measured on the
-            calibration data) and the weight row multiplied by it, exact in float, so that
-            a few outlier channels no longer set the activation's one int8 scale. 0..1:
-            higher moves more of the range into the weights. Default (null): off.
+        smooth_alpha: SmoothQuant before quantizing (onnx and pt2): each input channel
+            ``j`` of a MatMul/Gemm (onnx) or linear layer (pt2) is divided by
+            ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (measured on the calibration data)
+            and the matching weight row (onnx ``[in, out]``) or column (pt2 ``[out, in]``)
+            multiplied by it, exact in float, so that a few outlier channels no longer set
+            the activation's one int8 scale. 0..1: higher moves more of the range into the
+            weights. Default (null): off. Layers in ``exclude`` are neither smoothed nor
+            folded into. Measured on a small pt2 block (LayerNorm → three Linear layers,
+            a post-LN Linear; three and two input channels 50x the others): cosine to fp32
+            0.970 without, 0.99998 with ``smooth_alpha`` 0.5.
         quantize_matmul_outputs: onnx only: quantize MatMul/Gemm outputs too (ONNX
             Runtime's QDQ default). ``false`` keeps them float (int8 GEMM, float output).
             MiniLM static int8 (op_types MatMul, Gemm, Gather), cosine to fp32 embeddings on
@@ -180,11 +188,12 @@ class StaticQuantizeParams(MethodParams):
         ge=0.0,
         le=1.0,
         description=(
-            "SmoothQuant migration strength (0..1), or null for none: each MatMul/Gemm input "
-            "channel j is divided by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) from the "
-            "calibration data and its weight row multiplied by s_j (exact in float), so that "
-            "outlier channels stop setting the activation's int8 scale. onnx, and pt2/hf "
-            "models with output_format 'onnx'. Transformer encoders: 0.5-0.8."
+            "SmoothQuant migration strength (0..1), or null for none: each input channel j "
+            "of a linear layer is divided by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) from "
+            "the calibration data and its weights multiplied by s_j (exact in float), so that "
+            "outlier channels stop setting the activation's int8 scale. onnx (MatMul/Gemm) "
+            "and pt2 (linear layers; also with output_format 'aoti'). Transformer encoders: "
+            "0.5-0.8."
         ),
     )
     quantize_matmul_outputs: bool = Field(
@@ -275,11 +284,6 @@ def unsupported_reason(params: StaticQuantizeParams, fmt: str) -> str | None:
             return (
                 "quantize_matmul_outputs is for onnx models (ONNX Runtime's QDQ); torchao's "
                 "x86 quantizer decides which outputs of a pt2 model are quantized: leave it out"
-            )
-        if params.smooth_alpha is not None:
-            return (
-                "smooth_alpha (SmoothQuant) runs on ONNX graphs: use output_format 'onnx' "
-                "(the step then runs in ONNX Runtime on the converted model), or an onnx model"
             )
     allowed = _CALIBRATION_BY_FORMAT.get(fmt)
     if allowed and params.calibrate_method is not None and params.calibrate_method not in allowed:
@@ -375,7 +379,20 @@ def _quantize_pt2(
     quantizer = X86InductorQuantizer().set_global(config)
     excluded = excluded_layers(params, layer_names(model), ctx.method)
     exclude_from_pt2e(quantizer, excluded)
-    prepared = prepare_pt2e(model.program.module(), quantizer)
+    module = model.program.module()
+    if params.smooth_alpha is not None:
+        from worker.smoothing import smooth_pt2
+
+        smoothed = smooth_pt2(
+            module,
+            [pt2_example_args(model, batch) for batch in batches],
+            params.smooth_alpha,
+            skip=excluded,
+        )
+        # The inserted Muls (activation times a [C] constant) are not annotated by the
+        # x86 quantizer (it quantizes a mul of two same-shape tensors only): they stay float.
+        _log_smoothing(smoothed, params.smooth_alpha, "linear layer with a 2-D weight", ctx)
+    prepared = prepare_pt2e(module, quantizer)
     ctx.progress(0.1)
     with torch.no_grad():
         for index, batch in enumerate(batches):
@@ -597,25 +614,32 @@ def _smoothed(
     result = smooth_onnx(
         onnx.load(str(source)), batches, alpha, skip=onnx_nodes_to_exclude(excluded)
     )
+    _log_smoothing(result, alpha, "MatMul or Gemm layer with a constant 2-D weight", ctx)
+    target = _smoothed_path(ctx)
+    assert isinstance(result.model, onnx.ModelProto)
+    onnx.save(result.model, str(target))
+    ctx.progress(0.2)
+    return target, result
+
+
+def _log_smoothing(result: SmoothingResult, alpha: float, layers: str, ctx: StepContext) -> None:
+    """The SmoothQuant event of either backend; refused when nothing was smoothed
+    (``layers``: what the backend smooths)."""
     if not result.inputs:
         raise UnsupportedError(
-            "smooth_alpha found no MatMul or Gemm layer with a constant 2-D weight whose "
-            "input it could smooth; leave smooth_alpha out for this model",
+            f"smooth_alpha found no {layers} whose input it could smooth; leave "
+            "smooth_alpha out for this model",
             step=ctx.method,
         )
-    target = _smoothed_path(ctx)
-    onnx.save(result.proto, str(target))
     summary = result.summary()
     ctx.log(
         f"SmoothQuant (alpha {alpha}): {summary['smoothed_layers']} layers reading "
         f"{summary['smoothed_inputs']} tensors; the largest activation range "
         f"{summary['max_range_before']:.3g} -> {summary['max_range_after']:.3g}; 1/s folded "
-        f"into {summary['folded']} LayerNorm/MatMul nodes, {summary['mul_inserted']} Mul "
+        f"into {summary['folded']} LayerNorm/linear layers, {summary['mul_inserted']} Mul "
         "nodes inserted (kept float)",
         data=summary,
     )
-    ctx.progress(0.2)
-    return target, result
 
 
 def _onnx_quantized_weights(proto: object) -> list[str]:
