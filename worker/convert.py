@@ -229,7 +229,7 @@ def _hf_program(model: LoadedModel, sample: dict[str, np.ndarray]) -> Any:
     module.eval()
     module.forward = forward  # type: ignore[method-assign]
     try:
-        return torch.export.export(
+        program = torch.export.export(
             module, args, dynamic_shapes=tuple({0: batch, 1: sequence} for _ in names)
         )
     except Exception as exc:  # export raises many types
@@ -239,6 +239,11 @@ def _hf_program(model: LoadedModel, sample: dict[str, np.ndarray]) -> Any:
         ) from exc
     finally:
         del module.forward  # the class's forward again
+    # What feeds only the outputs left out (BERT's pooler beside last_hidden_state) is dead
+    # code; torchao's x86 quantizer fails on a Linear whose output nothing reads.
+    program.graph.eliminate_dead_code()
+    program.graph_module.recompile()
+    return program
 
 
 def _hf_dims(model: LoadedModel) -> tuple[Any, Any]:

@@ -234,3 +234,33 @@ def test_converted_model_saves_and_reloads(files, tmp_path: Path) -> None:
     reloaded = load_model(path, "onnx")
     feeds = generate_inputs(reloaded, batch=2)
     assert ort_session(reloaded).run(None, feeds)[0].shape == (2, 10)
+
+
+def test_an_hf_encoder_exported_for_aoti_keeps_its_names_and_drops_what_no_output_reads(
+    text: dict[str, Path],
+) -> None:
+    """The export before a PT2E step: the program's inputs are the hf input names, its
+    weights the module paths, and BERT's pooler (read by no output of a feature-extraction
+    model) is dead code that torchao's x86 quantizer would fail on."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    from worker.convert import export_hf
+
+    model = load_model(text["encoder"], "hf")
+    log = RecordingReporter()
+    exported = export_hf(model, reporter=log)
+    assert exported.format == "pt2"
+    assert [s.name for s in exported.inputs] == [s.name for s in model.inputs]
+    assert set(exported.program.state_dict) <= set(model.module.state_dict())
+    targets = {str(n.target) for n in exported.program.graph.nodes}
+    assert "aten.tanh.default" not in targets  # the pooler's activation
+    assert log.logs[-1]["data"]["max_abs_error"] == 0.0
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported.program.module(), quantizer)  # raised before
+    feeds = generate_inputs(exported, batch=2)
+    prepared(*(torch.from_numpy(feeds[s.name]) for s in exported.inputs))
