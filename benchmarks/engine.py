@@ -872,6 +872,10 @@ MINILM_BASELINES = (
     "ORT dynamic int8 (onnx)",
     "ORT SmoothQuant static int8 (onnx)",
 )
+MINILM_AOTI_INT8 = (None, MINILM_SMOOTH_ALPHA)
+"""hf → quantize.static → aoti (the hf model exported before the step, PT2E int8 compiled
+by Inductor): without and with SmoothQuant."""
+MINILM_AOTI_INT8_BASELINES = ("fp32 eager (hf)", "fp32 aoti", "ORT dynamic int8 (onnx)")
 
 
 def run_minilm(
@@ -921,18 +925,50 @@ def run_minilm(
         traceback.print_exc()
         bench.errors["MiniLM fp32 aoti"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         return
-    squish_file = (Path(entry["aoti"]["artifact"]), "aoti")
-    entry["aoti_quality"] = next(iter(scorer.score(*squish_file).values()))
+    fp32_aoti = (Path(entry["aoti"]["artifact"]), "aoti")
+    entry["aoti_quality"] = next(iter(scorer.score(*fp32_aoti).values()))
     others = {
         "fp32 eager (hf)": (lm.files["hf"], "hf"),
+        "fp32 aoti": fp32_aoti,
         "ORT dynamic int8 (onnx)": dynamic and (Path(dynamic["artifact"]), "onnx"),
         "ORT SmoothQuant static int8 (onnx)": smooth and (Path(smooth["artifact"]), "onnx"),
     }
-    for name in MINILM_BASELINES:
-        other = others[name]
+    _pair_against(bench, entry, fp32_aoti, others, MINILM_BASELINES, scorer, "MiniLM aoti")
+    entry["aoti_int8"] = {}
+    for alpha in MINILM_AOTI_INT8:
+        params = {} if alpha is None else {"smooth_alpha": alpha}
+        label = "quantize.static " + (f"smooth_alpha {alpha}" if alpha else "no smoothing")
+        rec = bench.squish(
+            lm, "hf", label + " → aoti", [("quantize.static", params)], output_format="aoti",
+            roles=both,
+        )  # fmt: skip
+        int8 = {"record": rec, "pairs": {}, "errors": {}}
+        entry["aoti_int8"][alpha] = int8
+        if rec is not None:
+            squish_file = (Path(rec["artifact"]), "aoti")
+            int8["quality"] = next(iter(scorer.score(*squish_file).values()))
+            what = f"MiniLM int8 aoti ({label})"
+            _pair_against(
+                bench, int8, squish_file, others, MINILM_AOTI_INT8_BASELINES, scorer, what
+            )
+
+
+def _pair_against(
+    bench: EngineBench,
+    entry: dict[str, Any],
+    squish_file: tuple[Path, str],
+    others: dict[str, Any],
+    names: tuple[str, ...],
+    scorer: Scorer,
+    what: str,
+) -> None:
+    """``squish_file`` timed in alternation against each of ``others`` named in ``names``,
+    into ``entry["pairs"]`` (an error into ``entry["errors"]`` and the run's errors)."""
+    for name in names:
+        other = others.get(name)
         if not other:
             continue
-        _log(f"MiniLM aoti: vs {name} ...")
+        _log(f"{what}: vs {name} ...")
         try:
             pair = paired_latency(other, squish_file, scorer.feeds)
             entry["pairs"][name] = {
@@ -943,7 +979,7 @@ def run_minilm(
         except Exception as exc:  # report, go on
             traceback.print_exc()
             entry["errors"][name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            bench.errors[f"MiniLM aoti vs {name}"] = entry["errors"][name]
+            bench.errors[f"{what} vs {name}"] = entry["errors"][name]
 
 
 def minilm_converted(lm: Subject, fmt: str, work: Path, scorer: Scorer) -> dict[str, Any]:
@@ -1019,6 +1055,39 @@ def build_minilm_rows(bench: EngineBench) -> list[dict[str, str]]:
             ),
             size_bytes=aoti["compressed_size_bytes"],
         )  # fmt: skip
+        for alpha, int8 in entry.get("aoti_int8", {}).items():
+            rec = int8["record"]
+            label = f"MiniLM hf → quantize.static (smooth_alpha {alpha}) → aoti"
+            if rec is None:
+                rows.append(_row(label, "not measured", "", False, "the squish run failed"))
+                continue
+            frac = _div(rec["compressed_size_bytes"], fp32_size)
+            rows.append(
+                _row(
+                    label,
+                    f"cos {_f(int8['quality'], 4)}, {_f(frac, 3)}x the fp32 onnx",
+                    f"cos >= {MINILM_COSINE}, <= {MINILM_SIZE_FRACTION}x",
+                    (int8["quality"] or 0) >= MINILM_COSINE
+                    and frac is not None
+                    and frac <= MINILM_SIZE_FRACTION,
+                    f"package {rec['compressed_size_bytes']} B vs fp32 onnx {fp32_size} B; "
+                    f"compile {_f(rec['metrics'].get('conversion', {}).get('seconds'), 1)} s; "
+                    f"whole job {rec['seconds']} s",
+                )
+            )
+
+            def judge(name: str, paired: dict, speed: dict) -> tuple[str, bool | None]:
+                if name == "ORT dynamic int8 (onnx)":
+                    return "faster at b32", (speed[32] or 0) > 1.0
+                return "—", None
+
+            rows += _paired_rows(
+                label, int8, MINILM_AOTI_INT8_BASELINES, subject="int8 aoti", digits=2,
+                quality=lambda pair, int8=int8: (
+                    f"cos int8 aoti {_f(int8['quality'], 4)} vs {_f(pair['quality'], 4)}"
+                ),
+                size_bytes=rec["compressed_size_bytes"], judge=judge,
+            )  # fmt: skip
         rows.append(
             _row(
                 "MiniLM hf → aoti (fp32): export + compile + check",
