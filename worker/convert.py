@@ -27,7 +27,8 @@ rule at ``POST /v1/jobs``: the policy itself is :mod:`worker.spec`'s (``step_for
 
 ``aoti`` is the other way round: every step runs in PyTorch (a PT2E-quantized program is
 what Inductor lowers to its int8 kernels), then the program (an hf model: exported with
-``torch.export``, ``batch`` and ``sequence`` dynamic) is compiled once by
+``torch.export``, ``batch`` and ``sequence`` dynamic, by :func:`export_hf` before the first
+step that takes programs only, or else after the last step) is compiled once by
 :func:`worker.formats.aoti.compile_program`, its dynamic dims kept, and the package is
 checked against the source on the sample inputs (the max abs error is logged), also at a
 second size of every dynamic dim.
