@@ -194,7 +194,14 @@ _ONNX_WEIGHT_INPUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "ConvTranspose": ((1,), (2,)),
 }
 ALLOCATION_STEP = 0.05
-"""allocation 'sensitivity' tries amounts on this grid (and `amount` itself)."""
+"""allocation 'sensitivity' tries amounts on this grid (and `amount` itself); shared with
+``prune.structured`` (:func:`worker.search.sensitivity.allocation_grid`)."""
+ALLOCATION_DATA = DataNeed(
+    (DatasetRole.eval, DatasetRole.calibration),
+    why="allocation 'sensitivity' runs the model on real inputs",
+)
+"""What allocation 'sensitivity' runs the model on (the first role given), here and in
+``prune.structured``: checked at ``POST /v1/jobs`` through the method's ``needs``."""
 
 # Nodes a weight may pass through between its initializer and the layer.
 _ONNX_PASS_THROUGH = frozenset({"Transpose", "Identity", "Cast", "Reshape"})
@@ -224,25 +231,25 @@ def prune_magnitude(
         return pruned_model
     ctx.progress(0.1)
     if params.allocation == "sensitivity":
-        from worker.search.sensitivity import allocate_pruning
+        from worker.search.sensitivity import allocate_pruning, nothing_allocated
 
-        amounts = allocate_pruning(model, ctx, tensors, params.amount, params.min_cosine)
+        allocated = allocate_pruning(model, ctx, tensors, params.amount, params.min_cosine)
         pruned = {
-            name: l1_prune({name: tensors[name]}, amount, "layer")[name]
-            for name, amount in amounts.items()
-            if amount > 0
+            name: l1_prune({name: tensors[name]}, share.amount, "layer")[name]
+            for name, share in allocated.items()
+            if share.amount > 0
         }
         ctx.log(
             f"sensitivity allocation (output cosine >= {params.min_cosine}): "
-            f"{len(pruned)} of {len(amounts)} tensors pruned",
-            data={"amounts": amounts},
+            f"{len(pruned)} of {len(allocated)} tensors pruned (cosines: each tensor alone "
+            "pruned to its amount; a tensor left whole, at the smallest amount tried)",
+            data={
+                "amounts": {name: share.amount for name, share in allocated.items()},
+                "cosines": {name: round(share.cosine, 6) for name, share in allocated.items()},
+            },
         )
         if not pruned:
-            raise InvalidParamsError(
-                f"no tensor can be pruned (even by {ALLOCATION_STEP:g}) while the output keeps "
-                f"a cosine of {params.min_cosine}: lower min_cosine",
-                step=ctx.method,
-            )
+            raise nothing_allocated("tensor", params.min_cosine, ctx.method)
     else:
         pruned = l1_prune(tensors, params.amount, params.scope)
     ctx.progress(0.8)
@@ -272,8 +279,7 @@ def prune_magnitude(
 def _datasets_for(params: MagnitudePruneParams) -> list[DataNeed | str]:
     needs: list[DataNeed | str] = ["train"] if params.steps > 1 else []
     if params.allocation == "sensitivity":
-        why = "allocation 'sensitivity' runs the model on real inputs"
-        needs.append(DataNeed((DatasetRole.eval, DatasetRole.calibration), why=why))
+        needs.append(ALLOCATION_DATA)
     return needs
 
 

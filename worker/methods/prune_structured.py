@@ -9,6 +9,12 @@ group, and the smaller module is exported again with the upload's signature. Par
 and MACs really drop; the model's outputs keep their shape because the layers that
 produce them are never pruned.
 
+With ``allocation: "sensitivity"`` each group gets its own fraction: the largest on
+``prune.magnitude``'s grid (multiples of 0.05, up to ``amount``) at which pruning that group
+alone keeps the model's output cosine to the original's at ``min_cosine`` on real inputs
+(the same measurement and bisection, :mod:`worker.search.sensitivity`), and torch-pruning
+prunes with those fractions (its ``pruning_ratio_dict``, keyed by each group's root layer).
+
 The helpers at the bottom (:func:`prune_groups`, :func:`output_layers`,
 :func:`ignored_layers`, ...) are shared with ``prune.activation``.
 """
@@ -17,15 +23,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from worker.contract import DatasetRole
 from worker.errors import DatasetMismatchError, InvalidParamsError, MethodFailedError
 from worker.formats.models import layer_names
 from worker.layers import Exclude, excluded_layers, record_layers
-from worker.methods.base import DataNeed, Method, MethodParams, Range, Searchable, SearchRole
+from worker.methods.base import (
+    Choice,
+    DataNeed,
+    Method,
+    MethodParams,
+    Range,
+    Searchable,
+    SearchRole,
+)
+from worker.methods.prune_magnitude import ALLOCATION_DATA
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,10 +79,19 @@ class StructuredPruneParams(MethodParams):
             kept.
         exclude: layers left untouched, as the model's ``info.layer_names`` lists them
             (or ``re:`` patterns): their output channels are kept, like ``ignore``'s.
+        allocation: ``"uniform"`` (default) prunes ``amount`` of every group;
+            ``"sensitivity"`` prunes each group (named by its root layer, the one
+            torch-pruning ranks it from) as far as the model's output, with only that
+            group pruned, keeps a cosine of ``min_cosine`` to the original's on the eval
+            (else calibration) inputs, up to ``amount`` (robust groups lose more channels,
+            sensitive ones fewer; ``scope="local"``).
+        min_cosine: the output cosine each group's pruning must keep with
+            ``allocation="sensitivity"`` (default 0.99).
 
     Example:
         ``{"method": "prune.structured", "params": {"amount": 0.5, "importance": "l1",
-        "round_to": 8}}``
+        "round_to": 8}}``, ``{"method": "prune.structured", "params": {"amount": 0.6,
+        "allocation": "sensitivity", "min_cosine": 0.98}}``
     """
 
     amount: float = Field(
@@ -105,6 +129,30 @@ class StructuredPruneParams(MethodParams):
         ),
     )
     exclude: Exclude = None
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        default="uniform",
+        description=(
+            "'uniform': `amount` of every coupled group's channels removed; 'sensitivity': "
+            "each group (by its root layer) pruned as far as the model's output, with only "
+            "that group pruned, keeps a cosine similarity of at least `min_cosine` to the "
+            "original's on the eval (else calibration) inputs, and at most to `amount` "
+            "(fractions tried: multiples of 0.05; scope 'local')."
+        ),
+    )
+    min_cosine: float = Field(
+        default=0.99,
+        gt=0.0,
+        lt=1.0,
+        description="allocation 'sensitivity': the output cosine each group's pruning keeps.",
+    )
+
+    @model_validator(mode="after")
+    def _one_fraction_per_group(self) -> Self:
+        if self.allocation == "sensitivity" and self.scope != "local":
+            raise ValueError(
+                "allocation 'sensitivity' chooses one fraction per group: use scope 'local'"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -161,18 +209,23 @@ def prune_structured(
     before = channel_counts(lifted)
     shapes = layer_shapes(lifted)
     params_before = count_parameters(lifted)
+    fractions = None
+    if params.allocation == "sensitivity":
+        fractions = allocate_channels(model, lifted, criterion, example, params, keep, ctx)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the 'random' baseline is reproducible
         prune_groups(
             lifted,
             criterion.build(),
             example,
-            amount=params.amount,
+            # with fractions, a group that has none (not ranked) keeps its channels
+            amount=params.amount if fractions is None else 0.0,
             global_scope=params.scope == "global",
             round_to=params.round_to,
             keep=keep,
             ctx=ctx,
-            span=(0.3, 0.8),
+            span=(0.3, 0.8) if fractions is None else (0.6, 0.8),
+            fractions=fractions,
         )
     for param in lifted.parameters():
         param.grad = None
@@ -182,6 +235,116 @@ def prune_structured(
     pruned = relower(model, lifted, example_inputs=trace_feeds)
     ctx.progress(1.0)
     return pruned
+
+
+def allocate_channels(
+    model: LoadedModel,
+    lifted: nn.Module,
+    criterion: Criterion,
+    example: Any,
+    params: StructuredPruneParams,
+    keep: list[Any],
+    ctx: StepContext,
+) -> dict[nn.Module, float]:
+    """``allocation: "sensitivity"``: by group root layer, the largest fraction on the grid
+    (up to ``amount``) at which torch-pruning pruning only that group (same importance,
+    same ``round_to``) keeps the output cosine at ``min_cosine``; each try prunes a fresh
+    lift of ``model`` (``lifted`` before any pruning, its gradients copied in). Logs the
+    fraction and the cosine measured for each group.
+
+    Raises:
+        DatasetMismatchError: no eval or calibration dataset.
+        InvalidParamsError: no group keeps the bound even at the smallest fraction.
+    """
+    from functools import partial
+
+    import torch
+
+    from worker.lifting import lift, lifted_name
+    from worker.search.sensitivity import (
+        LiftedRuntime,
+        OutputCosine,
+        allocation_grid,
+        largest_within,
+        nothing_allocated,
+    )
+
+    cosine = OutputCosine(model, ctx, LiftedRuntime(model, lifted))
+    names = {module: name for name, module in lifted.named_modules()}
+    kept = [names[m] for m in keep]
+    with torch.random.fork_rng():  # 'random' importance draws
+        roots = _group_roots(lifted, criterion.build(), example, keep)
+    grads = {n: p.grad for n, p in lifted.named_parameters() if p.grad is not None}
+    grid = allocation_grid(params.amount)
+
+    def pruned_alone(root: str, fraction: float) -> float:
+        trial = lift(model)
+        for name, param in trial.named_parameters():  # taylor's gradients
+            if name in grads:
+                param.grad = grads[name].clone()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            pruner = _pruner(
+                trial,
+                criterion.build(),
+                example,
+                amount=0.0,  # every other group keeps its channels
+                global_scope=False,
+                round_to=params.round_to,
+                keep=[trial.get_submodule(n) for n in kept],
+                fractions={trial.get_submodule(root): fraction},
+            )
+            for group in pruner.step(interactive=True) or ():
+                group.prune()
+        _check_runs(trial, example, ctx)
+        return cosine(LiftedRuntime(model, trial))
+
+    allocated = {}
+    for index, root in enumerate(roots):
+        ctx.progress(0.3 + 0.3 * index / max(1, len(roots)))
+        allocated[root] = largest_within(grid, partial(pruned_alone, root), params.min_cosine)
+    layers = {lifted_name(f"{n}.weight"): n for n in layer_names(model)}
+    order = {name: i for i, name in enumerate(layers)}
+    allocated = dict(sorted(allocated.items(), key=lambda item: order.get(item[0], len(order))))
+    fractions = {layers.get(r, r): a.amount for r, a in allocated.items()}
+    pruned = sum(1 for a in allocated.values() if a.amount > 0)
+    ctx.log(
+        f"sensitivity allocation (output cosine >= {params.min_cosine} on {cosine.samples} "
+        f"{cosine.role} samples): {pruned} of {len(allocated)} channel groups pruned (by "
+        "root layer; cosines: each group alone pruned to its fraction, a group left whole "
+        "at the smallest fraction tried)",
+        data={
+            "fractions": fractions,
+            "cosines": {layers.get(r, r): round(a.cosine, 6) for r, a in allocated.items()},
+        },
+    )
+    if not pruned:
+        raise nothing_allocated("channel group", params.min_cosine, ctx.method)
+    return {lifted.get_submodule(r): a.amount for r, a in allocated.items()}
+
+
+def _group_roots(lifted: nn.Module, importance: Any, example: Any, keep: list[Any]) -> list[str]:
+    """The (lifted) names of the layers torch-pruning ranks a prunable group from, in its
+    order: groups with an ignored layer, or no importance under ``importance``, left out."""
+    pruner = _pruner(
+        lifted,
+        importance,
+        example,
+        amount=0.0,
+        global_scope=False,
+        round_to=None,
+        keep=keep,
+        fractions=None,
+    )
+    names = {module: name for name, module in lifted.named_modules()}
+    groups = pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    )
+    return [
+        names[group[0].dep.target.module]
+        for group in groups
+        if pruner.estimate_importance(group) is not None
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -337,8 +500,12 @@ def prune_groups(
     keep: list[Any],
     ctx: StepContext,
     span: tuple[float, float],
+    fractions: dict[nn.Module, float] | None = None,
 ) -> int:
     """Rank and remove channels with torch-pruning, reporting progress per group.
+
+    ``fractions``: a fraction of its own for the group of each of these root layers
+    (torch-pruning's ``pruning_ratio_dict``, each ranked alone); ``amount`` for the others.
 
     Returns:
         The number of groups pruned.
@@ -346,19 +513,15 @@ def prune_groups(
     Raises:
         InvalidParamsError: nothing could be pruned.
     """
-    import torch
-    import torch_pruning as tp
-
-    pruner = tp.pruner.BasePruner(
+    pruner = _pruner(
         lifted,
+        importance,
         example,
-        importance=importance,
-        global_pruning=global_scope,
-        pruning_ratio=amount,
-        ignored_layers=keep,
+        amount=amount,
+        global_scope=global_scope,
         round_to=round_to,
-        forward_fn=call_with,
-        unwrapped_parameters=_loose_parameters(lifted),
+        keep=keep,
+        fractions=fractions,
     )
     ctx.progress(span[0] + (span[1] - span[0]) * 0.3)
     groups = 0
@@ -375,6 +538,43 @@ def prune_groups(
             "Conv1d/2d, BatchNorm and LayerNorm)",
             step=ctx.method,
         )
+    _check_runs(lifted, example, ctx)
+    ctx.progress(span[1])
+    return groups
+
+
+def _pruner(
+    lifted: nn.Module,
+    importance: Any,
+    example: Any,
+    *,
+    amount: float,
+    global_scope: bool,
+    round_to: int | None,
+    keep: list[Any],
+    fractions: dict[nn.Module, float] | None,
+) -> Any:
+    """torch-pruning's pruner over the lifted module (its dependency graph traced now)."""
+    import torch_pruning as tp
+
+    return tp.pruner.BasePruner(
+        lifted,
+        example,
+        importance=importance,
+        global_pruning=global_scope,
+        pruning_ratio=amount,
+        pruning_ratio_dict=fractions,
+        ignored_layers=keep,
+        round_to=round_to,
+        forward_fn=call_with,
+        unwrapped_parameters=_loose_parameters(lifted),
+    )
+
+
+def _check_runs(lifted: nn.Module, example: Any, ctx: StepContext) -> None:
+    """Raises MethodFailedError when the pruned module no longer runs on ``example``."""
+    import torch
+
     try:
         with torch.no_grad():
             call_with(lifted, example)
@@ -386,8 +586,6 @@ def prune_groups(
             f"torch said: {str(exc).splitlines()[0]}",
             step=ctx.method,
         ) from exc
-    ctx.progress(span[1])
-    return groups
 
 
 def _loose_parameters(lifted: nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
@@ -473,10 +671,14 @@ def report_pruning(
 
 
 def _datasets_for(params: StructuredPruneParams) -> list[DataNeed]:
-    if params.importance != "taylor":
-        return []
-    why = "importance 'taylor' ranks channels by |weight x gradient of the loss|"
-    return [DataNeed((DatasetRole.train, DatasetRole.calibration), labelled=True, why=why)]
+    needs = []
+    if params.importance == "taylor":
+        why = "importance 'taylor' ranks channels by |weight x gradient of the loss|"
+        roles = (DatasetRole.train, DatasetRole.calibration)
+        needs.append(DataNeed(roles, labelled=True, why=why))
+    if params.allocation == "sensitivity":
+        needs.append(ALLOCATION_DATA)
+    return needs
 
 
 METHOD = Method(
@@ -488,11 +690,13 @@ METHOD = Method(
     params=StructuredPruneParams,
     formats=frozenset({"pt2"}),
     handler=prune_structured,
-    datasets_optional=frozenset({"calibration", "train"}),
+    datasets_optional=frozenset({"calibration", "train", "eval"}),
     datasets_for=_datasets_for,
     # the pruning is CPU tensor work with the same code path on either queue's workers
     devices=frozenset({"cpu", "gpu"}),
     search=Searchable(
-        SearchRole.structure, {"amount": Range(0.1, 0.7, step=0.1)}, defaults={"amount": 0.3}
+        SearchRole.structure,
+        {"amount": Range(0.1, 0.7, step=0.1), "allocation": Choice(("uniform", "sensitivity"))},
+        defaults={"amount": 0.3},
     ),
 )

@@ -13,6 +13,12 @@ accuracy. The ranking (lowest ``quantized_cosine`` first) chooses the layers a s
 float (:mod:`worker.search.space`). pt2 and hf models are changed in memory (the weight
 tensor edited in place and restored); onnx models are rewritten per change. A ``deadline``
 stops the analysis early with the layers done so far.
+
+The same measurement chooses the per-layer amounts of ``allocation: "sensitivity"``
+(``prune.magnitude`` per tensor, ``prune.structured`` per channel group):
+:class:`OutputCosine` on the eval (else calibration) inputs, amounts on
+:func:`allocation_grid`, the largest that keeps ``min_cosine`` found by
+:func:`largest_within`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from worker.context import Reporter, StepContext
 from worker.contract import DatasetRole, ModelFormat
 from worker.data import fit_dataset, load_dataset
-from worker.errors import DatasetMismatchError, UnsupportedError
+from worker.errors import DatasetMismatchError, InvalidParamsError, UnsupportedError
 from worker.formats import LoadedModel, Runtime, layer_names
 from worker.layers import layer_of
 from worker.measurement.fidelity import (
@@ -39,6 +45,7 @@ from worker.measurement.fidelity import (
     sample_cosines,
 )
 from worker.measurement.runs import run_loaded
+from worker.methods.prune_magnitude import ALLOCATION_DATA, ALLOCATION_STEP
 from worker.schemas import LayerSensitivity
 
 MAX_SAMPLES = 256
@@ -259,52 +266,138 @@ class _InMemory:
         return self._run(feeds)
 
 
+class LiftedRuntime:
+    """A runtime over ``module``, a module lifted from the pt2 ``model``
+    (:func:`worker.lifting.lift`) and maybe changed since, as :func:`run_loaded` calls one:
+    called as the program is, its output tensors in the program's order."""
+
+    def __init__(self, model: LoadedModel, module: Any) -> None:
+        self.model = model
+        self.device = "cpu"
+        self.module = module
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+        from torch.utils import _pytree as pytree
+
+        from worker.formats import _tensor_to_numpy, pt2_example_args
+
+        args, kwargs = pt2_example_args(self.model, feeds)
+        with torch.inference_mode():
+            result = self.module(*args, **kwargs)
+        leaves = pytree.tree_leaves(result)  # the order the pt2 runner returns them in
+        return [_tensor_to_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+class OutputCosine:
+    """``allocation: "sensitivity"``'s measurement: the mean output cosine of a changed
+    model to ``model``'s, on the first dataset given of the roles of ``ALLOCATION_DATA``
+    (:mod:`worker.methods.prune_magnitude`), at most :data:`MAX_SAMPLES` samples.
+    ``reference`` runs the unchanged model (default: ``model`` itself, in memory); call the
+    measurement with a runtime of the changed one.
+
+    Raises:
+        DatasetMismatchError: no such dataset (``POST /v1/jobs`` refuses the spec first,
+            through the method's ``needs``), or one that does not fit the model.
+    """
+
+    def __init__(self, model: LoadedModel, ctx: StepContext, reference: Any = None) -> None:
+        roles = ALLOCATION_DATA.roles
+        role = next((r for r in roles if r in ctx.datasets), None)
+        if role is None:
+            what = " or ".join(str(r) for r in roles)
+            raise DatasetMismatchError(
+                f"allocation 'sensitivity' needs an {what} dataset", step=ctx.method
+            )
+        data = ctx.datasets[role].head(MAX_SAMPLES)
+        self.role = str(role)
+        self.samples = data.num_samples
+        self._feeds = fit_dataset(model, role, data)
+        self._reference = self._outputs(reference if reference is not None else _InMemory(model))
+
+    def _outputs(self, runtime: Any) -> list[np.ndarray]:
+        return pool_token_outputs(run_loaded(runtime, self._feeds, FIDELITY_BATCH), self._feeds)
+
+    def __call__(self, runtime: Any) -> float:
+        return float(sample_cosines(self._reference, self._outputs(runtime)).mean())
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """One tensor's (or channel group's) share under ``allocation: "sensitivity"``."""
+
+    amount: float
+    """The largest amount on the grid that kept the bound; 0: none did."""
+    cosine: float
+    """The output cosine measured with only this change, at ``amount``; when ``amount`` is
+    0, at the grid's smallest amount (the measurement that fell below the bound)."""
+
+
+def allocation_grid(max_amount: float) -> list[float]:
+    """The amounts ``allocation: "sensitivity"`` tries: multiples of :data:`ALLOCATION_STEP`
+    up to ``max_amount``, and ``max_amount`` itself."""
+    count = int(max_amount / ALLOCATION_STEP + 1e-9)
+    grid = {round(ALLOCATION_STEP * k, 6) for k in range(1, count + 1)} | {max_amount}
+    return sorted(a for a in grid if a <= max_amount)
+
+
+def largest_within(
+    grid: list[float], cosine_at: Callable[[float], float], min_cosine: float
+) -> Allocated:
+    """The largest amount of ``grid`` whose change (``cosine_at(amount)``, the output cosine
+    with only this change made) keeps ``min_cosine``: a bisection, since the output moves
+    further the more of one tensor or channel group goes."""
+    low, high, best = 0, len(grid) - 1, 0.0
+    measured: dict[float, float] = {}
+    while low <= high:
+        middle = (low + high) // 2
+        measured[grid[middle]] = cosine_at(grid[middle])
+        if measured[grid[middle]] >= min_cosine:
+            best, low = grid[middle], middle + 1
+        else:
+            high = middle - 1
+    return Allocated(best, measured[best] if best else measured[grid[0]])
+
+
+def nothing_allocated(what: str, min_cosine: float, step: str) -> InvalidParamsError:
+    """The refusal when ``allocation: "sensitivity"`` finds nothing to prune."""
+    return InvalidParamsError(
+        f"no {what} can be pruned (even by {ALLOCATION_STEP:g}) while the output keeps a "
+        f"cosine of {min_cosine}: lower min_cosine",
+        step=step,
+    )
+
+
 def allocate_pruning(
     model: LoadedModel,
     ctx: StepContext,
     tensors: dict[str, Any],
     max_amount: float,
     min_cosine: float,
-) -> dict[str, float]:
+) -> dict[str, Allocated]:
     """``prune.magnitude``'s ``allocation: "sensitivity"``: by tensor, the largest amount on
-    the grid (``ALLOCATION_STEP`` up to ``max_amount``) at which pruning only that tensor
-    keeps the output cosine at least ``min_cosine`` (0: none); a binary search, since the
-    output moves further the more of one tensor is zeroed. ``tensors`` are the model's own
-    (edited in place and restored)."""
+    :func:`allocation_grid` at which zeroing the smallest weights of only that tensor keeps
+    the output cosine at least ``min_cosine`` (:func:`largest_within`). ``tensors`` are the
+    model's own (edited in place and restored)."""
     import torch
 
-    from worker.methods.prune_magnitude import ALLOCATION_STEP
-
-    role = next((r for r in (DatasetRole.eval, DatasetRole.calibration) if r in ctx.datasets), None)  # fmt: skip
-    if role is None:
-        raise DatasetMismatchError(
-            "allocation 'sensitivity' needs an eval or calibration dataset", step=ctx.method
-        )
-    data = ctx.datasets[role].head(MAX_SAMPLES)
-    feeds = fit_dataset(model, role, data)
-    runtime: Any = _InMemory(model)
-    reference = pool_token_outputs(run_loaded(runtime, feeds, FIDELITY_BATCH), feeds)
-    count = int(max_amount / ALLOCATION_STEP + 1e-9)
-    grid = sorted({round(ALLOCATION_STEP * k, 6) for k in range(1, count + 1)} | {max_amount})
-    grid = [a for a in grid if a <= max_amount]
-    amounts: dict[str, float] = {}
+    cosine = OutputCosine(model, ctx)
+    runtime = _InMemory(model)
+    grid = allocation_grid(max_amount)
+    found: dict[str, Allocated] = {}
     for index, (name, tensor) in enumerate(tensors.items()):
         ctx.progress(0.1 + 0.6 * index / max(1, len(tensors)))
         original = tensor.detach().clone()
-        low, high, best = 0, len(grid) - 1, 0.0
-        while low <= high:
-            middle = (low + high) // 2
-            pruned = prune_smallest(original.float().cpu().numpy(), grid[middle])
+
+        def pruned_alone(amount: float, tensor: Any = tensor, original: Any = original) -> float:
+            pruned = prune_smallest(original.float().cpu().numpy(), amount)
             with torch.no_grad():
                 tensor.copy_(torch.from_numpy(pruned).to(tensor.dtype))
             try:
-                outputs = pool_token_outputs(run_loaded(runtime, feeds, FIDELITY_BATCH), feeds)
+                return cosine(runtime)
             finally:
                 with torch.no_grad():
                     tensor.copy_(original)
-            if float(sample_cosines(reference, outputs).mean()) >= min_cosine:
-                best, low = grid[middle], middle + 1
-            else:
-                high = middle - 1
-        amounts[name] = best
-    return amounts
+
+        found[name] = largest_within(grid, pruned_alone, min_cosine)
+    return found
