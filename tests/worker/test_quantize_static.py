@@ -350,3 +350,55 @@ def test_entropy_on_an_unbinnable_tensor_says_what_to_change(tmp_path: Path) -> 
     for method in ("minmax", "percentile"):
         params = {"calibrate_method": method}
         assert quantize(load_model(src, "onnx"), params, tmp_path, calibration).proto is not None
+
+
+class _Bag:
+    """An embedding table (most of the weights, as in an encoder) feeding a Linear head."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Bag(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                torch.manual_seed(0)
+                self.table = nn.Embedding(500, 32)
+                self.head = nn.Linear(32, 4)
+
+            def forward(self, ids: torch.Tensor) -> torch.Tensor:
+                return self.head(self.table(ids).mean(1))
+
+        return Bag()
+
+
+@pytest.mark.parametrize("exclude", [[], ["table"]])
+def test_pt2_embedding_tables_are_stored_int8_per_row(tmp_path: Path, exclude: list) -> None:
+    import torch
+
+    ids = np.random.default_rng(0).integers(0, 500, size=(64, 6)).astype(np.int64)
+    path = factories.export_pt2(_Bag.build(), torch.from_numpy(ids[:2]), tmp_path / "bag.pt2")
+    model = load_model(path, "pt2")
+    calibration = Dataset({"ids": ids}, None, len(ids))
+    out = quantize(model, {"exclude": exclude}, tmp_path, calibration)
+    artifact = save_model(out, tmp_path / "int8.pt2") or tmp_path / "int8.pt2"
+    tables = {
+        name: tensor.dtype
+        for name, tensor in {
+            **stock_program(artifact).state_dict,
+            **stock_program(artifact).constants,
+        }.items()
+        if tuple(tensor.shape) == (500, 32)
+    }
+    expected = stock_run(path, ids)
+    actual = stock_run(artifact, ids, check_loader=True)
+    cosine = float(np.sum(expected * actual) / (np.linalg.norm(expected) * np.linalg.norm(actual)))
+    assert cosine > 0.999
+    if exclude:
+        assert list(tables.values()) == [torch.float32]
+    else:
+        assert list(tables.values()) == [torch.int8]  # no float copy left in the file
+        saved_bytes = path.stat().st_size - artifact.stat().st_size
+        # 4 bytes a table weight → 1: 48 KB less, minus the int8 graph's own (34.6 KB measured)
+        assert saved_bytes > 0.6 * 500 * 32 * 3

@@ -9,7 +9,10 @@ on the ``calibration`` dataset, instead of at every call (``quantize.dynamic``).
   scales into quantize/dequantize pairs). The graph is re-exported with the upload's
   dynamic dims; fp32 weights the graph no longer reads are dropped, so the file holds
   int8 weights only (about a quarter of fp32). torchao's x86 quantizer quantizes
-  weights per channel and activations as uint8; other choices are refused for pt2.
+  weights per channel and activations as uint8; other choices are refused for pt2. It
+  leaves embedding tables float, so squish stores them int8 with one scale per row
+  (dequantized where rows are looked up, as ONNX Runtime's static ``Gather``): in a
+  transformer encoder they are most of the weights. ``exclude`` keeps one float.
   Run eagerly, these are reference ops (dequantize, fp32 kernel); ``torch.compile``
   with freezing lowers them to int8 kernels. With ``smooth_alpha`` the linear layers'
   input outliers are moved into their weights first, on the program's graph
@@ -400,6 +403,7 @@ def _quantize_pt2(
             prepared(*args, **kwargs)
             ctx.progress(0.1 + 0.6 * (index + 1) / len(batches))
     converted = convert_pt2e(prepared)
+    embeddings = _int8_embeddings(converted, excluded)
     int8 = _int8_weights(converted)
     if not int8:
         raise UnsupportedError(
@@ -419,11 +423,71 @@ def _quantize_pt2(
         f"{sum(len(next(iter(b.values()))) for b in batches)} samples",
         data={
             "float_weight_matrices_left": leftover,
+            "int8_embeddings": embeddings,
             "reduce_range": params.use_reduce_range("pt2"),
         },
     )
+    if embeddings:
+        ctx.log(
+            f"stored {len(embeddings)} embedding tables as int8, one scale per row "
+            f"(dequantized where rows are looked up): {', '.join(embeddings)}"
+        )
     ctx.progress(1.0)
     return quantized
+
+
+def _int8_embeddings(module: object, excluded: frozenset[str]) -> list[str]:
+    """Each float embedding table the graph looks rows up in, as int8 with one symmetric
+    scale per row: ``embedding(q, ids).float() * embedding(scale, ids)``; returns their
+    layers. torchao's x86 quantizer leaves embeddings float, and in a transformer encoder
+    they are most of the weights (MiniLM: 47 of its 87 MB); ONNX Runtime's static
+    quantizer does the same to ``Gather`` by default. A table in ``excluded`` stays float.
+    """
+    import torch
+
+    from worker.layers import layer_of
+
+    aten = torch.ops.aten
+    graph = module.graph  # type: ignore[attr-defined]
+    done = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.embedding.default:
+            continue
+        table = node.args[0]
+        if not isinstance(table, torch.fx.Node) or table.op != "get_attr":
+            continue
+        name = str(table.target)
+        weight = module
+        for part in name.split("."):
+            weight = getattr(weight, part)
+        if layer_of(name) in excluded or not isinstance(weight, torch.Tensor):
+            continue
+        if weight.dtype != torch.float32 or weight.ndim != 2:
+            continue
+        with torch.no_grad():
+            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+            codes = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+        base = name.replace(".", "_")
+        module.register_buffer(f"{base}_int8", codes)  # type: ignore[attr-defined]
+        module.register_buffer(f"{base}_row_scale", scale)  # type: ignore[attr-defined]
+        with graph.inserting_before(node):
+            rows = graph.call_function(
+                aten.embedding.default, (graph.get_attr(f"{base}_int8"), *node.args[1:])
+            )
+            floats = graph.call_function(aten._to_copy.default, (rows,), {"dtype": torch.float32})
+            scales = graph.call_function(
+                aten.embedding.default, (graph.get_attr(f"{base}_row_scale"), node.args[1])
+            )
+            value = graph.call_function(aten.mul.Tensor, (floats, scales))
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+        if not table.users:
+            graph.erase_node(table)
+        done.append(layer_of(name))
+    if done:
+        graph.lint()
+        module.recompile()  # type: ignore[attr-defined]
+    return done
 
 
 def _int8_weights(module: object) -> list[str]:
