@@ -20,7 +20,7 @@ or trained in place (hf); onnx models cannot be trained and take ``steps = 1`` o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
@@ -44,6 +44,17 @@ if TYPE_CHECKING:
 
     from worker.context import StepContext
     from worker.formats import LoadedModel
+
+
+def min_cosine_field(unit: str) -> Any:
+    """``min_cosine`` of the pruning methods' ``allocation: "sensitivity"``: the output cosine
+    each ``unit`` (tensor, channel group) keeps when it alone is pruned."""
+    return Field(
+        default=0.99,
+        gt=0.0,
+        lt=1.0,
+        description=f"allocation 'sensitivity': the output cosine each {unit}'s pruning keeps.",
+    )
 
 
 class MagnitudePruneParams(MethodParams):
@@ -135,12 +146,7 @@ class MagnitudePruneParams(MethodParams):
             "scope 'layer')."
         ),
     )
-    min_cosine: float = Field(
-        default=0.99,
-        gt=0.0,
-        lt=1.0,
-        description="allocation 'sensitivity': the output cosine each tensor's pruning keeps.",
-    )
+    min_cosine: float = min_cosine_field("tensor")
 
     @model_validator(mode="after")
     def _trainable_format(self, info: ValidationInfo) -> Self:

@@ -40,7 +40,7 @@ from worker.methods.base import (
     Searchable,
     SearchRole,
 )
-from worker.methods.prune_magnitude import ALLOCATION_DATA
+from worker.methods.prune_magnitude import ALLOCATION_DATA, min_cosine_field
 
 if TYPE_CHECKING:
     import numpy as np
@@ -139,12 +139,7 @@ class StructuredPruneParams(MethodParams):
             "(fractions tried: multiples of 0.05; scope 'local')."
         ),
     )
-    min_cosine: float = Field(
-        default=0.99,
-        gt=0.0,
-        lt=1.0,
-        description="allocation 'sensitivity': the output cosine each group's pruning keeps.",
-    )
+    min_cosine: float = min_cosine_field("group")
 
     @model_validator(mode="after")
     def _one_fraction_per_group(self) -> Self:
