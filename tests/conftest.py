@@ -29,25 +29,11 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("SQUISH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-# Tests kept on one xdist worker, by group: those sharing the Redis database (flushed by the
-# e2e fixtures); the outage tests, which time private servers' outages; and modules whose
-# module fixture is an expensive AOTInductor compile, which each worker running one of
-# their tests would otherwise compile again. Each group runs one test after the other.
-XDIST_GROUPS = {
-    "tests/e2e/test_service.py": "redis",
-    "tests/app/test_reaper_backoff.py": "redis",
-    "tests/e2e/test_faults.py": "faults",
-    "tests/worker/test_aoti.py": "aoti",
-    "tests/app/test_aoti_and_exclude.py": "aoti-api",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    root = Path(str(config.rootpath))
-    for item in items:
-        group = XDIST_GROUPS.get(Path(str(item.path)).relative_to(root).as_posix())
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+# Tests that must not run beside each other on two xdist workers (``--dist loadgroup``) say
+# so with a module-level ``pytest.mark.xdist_group``: those sharing the Redis database (the
+# e2e fixtures flush it), the outage tests, and modules whose module fixture is an expensive
+# AOTInductor compile. A mark added in pytest_collection_modifyitems comes too late: xdist
+# has already read the marks into the node ids by then, and the groups were split.
 
 
 def require(service: str, ok: bool, why: str = "") -> None:

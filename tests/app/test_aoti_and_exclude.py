@@ -15,6 +15,8 @@ from worker.context import NullReporter
 from worker.errors import EngineError
 from worker.pipeline import PipelineSpec, run_pipeline
 
+pytestmark = [pytest.mark.xdist_group("aoti-api")]  # one worker: its module fixture compiles once
+
 
 @pytest.fixture
 def client(embedded: dict[str, str]) -> Any:

@@ -21,6 +21,9 @@ from sqlalchemy.exc import OperationalError
 
 from tests.conftest import REDIS_URL, port_open, require
 
+# One xdist worker: shares the Redis database with e2e/test_service.
+pytestmark = [pytest.mark.xdist_group("redis")]
+
 JOBS = 200
 
 

@@ -39,7 +39,10 @@ from tests.e2e.test_service import slow_spec
 from tests.factories import export_onnx, mlp, tiny_mlp_onnx
 from worker.measurement.timing_lock import LOCK_FILES
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("faults"),
+]  # one worker: it times private servers' outages
 
 BUCKET = "squish-faults"
 QUICK = {"batch_sizes": [1], "warmup": 0, "iterations": 1}

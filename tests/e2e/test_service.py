@@ -31,7 +31,10 @@ from tests.factories import (
     write_npz,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("redis"),
+]  # one worker: shares the Redis database with test_reaper_backoff
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from worker.methods import get_method
 from worker.pipeline import PipelineResult, PipelineSpec, run_pipeline
 from worker.spec import PipelineRequest, check_pipeline, resolve_pipeline, step_formats
 
+pytestmark = [pytest.mark.xdist_group("aoti")]  # one worker: its module fixtures compile once
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
