@@ -872,9 +872,13 @@ MINILM_BASELINES = (
     "ORT dynamic int8 (onnx)",
     "ORT SmoothQuant static int8 (onnx)",
 )
-MINILM_AOTI_INT8 = (None, MINILM_SMOOTH_ALPHA)
-"""hf → quantize.static → aoti (the hf model exported before the step, PT2E int8 compiled
-by Inductor): without and with SmoothQuant."""
+MINILM_AOTI_INT8: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("quantize.static", {}),
+    ("quantize.static", {"smooth_alpha": MINILM_SMOOTH_ALPHA}),
+    ("quantize.dynamic", {}),
+)
+"""hf → int8 → aoti (the hf model exported before the step, PT2E int8 compiled by
+Inductor): static without and with SmoothQuant, and dynamic."""
 MINILM_AOTI_INT8_BASELINES = ("fp32 eager (hf)", "fp32 aoti", "ORT dynamic int8 (onnx)")
 
 
@@ -935,15 +939,13 @@ def run_minilm(
     }
     _pair_against(bench, entry, fp32_aoti, others, MINILM_BASELINES, scorer, "MiniLM aoti")
     entry["aoti_int8"] = {}
-    for alpha in MINILM_AOTI_INT8:
-        params = {} if alpha is None else {"smooth_alpha": alpha}
-        label = "quantize.static " + (f"smooth_alpha {alpha}" if alpha else "no smoothing")
+    for method, params in MINILM_AOTI_INT8:
+        label = f"{method} {json.dumps(params)}"
         rec = bench.squish(
-            lm, "hf", label + " → aoti", [("quantize.static", params)], output_format="aoti",
-            roles=both,
+            lm, "hf", label + " → aoti", [(method, params)], output_format="aoti", roles=both,
         )  # fmt: skip
         int8 = {"record": rec, "pairs": {}, "errors": {}}
-        entry["aoti_int8"][alpha] = int8
+        entry["aoti_int8"][label] = int8
         if rec is not None:
             squish_file = (Path(rec["artifact"]), "aoti")
             int8["quality"] = next(iter(scorer.score(*squish_file).values()))
@@ -1055,9 +1057,9 @@ def build_minilm_rows(bench: EngineBench) -> list[dict[str, str]]:
             ),
             size_bytes=aoti["compressed_size_bytes"],
         )  # fmt: skip
-        for alpha, int8 in entry.get("aoti_int8", {}).items():
+        for step, int8 in entry.get("aoti_int8", {}).items():
             rec = int8["record"]
-            label = f"MiniLM hf → quantize.static (smooth_alpha {alpha}) → aoti"
+            label = f"MiniLM hf → {step} → aoti"
             if rec is None:
                 rows.append(_row(label, "not measured", "", False, "the squish run failed"))
                 continue
@@ -1175,6 +1177,7 @@ def direct_aoti(program_path: Path, dst: Path, reference: Path) -> Path:
 
 
 AOTI_BASELINES = ("fp32 eager (pt2)", "fp32 aoti", "ORT int8 (onnx)", "direct int8 aoti")
+AOTI_METHODS = ("quantize.static", "quantize.dynamic")
 AOTI_CNN_EXCLUDE = ("stem.0",)
 """The CNN's first convolution (one input channel) stays float on the aoti path: torch
 2.13's Inductor miscompiles frozen int8 convolutions with one input channel (the job fails
@@ -1186,17 +1189,19 @@ def run_aoti(bench: EngineBench, subjects: list[Subject]) -> None:
     model compiled with AOTInductor, (c) ONNX Runtime int8 (squish's pt2 → onnx →
     ``quantize.static``), (d) the same PT2E int8 program compiled by calling torch directly;
     each pair timed in alternation in one process, quality scored on the same inputs."""
-    for s in subjects:
+    for s, method in ((s, m) for s in subjects for m in AOTI_METHODS):
         scorer = Scorer.for_subject(s)
+        dynamic = method == "quantize.dynamic"
         exclude = tuple(s.extra.get("aoti_exclude", ()))
         params = {"exclude": list(exclude)} if exclude else {}
-        label = "quantize.static → aoti" + (f" (exclude {', '.join(exclude)})" if exclude else "")
-        rec = bench.squish(s, "pt2", label, [("quantize.static", params)], output_format="aoti")
+        label = f"{method} → aoti" + (f" (exclude {', '.join(exclude)})" if exclude else "")
+        rec = bench.squish(s, "pt2", label, [(method, params)], output_format="aoti")
         ort = bench.squish(
-            s, "pt2", "quantize.static → onnx (ORT)", [("quantize.static", {})],
-            output_format="onnx",
+            s, "pt2", f"{method} → onnx (ORT)", [(method, {})], output_format="onnx",
         )  # fmt: skip
-        entry: dict[str, Any] = {"model": s.name, "record": rec, "pairs": {}, "errors": {}}
+        entry: dict[str, Any] = {
+            "model": s.name, "label": label, "record": rec, "pairs": {}, "errors": {}
+        }  # fmt: skip
         bench.aoti.append(entry)
         if rec is None:
             continue
@@ -1208,14 +1213,14 @@ def run_aoti(bench: EngineBench, subjects: list[Subject]) -> None:
                 direct_aoti(s.files["pt2"], work / "fp32.aoti.pt2", s.files["pt2"]),
                 "aoti",
             ),
-            "direct int8 aoti": lambda s=s, work=work, exclude=exclude: (
+            "direct int8 aoti": lambda s=s, work=work, exclude=exclude, dynamic=dynamic: (
                 direct_aoti(
                     direct_pt2e(
                         s.files["pt2"],
                         work / "int8.pt2",
                         s.example,
-                        scorer_inputs(s),
-                        False,
+                        None if dynamic else scorer_inputs(s),
+                        dynamic,
                         exclude,
                     ),
                     work / "int8.aoti.pt2",
@@ -1300,7 +1305,7 @@ def build_aoti_rows(bench: EngineBench) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for entry in bench.aoti:
         rec = entry["record"]
-        label = f"AOTI {entry['model']} {rec['label'] if rec else 'quantize.static → aoti'}"
+        label = f"AOTI {entry['model']} {entry['label']}"
         if rec is None:
             rows.append(_row(label, "not measured", "", False, "the squish run failed"))
             continue

@@ -344,3 +344,29 @@ def test_a_package_is_never_loaded_as_a_pt2_program(static_int8: Run) -> None:
 
     with pytest.raises(EngineError):
         load_model(static_int8.result.artifact_path, "pt2")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_int8_compiles_without_autotuning(dynamic: bool) -> None:
+    """torch 2.13's max-autotune crashes (double free, SIGABRT) on a PT2E dynamic program:
+    only statically quantized programs are autotuned."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    from worker.formats.aoti import compile_options, quantization_of
+
+    module = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+    x = torch.randn(4, 16)
+    program = torch.export.export(module, (x,))
+    assert quantization_of(program) is None
+    config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
+    prepared = prepare_pt2e(program.module(), X86InductorQuantizer().set_global(config))
+    prepared(x)
+    quantized = torch.export.export(convert_pt2e(prepared), (x,))
+    kind = quantization_of(quantized)
+    assert kind == ("dynamic" if dynamic else "static")
+    assert ("max_autotune" in compile_options(kind)) is not dynamic

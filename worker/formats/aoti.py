@@ -15,10 +15,13 @@ assumed:
   passes, and freezing only runs with autograd off, so the compile runs under
   ``torch.no_grad()``. Without it the int8 program compiles to dequantize + fp32 GEMM
   (4 x Linear(1024) MLP, batch 1: 0.64 ms, as slow as fp32; with it 0.28 ms).
-- ``max_autotune`` with the ``CPP`` GEMM backend, for quantized programs only: Inductor
+- ``max_autotune`` with the ``CPP`` GEMM backend, for statically quantized programs only: Inductor
   benchmarks its own VNNI/AMX micro-GEMM templates against oneDNN at compile time (MLP int8:
   0.09 ms at batch 1 against 0.30 ms; digits CNN 0.20 vs 0.24 ms; about 2-3x the compile
   time). On fp32 programs it picked kernels that were slower at batch 32 than the default.
+  On dynamically quantized programs (``quantize.dynamic``) torch 2.13 crashes while
+  autotuning ("double free or corruption", SIGABRT; the digits MLP and CNN alike), so
+  those compile with freezing alone.
 - ``aot_inductor.enable_line_tables`` off: torch builds the library with ``-g1`` line
   tables for profilers by default, debug sections that were 3.8 of the 28 MB of MiniLM's
   int8 package; the kernels are the same without them.
@@ -111,10 +114,25 @@ def single_channel_int8_convs(program: ExportedProgram) -> list[str]:
     return found
 
 
-def compile_options(quantized: bool) -> dict[str, Any]:
-    """Inductor's options for this program (see the module docstring for the figures)."""
+def quantization_of(program: ExportedProgram) -> str | None:
+    """``"dynamic"`` (activation scales chosen at run time: ``choose_qparams`` ops),
+    ``"static"`` (other quantize-dequantize ops), or None for a float program."""
+    import torch
+
+    if not is_quantized(program):
+        return None
+    for node in program.graph.nodes:
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and "choose_qparams" in target._opname:
+            return "dynamic"
+    return "static"
+
+
+def compile_options(quantization: str | None) -> dict[str, Any]:
+    """Inductor's options for a program of this :func:`quantization_of` (see the module
+    docstring for the figures)."""
     options: dict[str, Any] = {"freezing": True, "aot_inductor.enable_line_tables": False}
-    if quantized:
+    if quantization == "static":
         options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
     return options
 
@@ -156,7 +174,7 @@ def compile_program(
     """
     import torch
 
-    options = compile_options(is_quantized(program))
+    options = compile_options(quantization_of(program))
     build = build_record(options, torch.get_num_threads())
     folder = Path(tempfile.mkdtemp(prefix="squish-aoti-"))
     source = folder / "program.pt2"
@@ -207,11 +225,15 @@ def _run_bounded(command: list[str], timeout_s: float, reporter: Reporter | None
         log.seek(0)
         output = log.read()
     if child.returncode != 0:
-        reason = (
-            f"the compiling process was killed by signal {-child.returncode} (out of memory?)"
-            if child.returncode < 0
-            else _reason(output)
-        )
+        reason = _reason(output)
+        if child.returncode < 0:
+            signal_number = -child.returncode
+            how = (
+                "killed (signal 9: out of memory?)"
+                if signal_number == 9
+                else f"crashed (signal {signal_number}, inside torch or the compiler)"
+            )
+            reason = f"the compiling process {how}; its last words: {reason}"
         raise MethodFailedError(
             f"compiling with AOTInductor failed: {reason}; use output_format "
             "'onnx' or 'pt2' for this model, or remove the step whose ops the reason names",
