@@ -250,6 +250,13 @@ def _e2e_rows(r: Runner) -> None:
     )
 
 
+def report(rows: list[dict[str, str]], res: dict[str, Any], out: Path) -> None:
+    """A part run on its own: print its table, write its figures to ``out`` as JSON."""
+    print(print_table(rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+
 def print_table(rows: list[dict[str, str]]) -> str:
     cols = ("benchmark", "measured", "target", "met", "notes")
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]

@@ -302,11 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     res = bench_ui(args.rounds, args.screenshots)
-    from benchmarks.run import print_table
+    from benchmarks.run import report
 
-    print(print_table(rows(res)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    report(rows(res), res, args.out)
     return 0
 
 
