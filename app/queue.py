@@ -23,7 +23,7 @@ log = logging.getLogger("squish.queue")
 RUN_JOB = "squish.run_job"
 INSPECT_MODEL = "squish.inspect_model"
 DELIVER_WEBHOOK = "squish.deliver_webhook"
-# Log a job answered from the result cache where its `export` says (worker/export.py).
+# Log a succeeded job where its `export` says (app/jobs/exports.py, worker/export.py).
 EXPORT_JOB = "squish.export_job"
 # A search job (worker/search_tasks.py): ask for trials, run one trial, finish the search.
 SEARCH_STEP = "squish.search_step"

@@ -15,7 +15,10 @@
   trial, step and finishing messages are re-sent;
 - a finished job whose webhook is owed but was neither delivered nor claimed for
   `requeue_after_s` (its message was lost) gets its delivery re-sent, until the delivery
-  gives up (app/jobs/webhooks.py).
+  gives up (app/jobs/webhooks.py);
+- likewise a succeeded job whose export is owed but neither done nor claimed (its message
+  was lost, or its worker died exporting and the claim lapsed): the export task is re-sent,
+  until the export gives up (app/jobs/exports.py).
 
 It runs in every API process; the conditional updates make concurrent reapers safe.
 After an outage of its own database it judges no heartbeat for `heartbeat_timeout_s`:
@@ -35,10 +38,10 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
 from app.errors import database_outage
-from app.jobs import lifecycle, webhooks
+from app.jobs import exports, lifecycle, webhooks
 from app.observability import REAPER_RESENDS
 from app.orm import Job, JobStatus, MLModel
-from app.queue import DELIVER_WEBHOOK, INSPECT_MODEL, RUN_JOB, get_celery, send
+from app.queue import DELIVER_WEBHOOK, EXPORT_JOB, INSPECT_MODEL, RUN_JOB, get_celery, send
 from app.search import trials as searches
 from app.settings import Settings
 from worker.contract import Device, InspectionStatus
@@ -160,6 +163,8 @@ def sweep(settings: Settings, *, judge_heartbeats: bool = True) -> dict[str, int
         to_send.extend((INSPECT_MODEL, model_id, Device.cpu) for model_id in pending)
         hooks = webhooks.resend_due(session, settings.requeue_after_s)
         to_send.extend((DELIVER_WEBHOOK, job_id, queue) for job_id, queue in hooks)
+        owed = exports.resend_due(session, settings.requeue_after_s)
+        to_send.extend((EXPORT_JOB, job_id, queue) for job_id, queue in owed)
     for task, obj_id, queue in to_send:  # after the commit, never before
         send(task, obj_id, queue)
     if waiting:
@@ -168,15 +173,24 @@ def sweep(settings: Settings, *, judge_heartbeats: bool = True) -> dict[str, int
         REAPER_RESENDS.labels(INSPECT_MODEL).inc(len(pending))
     if hooks:
         REAPER_RESENDS.labels(DELIVER_WEBHOOK).inc(len(hooks))
-    if stale or waiting or hooks:
+    if owed:
+        REAPER_RESENDS.labels(EXPORT_JOB).inc(len(owed))
+    if stale or waiting or hooks or owed:
         log.info(
-            "reaper: %d stale, %d re-sent, %d failed, %d webhooks re-sent",
+            "reaper: %d stale, %d re-sent, %d failed, %d webhooks re-sent, %d exports re-sent",
             len(stale),
             len(waiting),
             failed,
             len(hooks),
+            len(owed),
         )
-    return {"stale": len(stale), "resent": len(waiting), "failed": failed, "webhooks": len(hooks)}
+    return {
+        "stale": len(stale),
+        "resent": len(waiting),
+        "failed": failed,
+        "webhooks": len(hooks),
+        "exports": len(owed),
+    }
 
 
 class Reaper(threading.Thread):

@@ -26,6 +26,9 @@ sweep every worker runs at start and every `work_sweep_interval_s` (:func:`sweep
 
 `deliver_webhook` makes one delivery attempt of a finished job's webhook
 (app/jobs/webhooks.py); the transition that finishes a job sends it after its commit.
+`export_job` logs a succeeded job where its ``export`` says, once (app/jobs/exports.py):
+`run_job` calls it after recording the success, outside the job's heartbeat; a cached
+job's, and one the reaper re-sends, arrive as tasks.
 """
 
 from __future__ import annotations
@@ -63,9 +66,9 @@ from sqlalchemy.exc import OperationalError
 from app.db import new_id, reset_engine, session_scope
 from app.errors import database_outage
 from app.files import delete_if_unused, object_key
-from app.jobs import lifecycle, webhooks
+from app.jobs import exports, lifecycle, webhooks
 from app.observability import JOB_ID, capture_warnings, format_handlers
-from app.orm import Artifact, Dataset, Job, JobEvent, JobStatus, MLModel
+from app.orm import Artifact, Dataset, Job, JobEvent, MLModel
 from app.queue import (
     DELIVER_WEBHOOK,
     EXPORT_JOB,
@@ -184,9 +187,15 @@ def run_job(job_id: str) -> str:
         except Exception as exc:
             return record_outcome(job, exc)
         outputs.unmet = judge(job.spec, result)
-        if not outputs.unmet:
-            export_result(job, outputs)
-        return record_outcome(job, outputs)
+        outcome = record_outcome(job, outputs)
+    if outcome is Outcome.succeeded and exports.owes(job.spec):
+        # Owed since that commit; exported here, past the heartbeat (the job is no longer
+        # running): a lost export is re-sent by the reaper (app/jobs/exports.py).
+        try:
+            export_job(job.id)
+        except Exception:
+            log.exception("job %s: export not finished; the reaper sends it again", job.id)
+    return outcome
 
 
 @celery_app.task(name=DELIVER_WEBHOOK, acks_late=True, ignore_result=True)
@@ -197,33 +206,32 @@ def deliver_webhook(job_id: str) -> str:
 
 @celery_app.task(name=EXPORT_JOB, acks_late=True, ignore_result=True)
 def export_job(job_id: str) -> str:
-    """Log a job answered from the result cache where its ``export`` says, from its stored
-    artifacts (a job that ran is exported by :func:`run_job`, from its work folder)."""
+    """Log a succeeded job where its ``export`` says, from its stored artifacts, once: the
+    export is claimed (app/jobs/exports.py), and done with its outcome's event.
+
+    The task of a job answered from the result cache or re-sent by the reaper; a job that
+    ran is exported by :func:`run_job` calling this after recording its success.
+    """
     with session_scope() as session:
+        if exports.claim(session, job_id) is None:
+            return "skipped"  # not owed, ended already, or another worker holds it
         job = session.get(Job, job_id)
-        if job is None or job.status != JobStatus.succeeded or not job.spec.get("export"):
-            return "skipped"
+        assert job is not None
         spec, metrics = job.spec, job.metrics or {}
-        done = session.scalar(
-            select(JobEvent.id).where(
-                JobEvent.job_id == job_id, JobEvent.message.startswith(EXPORTED)
-            )
-        )
-        if done is not None:
-            return "skipped"  # a repeated message: exported already
         stored = [
             (a.name, a.storage_key, a.filename)
             for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))
             if a.name in EXPORTED_ARTIFACTS
         ]
-
-    def log_event(message: str, level: str = LogLevel.info, data: Any = None) -> None:
-        with session_scope() as session:
-            lifecycle.add_event(session, job_id, "log", message, level=LogLevel(level), data=data)
-
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with WorkDir.make("job", job_id, token) as folder:
-        return _export(job_id, spec, stored, folder.path, metrics, log_event)
+        ended = _export(job_id, spec, stored, folder.path, metrics)
+    with session_scope() as session:  # the outcome's event and "done" together
+        lifecycle.add_event(
+            session, job_id, "log", ended.message, level=ended.level, data=ended.data
+        )
+        exports.done(session, job_id)
+    return ended.outcome
 
 
 # --- claim ------------------------------------------------------------------------------
@@ -641,26 +649,19 @@ def judge(spec: dict[str, Any], result: PipelineResult) -> list[Violation]:
     return violations(Constraints.model_validate(bounds), result.measured)
 
 
-def export_result(job: ClaimedJob, outputs: Outputs) -> None:
-    """Log a succeeded result where ``export`` says (MLflow), from its stored artifacts (the
-    store took the work folder's files).
-
-    Never fails the job: a tracking server that is down or refuses is a warning event.
-    """
-    if not job.spec.get("export"):
-        return
-    stored = [
-        (a.name, a.storage_key, a.filename)
-        for a in outputs.artifacts
-        if a.name in EXPORTED_ARTIFACTS
-    ]
-    folder = job.work_dir / "export"
-    folder.mkdir(exist_ok=True)
-    _export(job.id, job.spec, stored, folder, outputs.metrics, job.reporter.log)
-
-
 EXPORTED = "exported to MLflow"
 EXPORTED_ARTIFACTS = ("model", "report", "card")
+
+
+@dataclass(frozen=True)
+class ExportEnded:
+    """How one export ended, and its event: a success, or a warning saying why not."""
+
+    outcome: str
+    """``exported`` or ``failed``"""
+    message: str
+    level: LogLevel
+    data: dict[str, Any]
 
 
 def _export(
@@ -669,23 +670,23 @@ def _export(
     stored: list[tuple[str, str, str]],
     folder: Path,
     metrics: dict[str, Any],
-    log_event: Callable[..., None],
-) -> str:
+) -> ExportEnded:
     """One export (worker/export.py) of the ``(name, storage key, filename)`` artifacts,
-    fetched into ``folder``, and its event: a success, or a warning saying why not."""
+    fetched into ``folder``."""
     from worker.export import Export, ExportFailed, export_to_mlflow
 
     config = Export.model_validate(spec["export"]).mlflow
-    if config is None:
-        return "skipped"
+    assert config is not None  # owed only with an mlflow export (app/jobs/exports.py)
+    where = {"export": "mlflow", "tracking_uri": config.tracking_uri}
+
+    def failed(why: object) -> ExportEnded:
+        message = f"MLflow export failed (the job's result is not affected): {why}"
+        return ExportEnded("failed", message, LogLevel.warning, where)
+
     refusal = get_settings().mlflow_refusal(config.tracking_uri)
     if refusal is not None:  # the operator's list changed since the job was submitted
-        log_event(
-            f"MLflow export not sent (the job's result is not affected): {refusal}",
-            LogLevel.warning,
-            {"export": "mlflow", "tracking_uri": config.tracking_uri},
-        )
-        return "failed"
+        message = f"MLflow export not sent (the job's result is not affected): {refusal}"
+        return ExportEnded("failed", message, LogLevel.warning, where)
     files: dict[str, Path] = {}
     try:
         for name, key, filename in stored:
@@ -693,29 +694,20 @@ def _export(
             files[name] = folder / filename.removeprefix(f"{job_id}-")
             get_store().get_to_file(key, files[name])
     except StorageError as exc:
-        log_event(
-            f"MLflow export failed (the job's result is not affected): {exc}",
-            LogLevel.warning,
-            {"export": "mlflow", "tracking_uri": config.tracking_uri},
-        )
-        return "failed"
+        return failed(exc)
     recipe = {k: v for k, v in spec.items() if k not in ("webhook_url", "export")}
     try:
         exported = export_to_mlflow(
             config, job_id=job_id, files=files, metrics=metrics, recipe=recipe
         )
     except ExportFailed as exc:
-        log_event(
-            f"MLflow export failed (the job's result is not affected): {exc}",
-            LogLevel.warning,
-            {"export": "mlflow", "tracking_uri": config.tracking_uri},
-        )
-        return "failed"
+        return failed(exc)
     message = f"{EXPORTED}: run {exported.run_id} in experiment {config.experiment!r}"
     if exported.model_version is not None:
         message += f", {config.registered_model} version {exported.model_version}"
-    log_event(message, LogLevel.info, {"export": "mlflow", **exported.to_json()})
-    return "exported"
+    return ExportEnded(
+        "exported", message, LogLevel.info, {"export": "mlflow", **exported.to_json()}
+    )
 
 
 STORAGE_BACKOFF_S = (1.0, 15.0)
@@ -817,6 +809,8 @@ def _record_success(job: ClaimedJob, outputs: Outputs) -> Outcome:
                 done = lifecycle.fail(session, job.id, job.token, error, metrics=outputs.metrics)
             else:
                 done = lifecycle.succeed(session, job.id, job.token, outputs.metrics)
+                if done:  # run_job exports it after this commit
+                    exports.owe(session, job.id, job.spec, send_to=None)
             if done:
                 session.add_all(outputs.artifacts)
                 return True

@@ -8,11 +8,12 @@ change where the result goes, not what it is), and :data:`ENGINE_VERSION`. Every
 stores its key, so a job that ran (``"cache": false`` included) answers the next one.
 
 A cached job is created ``succeeded`` with ``cached_from`` naming its source; nothing is
-sent to a worker and its events are one status event, "served from cache". Its
-artifacts are its own rows pointing at the same stored objects (objects are keyed by
-content and removed only when no row uses them, :func:`app.files.delete_if_unused`), so
-deleting the source job, its model or its datasets leaves them downloadable. Never
-crosses tenants: the lookup is by tenant, and objects are stored per tenant.
+sent to a worker (but its export, app/jobs/exports.py) and its events are one status
+event, "served from cache". Its artifacts are its own rows pointing at the same stored
+objects (objects are keyed by content and removed only when no row uses them,
+:func:`app.files.delete_if_unused`), so deleting the source job, its model or its datasets
+leaves them downloadable. Never crosses tenants: the lookup is by tenant, and objects are
+stored per tenant.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import new_id, utcnow
-from app.jobs import lifecycle
+from app.jobs import exports, lifecycle
 from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
-from app.queue import EXPORT_JOB, send_after_commit
 
 CACHE_EPOCH = 1
 """Raise it when the engine's results change without a new squish version: every earlier
@@ -105,7 +105,8 @@ def answer(job: Job, source: Job) -> None:
 
 
 def record(session: Session, job: Job, source: Job) -> None:
-    """The cached job's artifact rows (the source's objects), its event and its webhook."""
+    """The cached job's artifact rows (the source's objects), its event, its webhook and
+    its export."""
     rows = session.scalars(select(Artifact).where(Artifact.job_id == source.id))
     for artifact in rows:
         prefix = f"{source.id}-"
@@ -125,6 +126,5 @@ def record(session: Session, job: Job, source: Job) -> None:
             )
         )
     lifecycle.served_from_cache(session, job.id, source.id)
-    if (job.spec.get("export") or {}).get("mlflow"):
-        # The export is where the result goes, not what it is: done for this job too.
-        send_after_commit(session, EXPORT_JOB, job.id, job.queue)
+    # The export is where the result goes, not what it is: owed by this job too.
+    exports.owe(session, job.id, job.spec, send_to=job.queue)

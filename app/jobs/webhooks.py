@@ -7,7 +7,8 @@ one job POST once; POSTs; and records the outcome: delivered (`webhook_delivered
 tried again later with backoff, or given up after :data:`MAX_ATTEMPTS` tries or
 :data:`GIVE_UP_AFTER_S` after the job finished. The reaper re-sends a delivery whose
 message was lost (a restart, a broker outage, a worker killed mid-delivery):
-:func:`resend_due`.
+:func:`resend_due`. The claim, re-send and give-up rules are app/jobs/owed.py's, which
+a job's export shares.
 
 A worker killed after the POST but before recording it makes the delivery be tried again
 once its claim lapses (:data:`CLAIM_S`): a receiver sees each job at least once, and twice
@@ -32,12 +33,12 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app import netguard
 from app.db import session_scope, utcnow
-from app.jobs import lifecycle
+from app.jobs import lifecycle, owed
 from app.jobs.service import artifacts_of, to_out
 from app.orm import Job, WebhookDelivery
 from app.queue import DELIVER_WEBHOOK, send_after_commit
@@ -53,12 +54,13 @@ TIMEOUT_S = 5.0
 CLAIM_S = 60.0
 """A claimed delivery not recorded within this is presumed dead and may be claimed again."""
 BACKOFF_S = 5.0
-CLOCK_SKEW_S = 2.0
-"""Hosts' clocks may differ this much: a delivery due by the API's clock is due by a
-worker's. Less than the shortest backoff and the claim, so neither is cut short by it."""
+CLOCK_SKEW_S = owed.CLOCK_SKEW_S
 BACKOFF_MAX_S = 600.0
 GIVE_UP_AFTER_S = 24 * 3600.0
 USER_AGENT = "squish-webhook/1"
+WEBHOOK = owed.Owed(
+    Job.webhook_next_at, Job.webhook_delivered_at, Job.webhook_attempts, lifecycle.TERMINAL
+)
 
 
 class Delivery(StrEnum):
@@ -127,22 +129,10 @@ def deliver(job_id: str) -> Delivery:
 
 
 def _claim(session: Session, job_id: str) -> _Claimed | None:
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status.in_(lifecycle.TERMINAL),
-            Job.webhook_delivered_at.is_(None),
-            Job.webhook_next_at <= now + timedelta(seconds=CLOCK_SKEW_S),
-            Job.webhook_attempts < MAX_ATTEMPTS,
-        )
-        .values(
-            webhook_next_at=now + timedelta(seconds=CLAIM_S),
-            webhook_attempts=Job.webhook_attempts + 1,
-        )
+    attempt = WEBHOOK.claim(
+        session, job_id, claim_s=CLAIM_S, max_attempts=MAX_ATTEMPTS, skew_s=CLOCK_SKEW_S
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if attempt is None:
         return None
     job = session.get(Job, job_id)
     assert job is not None
@@ -154,7 +144,7 @@ def _claim(session: Session, job_id: str) -> _Claimed | None:
         event=event,
         body=json.dumps({"event": event, "job": payload}, separators=(",", ":")).encode(),
         secrets=signing_secrets(session, job.tenant_id),
-        attempt=job.webhook_attempts,
+        attempt=attempt,
         queue=job.queue,
         finished_at=job.finished_at,
     )
@@ -231,11 +221,7 @@ def _record_attempt(session: Session, job_id: str, claimed: _Claimed, attempt: _
 def _record_delivered(
     session: Session, job_id: str, claimed: _Claimed, status_code: int | None
 ) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(webhook_delivered_at=utcnow(), webhook_next_at=None)
-    )
+    WEBHOOK.done(session, job_id)
     lifecycle.add_event(
         session, job_id, "log", f"webhook delivered to {claimed.url} ({status_code})"
     )
@@ -244,9 +230,12 @@ def _record_delivered(
 def _record_failed(session: Session, job_id: str, claimed: _Claimed, problem: str) -> Delivery:
     now = utcnow()
     wait = backoff_s(claimed.attempt)
-    if claimed.attempt >= MAX_ATTEMPTS or _past_give_up(claimed.finished_at, now, wait):
+    late = owed.past_give_up(claimed.finished_at, now, GIVE_UP_AFTER_S, wait)
+    if claimed.attempt >= MAX_ATTEMPTS or late:
         why = f"failed after {claimed.attempt} tries: {problem}"
-        if not _give_up(session, _still_ours(job_id, claimed), job_id, why, claimed.url):
+        if not WEBHOOK.give_up(
+            session, _still_ours(job_id, claimed), job_id, _giving_up(claimed.url, why)
+        ):
             return Delivery.skipped
         log.warning("webhook for %s given up: %s", job_id, problem)
         return Delivery.given_up
@@ -278,46 +267,18 @@ def _still_ours(job_id: str, claimed: _Claimed) -> tuple[Any, ...]:
     )
 
 
-def _past_give_up(finished_at: datetime | None, now: datetime, wait: float = 0.0) -> bool:
-    if finished_at is None:
-        return False
-    return now + timedelta(seconds=wait) > finished_at + timedelta(seconds=GIVE_UP_AFTER_S)
-
-
-def _give_up(session: Session, guard: tuple[Any, ...], job_id: str, why: str, url: str) -> bool:
-    result = session.execute(update(Job).where(*guard).values(webhook_next_at=None))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    lifecycle.add_event(
-        session, job_id, "log", f"webhook to {url} {why}; giving up", level=LogLevel.warning
-    )
-    return True
+def _giving_up(url: str, why: str) -> str:
+    return f"webhook to {url} {why}; giving up"
 
 
 def resend_due(session: Session, resend_after_s: float) -> list[tuple[str, str]]:
-    """Owed deliveries whose message seems lost: due for `resend_after_s` and not claimed.
-
-    Each is marked re-sent (due now again, so it is not picked before another interval) and
-    returned as `(job_id, queue)` for the caller to send after its commit; a delivery past
-    :data:`GIVE_UP_AFTER_S` is given up instead.
-    """
-    now = utcnow()
-    lapsed = (
-        Job.webhook_next_at < now - timedelta(seconds=resend_after_s),
-        Job.webhook_delivered_at.is_(None),
-        Job.status.in_(lifecycle.TERMINAL),
+    """Owed deliveries whose message seems lost (app/jobs/owed.py), as `(job_id, queue)`
+    to send after the caller's commit; a delivery past :data:`GIVE_UP_AFTER_S` (or whose
+    last try's worker died) is given up instead."""
+    return WEBHOOK.resend_due(
+        session,
+        resend_after_s,
+        max_attempts=MAX_ATTEMPTS,
+        give_up_after_s=GIVE_UP_AFTER_S,
+        gave_up=lambda spec, when: _giving_up(spec["webhook_url"], f"was not delivered {when}"),
     )
-    rows = session.execute(
-        select(Job.id, Job.queue, Job.finished_at, Job.spec).where(*lapsed)
-    ).all()
-    due: list[tuple[str, str]] = []
-    for job_id, queue, finished_at, spec in rows:
-        # Guarded by the same condition: a delivery that claimed it meanwhile keeps its claim.
-        guard = (Job.id == job_id, *lapsed)
-        if _past_give_up(finished_at, now):
-            _give_up(session, guard, job_id, "was not delivered in time", spec["webhook_url"])
-            continue
-        result = session.execute(update(Job).where(*guard).values(webhook_next_at=now))
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            due.append((job_id, queue))
-    return due

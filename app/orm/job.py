@@ -64,3 +64,11 @@ class Job(Base):
     webhook_next_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime(), nullable=True, index=True
     )
+    # Export (`spec.export`, app/jobs/exports.py): owed by a succeeded job from its outcome's
+    # transaction; claims made (each moves `export_next_at` on by the claim), when the next
+    # may start (NULL: none owed or given up), and when it ended (exported, or refused).
+    export_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    export_next_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), nullable=True, index=True
+    )
+    export_done_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -312,7 +312,7 @@ def test_a_job_whose_worker_keeps_dying_fails_with_worker_lost(
     assert sum("stopped responding; retrying" in e for e in events(job_id)) == 2
     # Failed by the reaper, the job still owes its webhook: sent after the reaper's commit.
     assert tasks_sent(DELIVER_WEBHOOK) == [job_id]
-    assert sweep(settings) == {"stale": 0, "resent": 0, "failed": 0, "webhooks": 0}
+    assert sweep(settings) == {"stale": 0, "resent": 0, "failed": 0, "webhooks": 0, "exports": 0}
 
 
 # --- the task: transient failures, cancellation, success --------------------------------
