@@ -1,10 +1,13 @@
 """The dashboard at /ui in headless Chromium: sign in, upload, the job form built from the
 methods' schemas, a job followed live to the end, downloads, paginated lists, a search's
-views and the card viewer; and the security headers and rules of its static files."""
+views and the card viewer (a real search too, from the form's search mode to its card);
+and the security headers and rules of its static files."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import threading
 import tomllib
 from datetime import timedelta
 from fnmatch import fnmatch
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from playwright.sync_api import expect
 
 from tests.browser import page
@@ -378,6 +382,158 @@ def test_search_form_shows_each_422_error(
         for loc in placed:
             assert loc in {".".join(map(str, e["loc"])) for e in errors}
         assert live.job_ids() == []
+
+
+SEARCH_MS = 240_000  # a whole search on a busy 2-core machine, at most (never a threshold)
+FINAL = {"succeeded", "failed", "cancelled"}
+# Each render of the search section: the trial rows' (number, status) as the page showed them.
+RECORD_TRIAL_TABLES = """() => {
+  window.trialTables = [];
+  const box = document.getElementById("job-search");
+  const take = () => {
+    const rows = [...box.querySelectorAll("#trials tbody tr")];
+    const seen = rows.map((r) => [r.dataset.trial, r.dataset.status]);
+    const last = window.trialTables[window.trialTables.length - 1];
+    if (rows.length && JSON.stringify(seen) !== JSON.stringify(last)) window.trialTables.push(seen);
+  };
+  new MutationObserver(take).observe(box, { childList: true, subtree: true });
+  take();
+}"""
+
+
+def _stage(status: str) -> int:
+    return 2 if status in FINAL else ["queued", "running"].index(status)
+
+
+def hold_first_recipe(monkeypatch: pytest.MonkeyPatch, timeout_s: float) -> threading.Event:
+    """The first trial, once started, waits for the returned event before it runs its recipe."""
+    from worker.search import trial
+
+    release = threading.Event()
+    real = trial.run_trial
+    held = [release]
+
+    def run_trial(*args: Any, **kwargs: Any) -> Any:
+        if held:
+            held.pop().wait(timeout_s)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial, "run_trial", run_trial)
+    return release
+
+
+def test_a_real_search_followed_live_from_the_form_to_its_card(
+    live: Any,
+    queue_worker: Any,
+    browser: Any,
+    ui_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    auth = {"Authorization": f"Bearer {live.api_key}"}
+    with httpx.Client(base_url=live.url, headers=auth, timeout=WAIT_MS / 1000) as client:
+        ids = {}
+        for name, kind in (("pt2", "models"), ("eval", "datasets"), ("calibration", "datasets")):
+            with ui_files[name].open("rb") as fh:
+                ids[name] = client.post(f"/v1/{kind}", files={"file": (fh.name, fh)}).json()["id"]
+    assert queue_worker.wait_for("squish.inspect_model")  # the model's layer names
+
+    with page(browser) as pg:
+        sign_in(pg, live.url, live.api_key)
+        pg.goto(f"{live.url}/ui/#/new?model={ids['pt2']}&kind=search")
+        pg.wait_for_selector("#job-form[data-ready]", timeout=WAIT_MS)
+        assert pg.is_checked("#kind-search") and pg.is_visible("#search")
+        pg.fill("#dataset-eval", ids["eval"])
+        pg.fill("#dataset-calibration", ids["calibration"])
+        for method in ("quantize.dynamic", "quantize.half", "quantize.static"):
+            pg.check(f'[data-loc="search.methods"] input[value="{method}"]')
+        pg.check('[data-loc="search.runtimes"] input[value="torch"]')
+        pg.fill('[data-loc="search.constraints.accuracy_drop"]', "0.05")
+        # 3/4 of the model: the int8 programs come near it (some may be infeasible), fp16 not.
+        size_bound = ui_files["pt2"].stat().st_size * 3 // 4
+        pg.fill('[data-loc="search.constraints.size_bytes"]', str(size_bound))
+        pg.fill('[data-loc="search.budget.max_trials"]', "3")
+        pg.fill('[data-loc="search.budget.parallel_trials"]', "1")
+        pg.fill('[data-loc="search.seed"]', "0")
+        pg.fill('[data-loc="evaluate.batch_sizes"]', "1")
+        pg.fill('[data-loc="evaluate.warmup"]', "0")
+        pg.fill('[data-loc="evaluate.iterations"]', "3")
+
+        # The first trial waits until the page has shown it queued, then running: the table
+        # is seen live.
+        first_trial = queue_worker.hold("squish.run_trial")
+        first_recipe = hold_first_recipe(monkeypatch, WAIT_MS / 1000)
+        pg.click("#submit-job")
+        pg.wait_for_url(re.compile(r".*#/jobs/job_[A-Za-z0-9_-]+$"), timeout=WAIT_MS)
+        job_id = pg.url.rsplit("/", 1)[1]
+        spec = live_spec(live, job_id)
+        assert spec["search"]["methods"] == ["quantize.dynamic", "quantize.half", "quantize.static"]
+        assert spec["search"]["runtimes"] == ["torch"]
+        assert spec["search"]["budget"]["max_trials"] == 3
+        bounds = {k: v for k, v in spec["search"]["constraints"].items() if v is not None}
+        assert bounds == {"accuracy_drop": 0.05, "size_bytes": size_bound}
+        assert spec["datasets"] == {"eval": ids["eval"], "calibration": ids["calibration"]}
+        pg.wait_for_selector("#job-search", state="attached", timeout=WAIT_MS)
+        pg.evaluate(RECORD_TRIAL_TABLES)
+        first_row = '#trials tr[data-trial="0"]'
+        try:
+            pg.wait_for_selector(f'{first_row}[data-status="queued"]', timeout=WAIT_MS)
+        finally:
+            first_trial.set()
+        try:  # started: its event says so before the next step publishes the table
+            pg.wait_for_selector(f'{first_row}[data-status="running"]', timeout=WAIT_MS)
+        finally:
+            first_recipe.set()
+
+        pg.wait_for_selector('#job-head[data-status="succeeded"]', timeout=SEARCH_MS)
+        job = live_job(live, job_id)
+        assert job["status"] == "succeeded" and job["error"] is None
+        search = job["metrics"]["search"]
+        assert search["met"] is True
+        trials = search["trials"]
+        assert [t["number"] for t in trials] == [0, 1, 2]
+        assert {t["status"] for t in trials} <= FINAL
+        final = [[str(t["number"]), t["status"]] for t in trials]
+        assert pg.locator("#trials tbody tr").count() == 3  # rendered with the final status
+        tables = pg.evaluate("window.trialTables")
+        assert tables[0] == [["0", "queued"]] and [["0", "running"]] in tables
+        assert tables[-1] == final
+        for before, after in itertools.pairwise(tables):
+            # Rows are only added, in order; a row's status only moves on.
+            assert [n for n, _ in after][: len(before)] == [n for n, _ in before]
+            for (_, was), (_, now) in zip(before, after, strict=False):
+                assert was == now or _stage(was) < _stage(now), tables
+        for t in trials:
+            row = pg.inner_text(f'#trials tr[data-trial="{t["number"]}"]')
+            assert all(v["constraint"] in row for v in t["violations"]), row
+
+        # The Pareto plot: one mark per measured trial, its feasibility; the best one marked.
+        measured = [t for t in trials if t.get("metrics")]
+        marks = pg.eval_on_selector_all(
+            "#pareto .trial-mark", "els => els.map(e => [e.dataset.trial, e.dataset.feasible])"
+        )
+        assert marks == [[str(t["number"]), str(t["feasible"]).lower()] for t in measured]
+        best = search["best"]
+        assert best in search["pareto"] and trials[best]["feasible"]
+        assert pg.text_content(f'#pareto .trial-mark[data-trial="{best}"] .value-label') == "best"
+        rings = pg.eval_on_selector_all(
+            "#pareto .trial-mark:has(.front-ring)", "els => els.map(e => Number(e.dataset.trial))"
+        )
+        assert sorted(rings) == sorted(search["pareto"])
+        assert "best" in pg.inner_text(f'#trials tr[data-trial="{best}"]')
+
+        # The card of this search, in the viewer: its trial table and Pareto scatter.
+        pg.click('[data-open-card="card"]')
+        card = pg.frame_locator("#card-frame").frame_locator("#card-document")
+        card.locator("#search").wait_for(timeout=WAIT_MS)
+        rows = card.locator("#search h3:text-is('Trials') + table tr:has(td)")
+        numbers = [r.split()[0] for r in rows.all_inner_texts()]
+        assert numbers == [str(t["number"]) for t in trials]
+        assert "best" in rows.nth(best).inner_text()
+        feasible = [rows.nth(i).locator("td").nth(9).inner_text().split()[0] for i in range(3)]
+        assert feasible == ["yes" if t["feasible"] else "no" for t in trials]
+        scatter = card.locator('#search svg[aria-label^="Pareto plot"]')
+        assert f"best (trial {best})" in (scatter.text_content() or "")
+        assert pg.page_errors == []
 
 
 # --- static files: headers and rules ------------------------------------------------------------

@@ -125,7 +125,21 @@ function recipeText(pipeline) {
   return (pipeline || []).map((step) => step.method + (step.params && Object.keys(step.params).length ? ` (${paramsText(step.params)})` : "")).join(" → ");
 }
 
-function searchSection(search) {
+// Where a trial's events say it is. The worker publishes metrics.search at each step of the
+// search, so a trial it has started (or just ended) still says "queued" there until the next
+// step: the table shows it running until the published status is a later one.
+const TRIAL_EVENT_STATUS = { started: "running", finished: "running", failed: "running", cancelled: "running", retried: "queued" };
+
+/** The trials whose events are ahead of the published table: {number: "running"}. */
+function trialsAhead(search, heard) {
+  const ahead = {};
+  for (const trial of (search && search.trials) || []) {
+    if (trial.status === "queued" && heard.get(trial.number) === "running") ahead[trial.number] = "running";
+  }
+  return ahead;
+}
+
+function searchSection(search, ahead = {}) {
   const trials = search.trials || [];
   const front = new Set(search.pareto || []);
   const summary = [];
@@ -152,11 +166,12 @@ function searchSection(search) {
         const point = trialPoint(trial);
         const quality = trialQuality(trial);
         const classes = [front.has(trial.number) ? "pareto" : "", trial.number === search.best ? "best" : ""].join(" ").trim();
+        const status = ahead[trial.number] || trial.status;
         return h(
           "tr",
-          { "data-trial": String(trial.number), class: classes || null },
+          { "data-trial": String(trial.number), "data-status": status || null, class: classes || null },
           h("td", {}, String(trial.number), trial.number === search.best ? h("span", { class: "badge best" }, "best") : null, front.has(trial.number) ? h("span", { class: "badge pareto" }, "Pareto") : null),
-          h("td", {}, trial.status ? statusBadge(trial.status) : "—"),
+          h("td", {}, status ? statusBadge(status) : "—"),
           h("td", { class: "small" }, recipeText(trial.pipeline)),
           h("td", {}, [trial.output_format, trial.runtime].filter(Boolean).join(" / ") || "—"),
           h("td", {}, bytes(point.y)),
@@ -255,7 +270,7 @@ function artifactsSection(job, status) {
 
 export function jobView(root, jobId) {
   document.title = `${jobId} · squish`;
-  const state = { job: null, alive: true, timer: null, stream: null, refreshing: null, sections: {} };
+  const state = { job: null, alive: true, timer: null, stream: null, refreshing: null, sections: {}, heard: new Map() };
   const head = h("section", { class: "card", id: "job-head" }, h("h1", { class: "mono" }, jobId), h("p", { class: "muted" }, "Loading…"));
   const errorBox = h("div", { id: "job-error" });
   const metricsBox = h("div", { id: "job-metrics" });
@@ -333,10 +348,22 @@ export function jobView(root, jobId) {
         m.steps && m.steps.length ? [h("h3", {}, "After each step"), waterfall(m), stepsTable(m)] : null,
       ),
     );
-    const search = job.metrics && job.metrics.search ? job.metrics.search : null;
-    renderOnce(searchBox, "search", search, searchSection);
+    renderSearch(job);
     renderOnce(artifactsBox, "artifacts", job.artifacts && job.artifacts.length ? job.artifacts : null, () => artifactsSection(job, downloadStatus));
     document.title = `${job.id} · ${job.status} · squish`;
+  }
+
+  function renderSearch(job) {
+    const search = job.metrics && job.metrics.search ? job.metrics.search : null;
+    const ahead = trialsAhead(search, state.heard);
+    renderOnce(searchBox, "search", search && { search, ahead }, (value) => searchSection(value.search, value.ahead));
+  }
+
+  function hearTrial(data) {
+    const status = TRIAL_EVENT_STATUS[data.event];
+    if (!Number.isInteger(data.trial) || !status) return;
+    state.heard.set(data.trial, status);
+    if (state.job) renderSearch(state.job);
   }
 
   async function refresh() {
@@ -393,7 +420,8 @@ export function jobView(root, jobId) {
       (event) => {
         if (!state.alive) return;
         logEvent(event);
-        if (event.event === "status" || event.event === "progress") refreshSoon();
+        if (event.event === "trial") hearTrial((event.data && event.data.data) || {});
+        if (event.event === "status" || event.event === "progress" || event.event === "trial") refreshSoon();
       },
       {
         after: state.stream ? state.stream.lastId : 0,
