@@ -7,7 +7,7 @@ costs nothing for tests that do not use them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,3 +157,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two arrays, flattened, in float64."""
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def task_handlers() -> dict[str, Callable[[str], Any]]:
+    """Each queued task's name → the function a worker runs for its message's id (for tests
+    that run the embedded queue's messages in process)."""
+    from worker import search_tasks, tasks
+
+    return {
+        "squish.run_job": tasks.run_job,
+        "squish.inspect_model": tasks.inspect_model,
+        "squish.search_step": search_tasks.step,
+        "squish.run_trial": lambda trial_id: search_tasks.run_trial(int(trial_id)),
+        "squish.finish_search": search_tasks.finish,
+        "squish.deliver_webhook": tasks.deliver_webhook,
+    }

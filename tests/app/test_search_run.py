@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from tests.app.test_api import upload
 from tests.factories import digits_npz, tiny_mlp_onnx
+from tests.helpers import task_handlers
 
 QUICK = {"batch_sizes": [1], "warmup": 0, "iterations": 2}
 
@@ -51,16 +52,7 @@ def take_messages() -> list[tuple[str, str]]:
 
 def drain(limit: int = 200, before: Any = None) -> list[str]:
     """Run every message as a worker would, until none is left; returns the tasks run."""
-    from worker import search_tasks, tasks
-
-    handlers = {
-        "squish.run_job": tasks.run_job,
-        "squish.inspect_model": tasks.inspect_model,
-        "squish.search_step": search_tasks.step,
-        "squish.run_trial": lambda trial_id: search_tasks.run_trial(int(trial_id)),
-        "squish.finish_search": search_tasks.finish,
-        "squish.deliver_webhook": tasks.deliver_webhook,
-    }
+    handlers = task_handlers()
     ran: list[str] = []
     while len(ran) < limit:
         messages = take_messages()

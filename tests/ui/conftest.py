@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 
 from tests import factories
 from tests.browser import launch, require_chromium
+from tests.helpers import task_handlers
 from tests.squish.conftest import engine_runs, live, worker
 
 __all__ = ["engine_runs", "live", "worker"]
@@ -93,22 +94,10 @@ class QueueWorker:
         with self._done:
             return self._done.wait_for(lambda: task in self.ran, timeout=self.timeout_s)
 
-    def _handlers(self) -> dict[str, Callable[[str], Any]]:
-        from worker import search_tasks, tasks
-
-        return {
-            "squish.run_job": tasks.run_job,
-            "squish.inspect_model": tasks.inspect_model,
-            "squish.search_step": search_tasks.step,
-            "squish.run_trial": lambda trial_id: search_tasks.run_trial(int(trial_id)),
-            "squish.finish_search": search_tasks.finish,
-            "squish.deliver_webhook": tasks.deliver_webhook,
-        }
-
     def _loop(self) -> None:
         from app.queue import get_celery
 
-        handlers = self._handlers()
+        handlers = task_handlers()
         with get_celery().connection_for_read() as conn:
             inbox = conn.SimpleQueue(self.queue_name, no_ack=True)
             try:
