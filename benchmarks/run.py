@@ -14,9 +14,10 @@ table and writes ``benchmarks/out/engine.json``; ``methods`` (:mod:`benchmarks.m
 ~3 minutes) compares ``quantize.log`` with linear int4 and measures what ``clip`` buys,
 and writes ``benchmarks/out/methods.json``. ``ui`` (:mod:`benchmarks.ui`, ~3 minutes) times the
 dashboard's jobs list over 1,000 jobs in headless Chromium (rows in this table; its figures
-also in ``benchmarks/out/ui.json``). ``search`` (:mod:`benchmarks.search`) runs a recipe
-search of 30 trials with a one-hour budget, which bounds it. The service parts alone
-(upload, pickup, get, e2e, cache) take about 5 minutes.
+also in ``benchmarks/out/ui.json``). ``search`` (:mod:`benchmarks.search`, about an hour)
+runs recipe searches: 30 trials on the digits CNN within 20 minutes, MiniLM, one worker
+against two, and the robustness runs. The service parts alone (upload, pickup, get, e2e,
+cache) take about 5 minutes.
 """
 
 from __future__ import annotations
@@ -442,9 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if "search" in selected:
         from benchmarks import search as srb
 
-        res = r.attempt(
-            "search", lambda: srb.bench_search(8 if quick else 30, 600 if quick else 3600)
-        )
+        res = r.attempt("search", lambda: srb.bench_search(quick=quick))
         if res is None:
             r.failed_row("search digits CNN: chosen trial", "—", "search")
         else:

@@ -358,13 +358,14 @@ class ProductionStack:
             self.service = None
         self.procs.stop("api")
 
-    def start_worker(self) -> None:
+    def start_worker(self, name: str = "worker") -> None:
+        """A ``squish worker`` on the cpu queue (concurrency 1), as process ``name``."""
         self.procs.spawn(
-            "worker", [_squish_bin(), "worker", "--queues", "cpu", "--name", "bench@%h"], self.env
+            name, [_squish_bin(), "worker", "--queues", "cpu", "--name", f"{name}@%h"], self.env
         )
 
-    def stop_worker(self) -> None:
-        self.procs.stop("worker")
+    def stop_worker(self, name: str = "worker") -> None:
+        self.procs.stop(name)
 
     def __exit__(self, *exc: object) -> None:
         import psycopg

@@ -844,28 +844,31 @@ def _publish(
     session: Any, job: Job, search: Search, spec: SearchSpec, rows: Sequence[SearchTrial]
 ) -> None:
     """``metrics.search`` and the job's progress, while the search runs."""
-    from worker.search.selection import pareto
 
     done = sum(1 for r in rows if r.status not in state.ACTIVE)
-    table = trial_table(rows, spec)
-    metrics = {
-        "search": {
-            "objectives": [str(o) for o in spec.objectives],
-            "trials": table,
-            "pareto": pareto(table, spec.objectives),
-            "sensitivity": search.sensitivity or {},
-            **_split_sizes(search),
-        }
-    }
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.running)
         .values(
-            metrics=metrics,
+            metrics={"search": _table_metrics(search, spec, rows)},
             stage=f"trials {done}/{spec.budget.max_trials}",
             progress=min(0.95, 0.05 + 0.9 * done / spec.budget.max_trials),
         )
     )
+
+
+def _table_metrics(search: Search, spec: SearchSpec, rows: Sequence[SearchTrial]) -> dict[str, Any]:
+    """``metrics.search`` before the verdict: the trial table, its Pareto set, sensitivity."""
+    from worker.search.selection import pareto
+
+    table = trial_table(rows, spec)
+    return {
+        "objectives": [str(o) for o in spec.objectives],
+        "trials": table,
+        "pareto": pareto(table, spec.objectives),
+        "sensitivity": search.sensitivity or {},
+        **_split_sizes(search),
+    }
 
 
 def _split_sizes(search: Search) -> dict[str, int]:
@@ -1299,6 +1302,9 @@ def _close(session: Any, job: Job, search: Search) -> None:
             session, job.id, "log", f"search stopped: {closed} open trials cancelled"
         )
     rows = state.trials_of(session, job.id)
+    if job.metrics is not None and "search" in job.metrics:  # the table, as its trials ended
+        spec = SearchSpec.model_validate(job.spec["search"])
+        job.metrics = {**job.metrics, "search": _table_metrics(search, spec, rows)}
     artifacts = {row.number: row.artifact for row in rows if row.artifact}
     scratch = scratch_keys(session, job, search, rows)
     tenant_id, job_id = job.tenant_id, job.id

@@ -97,7 +97,9 @@ def list_jobs(
         stmt = stmt.where(Job.status == status)
     rows, next_cursor = paginate(session, stmt, Job.id, limit=limit, cursor=cursor)
     artifacts = service.artifacts_of(session, [j.id for j in rows])
-    return Page(items=[service.to_out(j, artifacts[j.id]) for j in rows], next_cursor=next_cursor)
+    trials = service.live_trials(session, rows)
+    items = [service.to_out(j, artifacts[j.id], trials.get(j.id)) for j in rows]
+    return Page(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=problem_responses(404))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -16,7 +17,7 @@ from app.errors import Conflict, NotFound, Unprocessable, describe
 from app.jobs import cache, lifecycle
 from app.jobs.schemas import ArtifactOut, JobCreate, JobOut
 from app.netguard import submitted_webhook_url
-from app.orm import Artifact, Dataset, Job, JobStatus, MLModel
+from app.orm import Artifact, Dataset, Job, JobStatus, MLModel, SearchTrial
 from app.queue import RUN_JOB, send_after_commit
 from app.search.service import normalize_search
 from app.settings import get_settings
@@ -226,14 +227,16 @@ def poll_job(tenant_id: str, job_id: str) -> JobOut:
     )
     with get_read_engine().connect() as conn:
         rows = conn.execute(stmt).all()
-    if not rows:
-        raise NotFound(f"No job {job_id!r}.")
+        if not rows:
+            raise NotFound(f"No job {job_id!r}.")
+        job = cast(Job, rows[0])
+        trials = live_trials(conn, [job])
     artifacts = [
         SimpleNamespace(**{f: getattr(row, f"artifact_{f}") for f in _ARTIFACT_FIELDS})
         for row in rows
         if row.artifact_name is not None
     ]
-    return to_out(cast(Job, rows[0]), cast(list[Artifact], artifacts))
+    return to_out(job, cast(list[Artifact], artifacts), trials.get(job.id))
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -258,7 +261,34 @@ def artifacts_of(session: Session, job_ids: list[str]) -> dict[str, list[Artifac
     return out
 
 
-def to_out(job: Job, artifacts: list[Artifact]) -> JobOut:
+def live_trials(conn: Connection | Session, jobs: Sequence[Job]) -> dict[str, dict[int, str]]:
+    """Each running search's trial statuses by number, from the trials' own rows.
+
+    The job's published ``metrics.search.trials`` is written at each search step, so a
+    trial claimed since still reads ``queued`` there; its row already says ``running``.
+    """
+    ids = [j.id for j in jobs if j.status == JobStatus.running and "search" in (j.metrics or {})]
+    out: dict[str, dict[int, str]] = {job_id: {} for job_id in ids}
+    if ids:
+        stmt = select(SearchTrial.job_id, SearchTrial.number, SearchTrial.status).where(
+            SearchTrial.job_id.in_(ids)
+        )
+        for job_id, number, status in conn.execute(stmt):
+            out[job_id][number] = status
+    return out
+
+
+def _live_metrics(metrics: dict[str, Any] | None, trials: dict[int, str] | None) -> Any:
+    if not trials or metrics is None or "search" not in metrics:
+        return metrics
+    search = metrics["search"]
+    table = [{**t, "status": trials.get(t["number"], t["status"])} for t in search["trials"]]
+    return {**metrics, "search": {**search, "trials": table}}
+
+
+def to_out(job: Job, artifacts: list[Artifact], trials: dict[int, str] | None = None) -> JobOut:
+    """The job as the API shows it; ``trials``: a running search's live trial statuses
+    (:func:`live_trials`)."""
     return JobOut(
         id=job.id,
         model_id=job.model_id,
@@ -270,7 +300,7 @@ def to_out(job: Job, artifacts: list[Artifact]) -> JobOut:
         worker=job.worker if job.status == JobStatus.running.value else None,
         spec=job.spec,
         error=job.error,  # type: ignore[arg-type]
-        metrics=job.metrics,
+        metrics=_live_metrics(job.metrics, trials),
         artifacts=[
             ArtifactOut(
                 name=a.name,

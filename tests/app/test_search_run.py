@@ -169,3 +169,35 @@ def test_a_search_cancelled_between_trials_stops_them_all(
     with session_scope() as session:
         statuses = {t.status for t in state.trials_of(session, job_id)}
     assert statuses == {"cancelled"}
+
+
+def test_a_claimed_trial_reads_running_before_the_next_search_step(
+    client: TestClient, files: dict[str, Path]
+) -> None:
+    from app.db import session_scope
+    from app.orm import SearchTrial
+    from app.search import trials as state
+
+    job_id = submit(client, files, budget={"max_trials": 2, "parallel_trials": 2})
+    claimed: list[int] = []
+
+    def claim_the_first_trial(task: str, obj_id: str) -> None:
+        if task != "squish.run_trial" or claimed:
+            return
+        with session_scope() as session:
+            assert state.claim_trial(session, int(obj_id), "another-worker")
+            claimed.append(session.get(SearchTrial, int(obj_id)).number)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "running"
+        polled = {t["number"]: t["status"] for t in job["metrics"]["search"]["trials"]}
+        assert polled[claimed[0]] == "running"
+        assert set(polled.values()) <= {"queued", "running"}
+        (listed,) = [j for j in client.get("/v1/jobs").json()["items"] if j["id"] == job_id]
+        assert listed["metrics"]["search"]["trials"] == job["metrics"]["search"]["trials"]
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+
+    drain(before=claim_the_first_trial)
+    assert claimed
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled"
+    assert {t["status"] for t in job["metrics"]["search"]["trials"]} == {"cancelled"}
