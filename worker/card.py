@@ -581,7 +581,7 @@ def fmt_value(value: Any) -> str | Markup:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if (n := _number(value)) is not None:
-        return f"{n:.4g}"
+        return _figure(n)
     if isinstance(value, Mapping) and _number(value.get("value")) is not None:
         # an interval (DESIGN §12 held-out figures): value, n, ci95
         text = f"{value['value']:.4g}"
@@ -595,6 +595,13 @@ def fmt_value(value: Any) -> str | Markup:
     if isinstance(value, Mapping | list):
         return _compact(value) or "none"
     return str(value)
+
+
+def _figure(n: float) -> str:
+    """Whole numbers in full (a size bound of 64,266 bytes), others to 4 significant digits."""
+    if float(n).is_integer() and abs(n) < 1e15:
+        return f"{int(n):,}"
+    return f"{n:.4g}"
 
 
 def _compact(value: Any) -> str:
@@ -611,7 +618,7 @@ def _compact(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if (n := _number(value)) is not None:
-        return f"{n:.4g}"
+        return _figure(n)
     return str(value)
 
 

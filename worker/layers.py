@@ -73,20 +73,33 @@ def excluded_entries(params: Any) -> tuple[str, ...]:
 
 
 def resolve_exclude(entries: Iterable[str], names: Sequence[str]) -> Resolved:
-    """The layers of ``names`` that ``entries`` pick, and the entries that pick none."""
+    """The layers of ``names`` that ``entries`` pick, and the entries that pick none.
+
+    A name picks its layer; failing that, the layer it became once an earlier step lifted
+    and re-exported the model (:func:`worker.lifting.lifted_name`: ``block1.conv1`` →
+    ``block1_conv1``), so an ``exclude`` written against the upload's layers still holds
+    after pruning or training.
+    """
     excluded: set[str] = set()
     unknown: list[str] = []
     known = set(names)
+    lifted = {_flat(name): name for name in names}
     for entry in entries:
         if entry.startswith(PATTERN_PREFIX):
             pattern = re.compile(entry[len(PATTERN_PREFIX) :])
             hits = {name for name in names if pattern.search(name)}
+        elif entry in known:
+            hits = {entry}
         else:
-            hits = {entry} if entry in known else set()
+            hits = {lifted[_flat(entry)]} if _flat(entry) in lifted else set()
         if not hits:
             unknown.append(entry)
         excluded |= hits
     return Resolved(frozenset(excluded), tuple(unknown))
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
 
 
 def exclude_problem(entries: Iterable[str], names: Sequence[str], method: str) -> str | None:

@@ -455,7 +455,11 @@ class SearchMetrics(Figures):
     objectives: list[Objective] = Field(description="The objectives, in priority order.")
     trials: list[SearchTrial] = Field(description="Every trial, by number.")
     pareto: list[int] = Field(
-        description="Numbers of the trials no other succeeded trial dominates on the objectives."
+        description=(
+            "Numbers of the trials no other succeeded trial dominates on the objectives, a "
+            "trial that meets the constraints dominating every one that does not (while "
+            "any does, the front of those; at the end, of those the held-out split confirms)."
+        ),
     )
     best: int | SkipJsonSchema[None] = Field(
         None,

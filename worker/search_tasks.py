@@ -96,6 +96,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("squish.search")
 
 ASK_TRIES = 5
+SKIP_TRIES = 50
+"""Proposals dropped as dead ends (:func:`dead_ends`) in one step before it stops asking."""
+HOLDOUT_ROUNDS = 3
+"""Fronts verified on the held-out split at most: when each trial of the front fails there,
+the front of the remaining feasible trials is verified next."""
+DEAD_END_CODES = frozenset(
+    {ErrorCode.invalid_params, ErrorCode.unsupported, ErrorCode.method_failed}
+)
+"""Error codes a step raises again whenever it gets the same model with the same params."""
 """Proposals in a row that repeat an earlier recipe before a step stops asking."""
 UNMEASURED = 1.0
 """The constraint amount Optuna is told for a figure that was not measured (> 0: violated)."""
@@ -392,14 +401,15 @@ def propose(
     for params in known[len(rows) :]:
         study.enqueue_trial(params, skip_if_exists=True)
     seen = {Recipe.from_json(r.recipe).key() for r in rows}
+    dead = dead_ends(rows, space.model_format)
     if spec.strategy == Strategy.grid:
         size = 1
         for choices in space.grid().values():
             size *= max(1, len(choices))
         want = min(want, max(0, size - len(rows)))
     found: list[Proposal] = []
-    misses = 0
-    while len(found) < want and misses < ASK_TRIES:
+    misses = skipped = 0
+    while len(found) < want and misses < ASK_TRIES and skipped < SKIP_TRIES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trial = study.ask()
@@ -409,6 +419,9 @@ def propose(
             continue
         misses = 0
         seen.add(recipe.key())
+        if any(key in dead for key, _ in recipe.prefixes(space.model_format)):
+            skipped += 1  # it would fail as an earlier trial did; the sampler sees it running
+            continue
         found.append(
             Proposal(
                 number=len(rows) + len(found),
@@ -417,6 +430,32 @@ def propose(
                 distributions={k: distribution_to_json(v) for k, v in trial.distributions.items()},
             )
         )
+    return found
+
+
+def dead_ends(rows: Sequence[SearchTrial], model_format: str) -> dict[str, int]:
+    """Leading steps that cannot work on this model: by prefix key
+    (:meth:`Recipe.prefixes`), the trial that showed it.
+
+    A trial that failed at one of its leading steps (those run on the model in its own
+    format, so they get the same model whatever follows) with an error of
+    :data:`DEAD_END_CODES` fails the same way in every recipe that starts with the same
+    steps and params: ``prune.semi_structured`` on a model with no eligible layer, a
+    ``lowrank`` ratio that factorizes nothing. The search does not spend trials on those.
+    """
+    found: dict[str, int] = {}
+    for row in rows:
+        error = row.error or {}
+        if row.status != TrialStatus.failed or error.get("code") not in DEAD_END_CODES:
+            continue
+        try:
+            prefixes = Recipe.from_json(row.recipe).prefixes(model_format)
+        except Exception:  # a recipe of a method no longer registered
+            continue
+        for key, head in prefixes:
+            if head[-1][0] == error.get("step"):
+                found.setdefault(key, row.number)
+                break
     return found
 
 
@@ -1123,7 +1162,6 @@ def decide(
             None,
             error=error_for(code, f"every trial failed ({len(failed)}): {reasons}", step="search"),
         )
-    front = pareto(table, spec.objectives)
     if model_file is None:
         raise EngineError("the job's model was deleted")
     store = get_store()
@@ -1132,27 +1170,35 @@ def decide(
     holdout = work_dir / f"holdout{holdout_file['suffix']}"
     store.get_to_file(holdout_file["key"], holdout)
     evaluate = job_spec["evaluate"]
-    for number in front:
-        entry = table[number]
-        if not entry.get("feasible"):
-            continue  # infeasible already on the search split: not a candidate
-        reporter.progress(0.0)
-        stored = artifacts[number]
-        candidate = work_dir / f"trial-{number}{FORMATS[ModelFormat(stored['format'])].suffix}"
-        store.get_to_file(stored["model"]["key"], candidate)
-        figures = verify_holdout(
-            (original, model_file[1]),
-            (candidate, stored["format"]),
-            holdout,
-            {},
-            spec.constraints,
-            evaluate["batch_sizes"],
-            job_spec["target"]["device"],
-            work_dir / f"verify-{number}",
-            reporter,
-        )
-        entry["holdout"] = figures.to_json()
-        candidate.unlink(missing_ok=True)
+    refuted: set[int] = set()  # feasible on the search split, not on the held-out one
+    front: list[int] = []
+    for _ in range(HOLDOUT_ROUNDS):
+        front = pareto([t for t in table if t["number"] not in refuted], spec.objectives)
+        todo = [n for n in front if table[n].get("feasible") and "holdout" not in table[n]]
+        for number in todo:
+            reporter.progress(0.0)
+            stored = artifacts[number]
+            suffix = FORMATS[ModelFormat(stored["format"])].suffix
+            candidate = work_dir / f"trial-{number}{suffix}"
+            store.get_to_file(stored["model"]["key"], candidate)
+            figures = verify_holdout(
+                (original, model_file[1]),
+                (candidate, stored["format"]),
+                holdout,
+                {},
+                spec.constraints,
+                evaluate["batch_sizes"],
+                job_spec["target"]["device"],
+                work_dir / f"verify-{number}",
+                reporter,
+            )
+            table[number]["holdout"] = figures.to_json()
+            candidate.unlink(missing_ok=True)
+            if not figures.feasible:
+                refuted.add(number)
+        if not todo or any(n not in refuted for n in todo):
+            break  # a front confirmed on the held-out split, or nothing left to verify
+    front = pareto([t for t in table if t["number"] not in refuted], spec.objectives)
     verified = [
         {
             **t,

@@ -307,6 +307,7 @@ def _recover_trial(session: Session, trial: SearchTrial, queue: str) -> list[tup
             )
             return [(SEARCH_STEP, trial.job_id, queue)]
         return []
+    worker = trial.worker  # the UPDATE below clears it on the loaded row too
     result = session.execute(
         update(SearchTrial)
         .where(*guard)
@@ -319,7 +320,7 @@ def _recover_trial(session: Session, trial: SearchTrial, queue: str) -> list[tup
         trial.job_id,
         trial.number,
         "retried",
-        f"worker {trial.worker} stopped responding; running it again",
+        f"worker {worker} stopped responding; running it again",
         level=LogLevel.warning,
     )
     return [(RUN_TRIAL, str(trial.id), queue)]

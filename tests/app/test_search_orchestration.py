@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tests.app.test_lifecycle import add_model, job_row, lapsed, sent
 from tests.factories import digits_npz, tiny_mlp_onnx
@@ -138,11 +138,49 @@ def test_the_same_seed_proposes_the_same_recipes(tenant: str, files: dict[str, P
         assert len({p.recipe.key() for p in first}) == len(first) > 3, strategy
 
 
+def test_leading_steps_that_failed_on_the_model_are_not_proposed_again(
+    tenant: str, files: dict[str, Path]
+) -> None:
+    from app.db import session_scope
+    from app.orm import Job, SearchTrial
+    from worker import search_tasks
+    from worker.search.spec import SearchSpec
+
+    job_id = running_search(tenant, files, methods=["lowrank", "quantize.dynamic"])
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        space = search_tasks.search_space(session, job)
+        spec_json = job.spec
+    spec = SearchSpec.model_validate(spec_json["search"])
+    first = search_tasks.propose(spec, spec_json, space, {}, [], 12)
+    lowrank = [p for p in first if p.recipe.steps[0][0] == "lowrank"]
+    assert len({str(p.recipe.steps[0][1]) for p in lowrank}) > 1  # several ratios proposed
+    failed = lowrank[0]
+    dead_step = failed.recipe.steps[0]
+
+    def row(offer: Any, **fields: Any) -> SearchTrial:
+        return SearchTrial(
+            job_id=job_id, number=offer.number, recipe=offer.recipe.to_json(),
+            params=offer.params, distributions=offer.distributions, attempts=1, **fields,
+        )  # fmt: skip
+
+    error = {"code": "invalid_params", "message": "no layer was factorized", "step": "lowrank"}
+    rows = [row(p, status="cancelled") for p in first[: failed.number]]
+    rows.append(row(failed, status="failed", error=error))
+    assert search_tasks.dead_ends(rows, "onnx") == {failed.recipe.prefixes("onnx")[0][0]: failed.number}  # fmt: skip
+    later = search_tasks.propose(spec, spec_json, space, {}, rows, 8)
+    assert later and all(p.recipe.steps[0] != dead_step for p in later)
+    # A failure another step caused, or one that may pass next time, is no dead end.
+    for other in ({**error, "step": "quantize.dynamic"}, {**error, "code": "internal_error"}):
+        rows[-1] = row(failed, status="failed", error=other)
+        assert search_tasks.dead_ends(rows, "onnx") == {}
+
+
 def test_a_trial_whose_worker_dies_runs_once_more_then_fails_and_the_search_goes_on(
     tenant: str, files: dict[str, Path]
 ) -> None:
     from app.db import session_scope, utcnow
-    from app.orm import SearchTrial
+    from app.orm import JobEvent, SearchTrial
     from app.reaper import sweep
     from app.search import trials as state
     from worker import search_tasks
@@ -164,6 +202,11 @@ def test_a_trial_whose_worker_dies_runs_once_more_then_fails_and_the_search_goes
         if attempt == 1:
             assert trials(job_id)[0].status == "queued"
             assert ("squish.run_trial", str(trial.id)) in [(m[0], m[1]) for m in messages]
+            with session_scope() as session:
+                said = session.scalars(
+                    select(JobEvent.message).where(JobEvent.job_id == job_id)
+                ).all()
+            assert "trial 0 retried: worker worker-1 stopped responding; running it again" in said
         else:
             failed = trials(job_id)[0]
             assert failed.status == "failed" and failed.error["code"] == "worker_lost"

@@ -185,7 +185,8 @@ def test_a_search_card_has_the_pareto_plot_and_the_trial_and_sensitivity_tables(
     assert SearchMetrics.model_validate(SEARCH).to_json() == SEARCH  # the contract's shape
     html = render_card(
         job_id="job_search",
-        spec={"search": {"objectives": ["latency", "size"], "constraints": {"accuracy_drop": 0.01}},
+        spec={"search": {"objectives": ["latency", "size"],
+                         "constraints": {"accuracy_drop": 0.01, "size_bytes": 64266}},
               "evaluate": {"batch_sizes": [1]}},
         metrics={"search": SEARCH},
         model=FileRef("a" * 64),
@@ -199,6 +200,7 @@ def test_a_search_card_has_the_pareto_plot_and_the_trial_and_sensitivity_tables(
     assert "Every constraint is met by trial 0" in search
     assert '<span class="tag best">best</span>' in search
     assert "accuracy_drop: 0.2 vs 0.01" in search  # the infeasible trial's violation
+    assert "64,266" in html and "6.427e" not in html  # a size bound in full
     assert [search.count(f"<tr><td>{n}") for n in range(3)] == [1, 1, 1]  # every trial
     assert search.count('<tr><td class="mono">') == 2  # a sensitivity row per layer
     assert "quantized_cosine" in search and "pruned_accuracy" in search

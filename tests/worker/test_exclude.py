@@ -51,6 +51,12 @@ def test_names_and_patterns_resolve_against_the_layers() -> None:
     resolved = resolve_exclude(["classifier", "re:^features\\.0$", "re:nothing", "fc"], names)
     assert resolved.excluded == {"classifier", "features.0"}
     assert resolved.unknown == ("re:nothing", "fc")
+    # after a step lifted and re-exported the model, its layers are named features_0, ...
+    lifted = resolve_exclude(
+        ["features.0", "classifier", "features.9"], ["features_0", "classifier"]
+    )
+    assert lifted.excluded == {"features_0", "classifier"}
+    assert lifted.unknown == ("features.9",)
 
 
 def test_exclude_is_one_field_type_on_every_method_that_takes_it() -> None:

@@ -69,8 +69,12 @@ def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def pareto(trials: Sequence[TrialLike], objectives: Sequence[str]) -> list[int]:
-    """Numbers of the succeeded trials that no other succeeded trial dominates."""
-    ranked = _ranked(trials, objectives)
+    """Numbers of the succeeded trials that no other succeeded trial dominates, a feasible
+    trial dominating every infeasible one: while any trial meets the constraints, the front
+    of those that do; otherwise the front of them all."""
+    entries = [_entry(t) for t in trials]
+    feasible = [t for t in entries if t.get("feasible")]
+    ranked = _ranked(feasible or entries, objectives)
     return sorted(
         number
         for number, values in ranked
