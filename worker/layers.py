@@ -190,10 +190,28 @@ def merge_layers(steps: Sequence[StepMetrics]) -> dict[str, LayerMetrics] | None
     return merged or None
 
 
-def exclude_from_pt2e(quantizer: Any, excluded: Iterable[str]) -> None:
-    """Leave these modules float in a PT2E quantizer (torchao's module-name config: the
-    exported graph's ``nn_module_stack`` keeps the module paths)."""
-    for name in sorted(excluded):
+def exclude_from_pt2e(quantizer: Any, excluded: Iterable[str], program: Any) -> None:
+    """Leave these layers float in a PT2E quantizer (torchao's module-name config, matched
+    against the exported graph's ``nn_module_stack``).
+
+    ``program`` is the ExportedProgram the layers were named in. Its ``nn_module_stack``
+    paths are usually the layer names; in a program an earlier step lifted and re-exported
+    they stay the upload's (``stem.0``) while its weights are renamed (``stem_0.weight``), so
+    each layer's name and the stack path of every call reading its weight are both set.
+    """
+    layers = set(excluded)
+    names = set(layers)
+    weights = {
+        placeholder
+        for placeholder, fqn in program.graph_signature.inputs_to_parameters.items()
+        if layer_of(fqn) in layers
+    }
+    for node in program.graph.nodes:
+        reads = any(getattr(arg, "name", None) in weights for arg in node.args)
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if node.op == "call_function" and reads and stack:
+            names.add(str(stack[-1][0]))
+    for name in sorted(names):
         quantizer.set_module_name_qconfig(name, None)
 
 

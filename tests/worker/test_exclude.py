@@ -112,6 +112,26 @@ def test_static_int8_leaves_an_excluded_layer_float(
     assert ctx.layers["0"].dtype == "int8" and ctx.layers["4"].reason == "excluded"
 
 
+def test_an_upload_layer_name_still_excludes_it_after_a_step_re_exported_the_model(
+    tmp_path: Path,
+) -> None:
+    from tests import factories_cnn
+    from worker.lifting import lift, relower
+
+    upload = load_model(factories_cnn.cnn_pt2(tmp_path / "cnn.pt2", trained=False), "pt2")
+    relowered = relower(upload, lift(upload))  # as after pruning or training
+    assert "stem.0" in layer_names(upload) and "stem_0" in layer_names(relowered)
+    images = factories_cnn.images_npz(tmp_path / "images.npz", "train")
+    model, ctx = run(
+        "quantize.static", relowered, {"exclude": ["stem.0"]}, tmp_path,
+        calibration=load_dataset(images, relowered),
+    )  # fmt: skip
+    weights = stock_weights(saved(model, tmp_path / "q.pt2"))
+    assert weights["stem_0.weight"].dtype == np.float32  # the quantizer left the stem float
+    assert "block1_conv1.weight" not in weights  # an int8 constant now
+    assert ctx.layers["stem_0"].reason == "excluded"
+
+
 def test_dynamic_int8_takes_patterns(files: dict[str, Path], tmp_path: Path) -> None:
     model, ctx = run(
         "quantize.dynamic", load_model(files["pt2"], "pt2"), {"exclude": ["re:^0$"]}, tmp_path

@@ -298,7 +298,7 @@ def _quantize_pt2(
         config = dataclasses.replace(config, weight=per_tensor)
     quantizer = X86InductorQuantizer().set_global(config)
     excluded = excluded_layers(params, layer_names(model), ctx.method)
-    exclude_from_pt2e(quantizer, excluded)
+    exclude_from_pt2e(quantizer, excluded, model.program)
     feeds = _trace_feeds(model, ctx)
     ctx.progress(0.1)
     prepared = prepare_pt2e(model.program.module(), quantizer)

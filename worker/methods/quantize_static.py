@@ -381,7 +381,7 @@ def _quantize_pt2(
         config = dataclasses.replace(config, input_activation=spec, output_activation=spec)
     quantizer = X86InductorQuantizer().set_global(config)
     excluded = excluded_layers(params, layer_names(model), ctx.method)
-    exclude_from_pt2e(quantizer, excluded)
+    exclude_from_pt2e(quantizer, excluded, model.program)
     module = model.program.module()
     if params.smooth_alpha is not None:
         from worker.smoothing import smooth_pt2
