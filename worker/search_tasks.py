@@ -1142,7 +1142,13 @@ def decide(
 
     ``table`` (the trials' entries) gets each verified trial's ``holdout`` figures.
     """
-    from worker.search.selection import choose, closest, pareto, verify_holdout
+    from worker.search.selection import (
+        choose,
+        closest,
+        held_out_latency,
+        pareto,
+        verify_holdout,
+    )
 
     succeeded = [t for t in table if t["status"] == TrialStatus.succeeded]
     if not succeeded:
@@ -1206,7 +1212,15 @@ def decide(
         }
         for t in table
     ]
-    best = choose(verified, spec.objectives)
+    first = None
+    if spec.objectives[0] == Objective.latency:  # judged on the held-out paired rounds
+        batch = evaluate["batch_sizes"][0]
+        first = {
+            t["number"]: figure
+            for t in verified
+            if t["feasible"] and (figure := held_out_latency(t, batch)) is not None
+        }
+    best = choose(verified, spec.objectives, first or None)
     if best is not None:
         return Verdict(best, front, True, [], table[best].get("holdout"))
     nearest, unmet = closest(table, spec.constraints)

@@ -82,15 +82,52 @@ def pareto(trials: Sequence[TrialLike], objectives: Sequence[str]) -> list[int]:
     )
 
 
-def choose(trials: Sequence[TrialLike], objectives: Sequence[str]) -> int | None:
+Repeated = tuple[float, float, float]
+"""``(value, low, high)`` of a figure measured in repeated rounds (smaller is better)."""
+
+
+def choose(
+    trials: Sequence[TrialLike],
+    objectives: Sequence[str],
+    first: Mapping[int, Repeated] | None = None,
+) -> int | None:
     """The best trial (DESIGN §12): of the feasible trials, the Pareto one best on the first
-    objective, then the next (ties: the lower number); None when none is feasible."""
+    objective, then the next (ties: the lower number); None when none is feasible.
+
+    ``first``, by trial number, replaces the first objective's figure with a repeated
+    measurement (:func:`held_out_latency`), and only the trials it names are candidates.
+    A trial whose ``[low, high]`` reaches the best one's is tied with it on that objective,
+    and the next objective decides between them: a latency difference inside the rounds'
+    spread does not choose the model, its size does.
+    """
     feasible = [t for t in trials if _entry(t).get("feasible")]
     ranked = _ranked(feasible, objectives)
     if not ranked:
         return None
     front = set(pareto(feasible, objectives))
-    return min((values, number) for number, values in ranked if number in front)[1]
+    candidates = [(values, number) for number, values in ranked if number in front]
+    if first is None:
+        return min(candidates)[1]
+    measured = [(first[n], values, n) for values, n in candidates if n in first]
+    if not measured:
+        return None
+    best = min(measured, key=lambda c: (c[0][0], c[1], c[2]))
+    tied = [c for c in measured if c[0][1] <= best[0][2]]
+    return min(tied, key=lambda c: (c[1][1:], c[0][0], c[2]))[2]
+
+
+def held_out_latency(trial: TrialLike, batch: int) -> Repeated | None:
+    """A verified trial's latency at ``batch`` relative to the original's, from its held-out
+    paired rounds: ``1 / speedup`` with the spread of the per-round speedups. Relative, so
+    that trials verified one after another compare whatever the machine did in between."""
+    figures = (_entry(trial).get("holdout") or {}).get("latency") or {}
+    paired = figures.get(f"batch_{batch}")
+    if not paired or not paired.get("speedup"):
+        return None
+    low, high = paired.get("speedup_range") or [paired["speedup"]] * 2
+    if not low or not high:
+        return None
+    return 1.0 / float(paired["speedup"]), 1.0 / float(high), 1.0 / float(low)
 
 
 def _metrics(trial: Mapping[str, Any]) -> PipelineMetrics | None:

@@ -17,6 +17,7 @@ from worker.errors import EngineError
 from worker.search.selection import (
     choose,
     closest,
+    held_out_latency,
     mean_interval,
     pareto,
     verify_holdout,
@@ -64,6 +65,27 @@ def test_pareto_and_choice() -> None:
     better = [_trial(0, 1.0, 500, accuracy=0.9), _trial(1, 1.0, 500, accuracy=0.93)]
     assert choose(better, ["accuracy"]) == 1
     assert choose([{**t, "feasible": False} for t in TRIALS], ["latency"]) is None
+
+
+def test_a_latency_difference_inside_the_held_out_rounds_spread_lets_size_decide() -> None:
+    def verified(number: int, latency: float, size: float, speedup: float, spread: float) -> dict:
+        paired = {"original_p50": 1.0, "compressed_p50": 1 / speedup, "speedup": speedup,
+                  "speedup_range": [speedup - spread, speedup + spread], "rounds": 5}  # fmt: skip
+        return {**_trial(number, latency, size), "holdout": {"latency": {"batch_1": paired}}}
+
+    trials = [
+        verified(0, 1.0, 500, 10.0, 2.0),  # fastest on the search split and held out
+        verified(1, 1.1, 300, 9.5, 1.5),  # within the spread of 0's rounds, smaller
+        verified(2, 2.0, 100, 4.0, 0.2),  # smallest, clearly slower
+    ]
+    first = {t["number"]: held_out_latency(t, 1) for t in trials}
+    assert first[1] == pytest.approx((1 / 9.5, 1 / 11.0, 1 / 8.0))
+    assert choose(trials, ["latency", "size"]) == 0  # the search split alone
+    assert choose(trials, ["latency", "size"], first) == 1
+    assert choose(trials, ["latency"], first) == 0  # no next objective: the faster one
+    narrow = [verified(0, 1.0, 500, 10.0, 0.1), verified(1, 1.1, 300, 9.5, 0.1)]
+    assert choose(narrow, ["latency", "size"], {t["number"]: held_out_latency(t, 1) for t in narrow}) == 0  # fmt: skip
+    assert held_out_latency(_trial(3, 1.0, 1), 1) is None  # not verified
 
 
 def test_closest_names_each_unmet_constraint_with_the_nearest_value() -> None:
