@@ -88,6 +88,22 @@ def _figures(trial: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _holdout_summary(figures: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A verified trial's held-out verdict: feasible, accuracy drop or cosine, and the paired
+    speedup against the original per batch size with its spread."""
+    if not figures:
+        return None
+    return {
+        "feasible": figures.get("feasible"),
+        "accuracy_drop": figures.get("accuracy_drop"),
+        "cosine": (figures.get("cosine_similarity") or {}).get("value"),
+        "speedup": {
+            batch: [round(p["speedup"], 2), [round(x, 2) for x in p["speedup_range"]]]
+            for batch, p in (figures.get("latency") or {}).items()
+        },
+    }
+
+
 def _recipe(trial: dict[str, Any]) -> str:
     """A trial's recipe as one comparable string: its steps and its output format."""
     steps = [(s.get("method"), s.get("params")) for s in trial.get("pipeline") or []]
@@ -169,6 +185,7 @@ def _run_search(service: sb.Service, spec: dict[str, Any]) -> dict[str, Any]:
                 "reused": t.get("reused"),
                 "error": (t.get("error") or {}).get("message"),
                 "recipe": _recipe(t),
+                "holdout": _holdout_summary(t.get("holdout")),
                 **_figures(t),
             }
             for t in table
@@ -600,9 +617,29 @@ def _single_rows(name: str, run: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _pareto_rows(name: str, run: dict[str, Any]) -> list[dict[str, str]]:
+    """Each Pareto trial with its held-out verdict."""
+    out = []
+    for number in run.get("pareto") or []:
+        row = run["table"][number]
+        held = row.get("holdout")
+        out.append(
+            _row(
+                f"search {name}: Pareto trial #{number} {' → '.join(row['pipeline'])} "
+                f"({row['runtime']})",
+                f"size {row['size_bytes']} B, b1 {_ms(row['p50_b1_ms'])}, "
+                f"b32 {_ms(row['p50_b32_ms'])}",
+                "held out: not verified" if held is None else f"held out: {json.dumps(held)}",
+                f"params {row['params']}",
+            )
+        )
+    return out
+
+
 def _digits_rows(res: dict[str, Any]) -> list[dict[str, str]]:
     out = [_chosen_row("digits CNN", res), *_paired_rows("digits CNN", res)]
     out += _single_rows("digits CNN", res)
+    out += _pareto_rows("digits CNN", res)
     if "cancel" in res:
         c = res["cancel"]
         out.append(
