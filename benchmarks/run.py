@@ -14,7 +14,7 @@ table and writes ``benchmarks/out/engine.json``; ``methods`` (:mod:`benchmarks.m
 ~3 minutes) compares ``quantize.log`` with linear int4 and measures what ``clip`` buys,
 and writes ``benchmarks/out/methods.json``. ``ui`` (:mod:`benchmarks.ui`, ~3 minutes) times the
 dashboard's jobs list over 1,000 jobs in headless Chromium (rows in this table; its figures
-also in ``benchmarks/out/ui.json``). ``search`` (:mod:`benchmarks.search`, about an hour)
+also in ``benchmarks/out/ui.json``). ``search`` (:mod:`benchmarks.search`, ~25 minutes)
 runs recipe searches: 30 trials on the digits CNN within 20 minutes, MiniLM, one worker
 against two, and the robustness runs. The service parts alone (upload, pickup, get, e2e,
 cache) take about 5 minutes.

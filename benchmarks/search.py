@@ -1,6 +1,6 @@
 """Benchmark of the recipe search (DESIGN §10) through the running service.
 
-    python -m benchmarks.run --only search                  # every part (about 1 hour)
+    python -m benchmarks.run --only search                  # every part (about 25 minutes)
     python -m benchmarks.search --part digits --trials 30 --max-seconds 1200
     python -m benchmarks.search --part workers --part robustness
 
