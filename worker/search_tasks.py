@@ -96,6 +96,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("squish.search")
 
 ASK_TRIES = 5
+"""Proposals in a row that repeat an earlier recipe before a step stops asking."""
 SKIP_TRIES = 50
 """Proposals dropped as dead ends (:func:`dead_ends`) in one step before it stops asking."""
 HOLDOUT_ROUNDS = 3
@@ -105,7 +106,6 @@ DEAD_END_CODES = frozenset(
     {ErrorCode.invalid_params, ErrorCode.unsupported, ErrorCode.method_failed}
 )
 """Error codes a step raises again whenever it gets the same model with the same params."""
-"""Proposals in a row that repeat an earlier recipe before a step stops asking."""
 UNMEASURED = 1.0
 """The constraint amount Optuna is told for a figure that was not measured (> 0: violated)."""
 
@@ -883,7 +883,6 @@ def _publish(
     session: Any, job: Job, search: Search, spec: SearchSpec, rows: Sequence[SearchTrial]
 ) -> None:
     """``metrics.search`` and the job's progress, while the search runs."""
-
     done = sum(1 for r in rows if r.status not in state.ACTIVE)
     session.execute(
         update(Job)

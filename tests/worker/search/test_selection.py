@@ -137,3 +137,38 @@ def test_verify_holdout_needs_matching_data(files: dict[str, Path], tmp_path: Pa
     with pytest.raises(EngineError):
         verify_holdout((files["pt2"], "pt2"), (files["onnx"], "onnx"), wrong, {}, Constraints(),
                        [1], "cpu", tmp_path, NullReporter())  # fmt: skip
+
+
+def test_when_the_held_out_split_refutes_the_front_the_next_front_is_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import search_tasks
+    from worker.schemas import HoldoutFigures, Violation
+    from worker.search import selection
+    from worker.search.spec import SearchSpec
+
+    class Store:
+        def get_to_file(self, key: str, path: Path) -> None:
+            path.write_bytes(key.encode())
+
+    verified: list[str] = []
+
+    def verify(original: Any, candidate: tuple[Path, str], *args: Any) -> HoldoutFigures:
+        verified.append(candidate[0].read_text())
+        refuted = candidate[0].read_text() == "trial-2"  # 2, the front's only trial, fails
+        violations = [Violation(constraint="accuracy_drop", bound=0.01, measured=0.05)]
+        return HoldoutFigures(n=50, feasible=not refuted, violations=violations if refuted else [])
+
+    monkeypatch.setattr(search_tasks, "get_store", Store)
+    monkeypatch.setattr(selection, "verify_holdout", verify)
+    table = [_trial(0, 1.0, 500), _trial(1, 0.6, 800), _trial(2, 0.4, 400)]
+    artifacts = {t["number"]: {"format": "onnx", "model": {"key": f"trial-{t['number']}"}} for t in table}  # fmt: skip
+    spec = SearchSpec.model_validate({"constraints": {"accuracy_drop": 0.01}})
+    job_spec = {"evaluate": {"batch_sizes": [1]}, "target": {"device": "cpu"}}
+    verdict = search_tasks.decide(
+        table, spec, job_spec, artifacts, {"key": "holdout", "suffix": ".npz"},
+        ("model", "onnx"), tmp_path, NullReporter(),
+    )  # fmt: skip
+    assert verified == ["trial-2", "trial-0", "trial-1"]  # 2's front, then {0, 1}
+    assert verdict.met and verdict.best == 1 and verdict.pareto == [0, 1]
+    assert table[2]["holdout"]["feasible"] is False  # 2's figures stay in its entry
