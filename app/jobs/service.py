@@ -265,7 +265,8 @@ def live_trials(conn: Connection | Session, jobs: Sequence[Job]) -> dict[str, di
     """Each running search's trial statuses by number, from the trials' own rows.
 
     The job's published ``metrics.search.trials`` is written at each search step, so a
-    trial claimed since still reads ``queued`` there; its row already says ``running``.
+    trial claimed since still reads ``queued`` there; its row already says ``running``, and
+    :func:`to_out` shows that.
     """
     ids = [j.id for j in jobs if j.status == JobStatus.running and "search" in (j.metrics or {})]
     out: dict[str, dict[int, str]] = {job_id: {} for job_id in ids}
@@ -281,8 +282,15 @@ def live_trials(conn: Connection | Session, jobs: Sequence[Job]) -> dict[str, di
 def _live_metrics(metrics: dict[str, Any] | None, trials: dict[int, str] | None) -> Any:
     if not trials or metrics is None or "search" not in metrics:
         return metrics
+    # Only queued → running: a trial finished since is shown with its figures by the step
+    # its end sends, not as a status without them.
     search = metrics["search"]
-    table = [{**t, "status": trials.get(t["number"], t["status"])} for t in search["trials"]]
+    table = [
+        {**t, "status": "running"}
+        if t.get("status") == "queued" and trials.get(t["number"]) == "running"
+        else t
+        for t in search.get("trials") or []
+    ]
     return {**metrics, "search": {**search, "trials": table}}
 
 
