@@ -32,12 +32,11 @@ the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -401,12 +400,6 @@ def bench_minilm(trials: int = 12, max_seconds: int = 1500) -> dict[str, Any]:
 # --------------------------------------------------------------------------- workers
 
 
-def _need_stack() -> None:
-    why = sb.ProductionStack.unavailable()
-    if why is not None:
-        raise sb.BenchError(f"not run: {why}")
-
-
 def _stack_workers(stack: sb.ProductionStack, count: int) -> list[str]:
     names = [f"worker-{i + 1}" for i in range(count)]
     for name in names:
@@ -414,14 +407,21 @@ def _stack_workers(stack: sb.ProductionStack, count: int) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _cnn_stack(prefix: str) -> Iterator[tuple[sb.ProductionStack, sb.Service, eb.Subject]]:
+    """PostgreSQL, Redis and ``squish api`` (no worker yet), and the digits CNN to upload."""
+    why = sb.ProductionStack.unavailable()
+    if why is not None:
+        raise sb.BenchError(f"not run: {why}")
+    with sb.workdir(prefix) as root, sb.ProductionStack(root) as stack:
+        yield stack, stack.start_api(1), _cnn_subject(root)
+
+
 def bench_workers(trials: int = 10, max_seconds: int = 900) -> dict[str, Any]:
     """The same search (same seed) with one worker, then with two."""
-    _need_stack()
     t_start = time.perf_counter()
     result: dict[str, Any] = {}
-    with sb.workdir("search-workers") as root, sb.ProductionStack(root) as stack:
-        cnn = _cnn_subject(root)
-        service = stack.start_api(1)
+    with _cnn_stack("search-workers") as (stack, service, cnn):
         for count in (1, 2):
             names = _stack_workers(stack, count)
             try:
@@ -450,12 +450,9 @@ def bench_workers(trials: int = 10, max_seconds: int = 900) -> dict[str, Any]:
 
 def bench_robustness(trials: int = 6, max_seconds: int = 900) -> dict[str, Any]:
     """A worker SIGKILLed mid-trial; a search with a method that always fails."""
-    _need_stack()
     t_start = time.perf_counter()
     result: dict[str, Any] = {}
-    with sb.workdir("search-robust") as root, sb.ProductionStack(root) as stack:
-        cnn = _cnn_subject(root)
-        service = stack.start_api(1)
+    with _cnn_stack("search-robust") as (stack, service, cnn):
         names = _stack_workers(stack, 2)
         model_id, data = _upload(service, cnn, "pt2")
         spec = _spec(model_id, data, trials, max_seconds)
@@ -486,10 +483,7 @@ def _sigkill_mid_trial(
     """Two workers each run a trial; one is SIGKILLed; the search must go on with the other."""
     job = service.create_job(spec)
     running = _wait_running(service, job["id"], 2, 600)
-    killed = stack.procs.procs["worker-1"]
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    stack.procs.procs.pop("worker-1")
+    stack.procs.kill("worker-1")
     t_kill = time.perf_counter()
     eb._log(f"search {job['id']}: SIGKILLed worker-1 while trials {running} ran")
     job = _wait_terminal(service, job["id"], spec["search"]["budget"]["max_seconds"] + 900)

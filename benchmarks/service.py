@@ -155,14 +155,24 @@ class Processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
         # Children (uvicorn workers, Celery pool processes) share the group: none outlives it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+        _kill_group(proc)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group at once, as a machine losing the process would."""
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            _kill_group(proc)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
 
 
 class Service:

@@ -22,7 +22,7 @@ from app.queue import RUN_JOB, send_after_commit
 from app.search.service import normalize_search
 from app.settings import get_settings
 from worker.constraints import constraint_problems
-from worker.contract import DatasetFormat, InspectionStatus
+from worker.contract import DatasetFormat, InspectionStatus, TrialStatus
 from worker.spec import DatasetInfo, PipelineRequest, SpecError, resolve_pipeline
 
 
@@ -261,41 +261,41 @@ def artifacts_of(session: Session, job_ids: list[str]) -> dict[str, list[Artifac
     return out
 
 
-def live_trials(conn: Connection | Session, jobs: Sequence[Job]) -> dict[str, dict[int, str]]:
-    """Each running search's trial statuses by number, from the trials' own rows.
+def live_trials(conn: Connection | Session, jobs: Sequence[Job]) -> dict[str, set[int]]:
+    """The numbers of each running search's trials that a worker has claimed, from the
+    trials' own rows.
 
     The job's published ``metrics.search.trials`` is written at each search step, so a
-    trial claimed since still reads ``queued`` there; its row already says ``running``, and
-    :func:`to_out` shows that.
+    trial claimed since still reads ``queued`` there; :func:`to_out` shows it ``running``.
+    A trial finished since keeps its published status until the step its end sends
+    publishes it with its figures.
     """
     ids = [j.id for j in jobs if j.status == JobStatus.running and "search" in (j.metrics or {})]
-    out: dict[str, dict[int, str]] = {job_id: {} for job_id in ids}
+    out: dict[str, set[int]] = {job_id: set() for job_id in ids}
     if ids:
-        stmt = select(SearchTrial.job_id, SearchTrial.number, SearchTrial.status).where(
-            SearchTrial.job_id.in_(ids)
+        stmt = select(SearchTrial.job_id, SearchTrial.number).where(
+            SearchTrial.job_id.in_(ids), SearchTrial.status == TrialStatus.running
         )
-        for job_id, number, status in conn.execute(stmt):
-            out[job_id][number] = status
+        for job_id, number in conn.execute(stmt):
+            out[job_id].add(number)
     return out
 
 
-def _live_metrics(metrics: dict[str, Any] | None, trials: dict[int, str] | None) -> Any:
-    if not trials or metrics is None or "search" not in metrics:
+def _live_metrics(metrics: dict[str, Any] | None, running: set[int] | None) -> Any:
+    if not running or metrics is None or "search" not in metrics:
         return metrics
-    # Only queued → running: a trial finished since is shown with its figures by the step
-    # its end sends, not as a status without them.
     search = metrics["search"]
     table = [
-        {**t, "status": "running"}
-        if t.get("status") == "queued" and trials.get(t["number"]) == "running"
+        {**t, "status": str(TrialStatus.running)}
+        if t.get("status") == TrialStatus.queued and t["number"] in running
         else t
         for t in search.get("trials") or []
     ]
     return {**metrics, "search": {**search, "trials": table}}
 
 
-def to_out(job: Job, artifacts: list[Artifact], trials: dict[int, str] | None = None) -> JobOut:
-    """The job as the API shows it; ``trials``: a running search's live trial statuses
+def to_out(job: Job, artifacts: list[Artifact], trials: set[int] | None = None) -> JobOut:
+    """The job as the API shows it; ``trials``: a running search's claimed trials
     (:func:`live_trials`)."""
     return JobOut(
         id=job.id,
